@@ -1,0 +1,39 @@
+# make demo / make test do their own set-up: a .venv in the repo with torch==2.13.0 installed first
+# (the CPU wheel), then trainfer in editable mode with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/trainfer pull smollm2-135m-instruct
+	@for q in "What is the capital of France?" \
+	          "Give me three tips for learning to program." \
+	          "Write a haiku about the sea."; do \
+	  echo; echo ">>> $$q"; \
+	  $(VENV)/bin/trainfer chat smollm2-135m-instruct --message "$$q" --temperature 0 --max-tokens 96 || exit 1; \
+	done
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check trainfer tests benchmarks
+	$(VENV)/bin/ruff format --check trainfer tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format trainfer tests benchmarks
+	$(VENV)/bin/ruff check --fix trainfer tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/simple_decode.py

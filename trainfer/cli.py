@@ -1,0 +1,160 @@
+"""The `trainfer` command: each subcommand is a thin shell over a library function.
+
+    trainfer pull smollm2-135m-instruct
+    trainfer chat smollm2-135m-instruct --message "Hi!"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from trainfer import registry
+from trainfer.errors import TrainferError
+from trainfer.infer.generate import TokenEvent
+from trainfer.infer.sampling import SamplingParams
+
+_SAMPLING_HELP = {
+    "max_tokens": "most tokens to generate",
+    "temperature": "0 = greedy; higher = more random",
+    "top_p": "nucleus sampling: keep the most likely tokens up to this probability mass",
+    "top_k": "keep only the k most likely tokens (0 = off)",
+    "seed": "random seed: the same seed gives the same tokens",
+}
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an alias (see `trainfer models`), a .gguf file or a Hugging Face directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Flags mirror SamplingParams' fields and defaults, so the two cannot drift apart."""
+    defaults = SamplingParams()
+    for f in dataclasses.fields(SamplingParams):
+        if f.name in _SAMPLING_HELP:
+            kind = int if f.name in ("max_tokens", "top_k", "seed") else float
+            default = getattr(defaults, f.name)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"{_SAMPLING_HELP[f.name]} (default {default})")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in (*_SAMPLING_HELP, "stop")}
+
+
+def _print_stream(events: Iterator[TokenEvent]) -> str:
+    """Stream text to stdout; timing to stderr so that stdout stays the model's text alone."""
+    start, first, n, text, finish = time.perf_counter(), 0.0, 0, [], "length"
+    for e in events:
+        if n == 0:
+            first = time.perf_counter()
+        n += 1
+        text.append(e.text)
+        finish = e.finish_reason or finish
+        sys.stdout.write(e.text)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    rate = (n - 1) / (end - first) if n > 1 and end > first else 0.0
+    sys.stdout.write("\n")
+    print(f"[{n} tokens, TTFT {1000 * (first - start):.0f} ms, {rate:.1f} tokens/s, finish: {finish}]", file=sys.stderr)
+    return "".join(text)
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    path = registry.pull(args.name)
+    print(path)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    for name, path in registry.cached_models():
+        where = str(path) if path else "not pulled (trainfer pull " + name + ")"
+        print(f"{name:28s} {registry.ALIASES[name].description}\n{'':28s} {where}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from trainfer.llm import LLM
+
+    llm = LLM.load(args.model, dtype=args.dtype)
+    _print_stream(llm.stream(args.prompt, **_sampling(args)))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from trainfer.llm import LLM
+
+    llm = LLM.load(args.model, dtype=args.dtype)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message is not None:
+        messages.append({"role": "user", "content": args.message})
+        _print_stream(llm.chat_stream(messages, **_sampling(args)))
+        return
+    print("chatting with", args.model, "- an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = _print_stream(llm.chat_stream(messages, **_sampling(args)))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from trainfer.io.loader import export_hf
+
+    print(export_hf(args.model, Path(args.out_dir), args.dtype))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainfer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="download a model by alias into the cache")
+    p.add_argument("name", help="alias, e.g. smollm2-135m-instruct")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("models", help="list model aliases and what is cached")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="complete a raw-text prompt, streamed")
+    _add_model_flags(p)
+    p.add_argument("prompt")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model's chat template (interactive, or one --message)")
+    _add_model_flags(p)
+    p.add_argument("--message", help="one user turn, answered non-interactively")
+    p.add_argument("--system", help="system prompt")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="export a model to another format")
+    _add_model_flags(p)
+    p.add_argument("--to", required=True, choices=["hf"], help="target format (hf: config.json + safetensors)")
+    p.add_argument("out_dir", help="a new directory to write")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TrainferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
