@@ -6,7 +6,7 @@ One dataclass describes every supported checkpoint (Llama, SmolLM, Mistral-style
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -32,7 +32,6 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     arch: str = "llama"  # the Hugging Face model_type this config round-trips to
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints (seconds) and the real SmolLM2 model (pulled once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def make_hf_model(kind: str = "llama", seed: int = 0, **overrides):
+    """A tiny randomly initialised transformers model (the reference implementation)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    common.update(overrides)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    # Random init leaves norms at 1 and biases at 0; perturb them so the test sees if they are dropped.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from trainfer import registry
+
+    return registry.pull(SMOLLM2, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    from trainfer import LLM
+
+    return LLM.load(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own reading of the same GGUF: the reference for logits and tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=smollm2_path.name)
+    tok = AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32, **kw).eval()
+    return model, tok
