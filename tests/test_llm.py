@@ -96,4 +96,6 @@ def test_hf_export_of_the_real_model_loads_in_transformers(smollm2, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits[0], smollm2.model(x)[0], rtol=1e-4, atol=1e-4)
     chat = [{"role": "user", "content": "Hi"}]
-    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == smollm2.tokenizer.apply_chat_template(chat)
+    assert tok.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    ) == smollm2.tokenizer.apply_chat_template(chat)

@@ -1,7 +1,7 @@
 """The `trainfer` command: each subcommand is a thin shell over a library function.
 
-    trainfer pull smollm2-135m-instruct
-    trainfer chat smollm2-135m-instruct --message "Hi!"
+trainfer pull smollm2-135m-instruct
+trainfer chat smollm2-135m-instruct --message "Hi!"
 """
 
 from __future__ import annotations
@@ -40,7 +40,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _SAMPLING_HELP:
             kind = int if f.name in ("max_tokens", "top_k", "seed") else float
             default = getattr(defaults, f.name)
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"{_SAMPLING_HELP[f.name]} (default {default})")
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=kind,
+                default=default,
+                help=f"{_SAMPLING_HELP[f.name]} (default {default})",
+            )
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
 
 
@@ -48,7 +53,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in (*_SAMPLING_HELP, "stop")}
 
 
-def _print_stream(events: Iterator[TokenEvent]) -> str:
+def _print_stream(events: Iterator[TokenEvent], prompt_tokens: int) -> str:
     """Stream text to stdout; timing to stderr so that stdout stays the model's text alone."""
     start, first, n, text, finish = time.perf_counter(), 0.0, 0, [], "length"
     for e in events:
@@ -62,7 +67,11 @@ def _print_stream(events: Iterator[TokenEvent]) -> str:
     end = time.perf_counter()
     rate = (n - 1) / (end - first) if n > 1 and end > first else 0.0
     sys.stdout.write("\n")
-    print(f"[{n} tokens, TTFT {1000 * (first - start):.0f} ms, {rate:.1f} tokens/s, finish: {finish}]", file=sys.stderr)
+    ttft_ms = 1000 * (first - start)
+    stats = (
+        f"prompt {prompt_tokens} tokens, {n} generated, TTFT {ttft_ms:.0f} ms, {rate:.1f} tokens/s, finish: {finish}"
+    )
+    print(f"[{stats}]", file=sys.stderr)
     return "".join(text)
 
 
@@ -81,7 +90,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from trainfer.llm import LLM
 
     llm = LLM.load(args.model, dtype=args.dtype)
-    _print_stream(llm.stream(args.prompt, **_sampling(args)))
+    ids = llm.tokenizer.encode(args.prompt)
+    _print_stream(llm.stream(ids, **_sampling(args)), len(ids))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -91,7 +101,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
         messages.append({"role": "user", "content": args.message})
-        _print_stream(llm.chat_stream(messages, **_sampling(args)))
+        ids = llm.chat_prompt(messages)
+        _print_stream(llm.stream(ids, **_sampling(args)), len(ids))
         return
     print("chatting with", args.model, "- an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
@@ -102,7 +113,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        reply = _print_stream(llm.chat_stream(messages, **_sampling(args)))
+        ids = llm.chat_prompt(messages)  # the whole conversation so far, every turn
+        reply = _print_stream(llm.stream(ids, **_sampling(args)), len(ids))
         messages.append({"role": "assistant", "content": reply})
 
 

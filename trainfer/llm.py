@@ -1,8 +1,8 @@
 """The Python API: `LLM.load(name_or_path)`, then `generate` for raw text or `chat` with the chat template.
 
-    from trainfer import LLM
-    llm = LLM.load("smollm2-135m-instruct")
-    print(llm.chat([{"role": "user", "content": "Hi!"}], temperature=0).text)
+from trainfer import LLM
+llm = LLM.load("smollm2-135m-instruct")
+print(llm.chat([{"role": "user", "content": "Hi!"}], temperature=0).text)
 """
 
 from __future__ import annotations

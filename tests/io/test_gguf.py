@@ -113,7 +113,9 @@ def test_quantized_weights_dequantize_exactly(tmp_path, qtype):
     expected = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
     np.testing.assert_array_equal(state["layers.0.mlp.down_proj.weight"].numpy(), expected)
     q = state["layers.1.self_attn.q_proj.weight"]  # permuted then unpermuted: near the original rows
-    bound = {Q.F16: 1e-3, Q.BF16: 1e-2}.get(qtype, 0.2) * ref.state_dict()["model.layers.1.self_attn.q_proj.weight"].abs().max()
+    bound = {Q.F16: 1e-3, Q.BF16: 1e-2}.get(qtype, 0.2) * ref.state_dict()[
+        "model.layers.1.self_attn.q_proj.weight"
+    ].abs().max()
     assert (q - ref.state_dict()["model.layers.1.self_attn.q_proj.weight"]).abs().max() <= bound
 
 

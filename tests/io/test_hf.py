@@ -34,7 +34,9 @@ def test_sharded_export_loads_in_both(tmp_path):
     ref = make_hf_model("llama")
     ref.save_pretrained(tmp_path / "src")
     cfg = read_config(tmp_path / "src")
-    save_hf(tmp_path / "out", cfg, load_state_dict(tmp_path / "src", torch.float32), torch.float32, max_shard_bytes=20_000)
+    save_hf(
+        tmp_path / "out", cfg, load_state_dict(tmp_path / "src", torch.float32), torch.float32, max_shard_bytes=20_000
+    )
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
     ours, _ = load_model(tmp_path / "out")

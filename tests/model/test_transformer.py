@@ -88,7 +88,7 @@ def test_training_init_is_seeded_and_tied():
     a, b = Transformer(cfg), Transformer(cfg)
     a.init_weights(seed=5)
     b.init_weights(seed=5)
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert a.lm_head.weight is a.embed_tokens.weight
 

@@ -135,4 +135,3 @@ def generate_stream(
             return
         yield TokenEvent(token, text)
         tokens = torch.tensor([[token]], device=device)
-

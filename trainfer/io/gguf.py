@@ -21,7 +21,19 @@ from trainfer.model.config import ModelConfig
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 SUPPORTED_TYPES = {
-    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.F32,
+    Q.F16,
+    Q.BF16,
+    Q.Q8_0,
+    Q.Q4_0,
+    Q.Q4_1,
+    Q.Q5_0,
+    Q.Q5_1,
+    Q.Q2_K,
+    Q.Q3_K,
+    Q.Q4_K,
+    Q.Q5_K,
+    Q.Q6_K,
 }
 
 _LAYER_NAMES = {
@@ -114,9 +126,8 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 def dequantize(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
     """Raw tensor data of a GGUF tensor -> float32 array in PyTorch order (rows, cols)."""
     if qtype not in SUPPORTED_TYPES:
-        raise TrainferError(
-            f"unsupported GGUF tensor type {qtype.name}; supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}"
-        )
+        names = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise TrainferError(f"unsupported GGUF tensor type {qtype.name}; supported: {names}")
     if qtype == Q.F32:
         out = np.asarray(data, dtype=np.float32)
     elif qtype == Q.F16:

@@ -120,7 +120,7 @@ def load_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             raise TrainferError(f"shard {name!r} in the index points outside {path}")
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     state[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
         except FileNotFoundError:
             raise TrainferError(f"missing weight shard {file}") from None

@@ -89,7 +89,9 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise TrainferError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -173,10 +175,18 @@ class Tokenizer:
         types = meta.get("tokenizer.ggml.token_type") or []
         # llama.cpp matches control and user-defined tokens whole in the text; do the same.
         backend.add_special_tokens(
-            [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == TOKEN_TYPE_CONTROL]
+            [
+                AddedToken(t, normalized=False, special=True)
+                for t, k in zip(tokens, types, strict=False)
+                if k == TOKEN_TYPE_CONTROL
+            ]
         )
         backend.add_tokens(
-            [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == TOKEN_TYPE_USER_DEFINED]
+            [
+                AddedToken(t, normalized=False, special=False)
+                for t, k in zip(tokens, types, strict=False)
+                if k == TOKEN_TYPE_USER_DEFINED
+            ]
         )
         return cls(
             backend,

@@ -143,7 +143,11 @@ class Transformer(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
             else:
-                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                s = (
+                    std / math.sqrt(2 * self.cfg.n_layers)
+                    if name.endswith(("o_proj.weight", "down_proj.weight"))
+                    else std
+                )
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
 
@@ -153,7 +157,9 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # (B, T, 1, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, ctx: AttentionContext | None = None) -> Tensor:
+    def hidden_states(
+        self, tokens: Tensor, positions: Tensor | None = None, ctx: AttentionContext | None = None
+    ) -> Tensor:
         """Final-norm hidden states (B, T, dim): what the LM head and a trainer's fused loss consume."""
         B, T = tokens.shape
         if positions is None:
