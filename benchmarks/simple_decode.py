@@ -1,6 +1,6 @@
 """Load time and single-stream decode speed of trainfer's simple loop next to transformers, same GGUF.
 
-    .venv/bin/python benchmarks/simple_decode.py [--runs 3] [--new-tokens 128]
+.venv/bin/python benchmarks/simple_decode.py [--runs 3] [--new-tokens 128]
 """
 
 from __future__ import annotations

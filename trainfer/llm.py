@@ -75,11 +75,12 @@ class LLM:
         stop: list[str] | None = None,
     ) -> Completion | list[Completion]:
         """Complete raw text; a list of prompts gives a list of completions. temperature=0 is greedy."""
-        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        sampling["stop"] = stop or []
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
+        )
         if isinstance(prompt, list):
-            return [self._collect(self.tokenizer.encode(p), sampling) for p in prompt]
-        return self._collect(self.tokenizer.encode(prompt), sampling)
+            return [self._collect(self.tokenizer.encode(p), params) for p in prompt]
+        return self._collect(self.tokenizer.encode(prompt), params)
 
     def chat(
         self,
@@ -93,27 +94,26 @@ class LLM:
         stop: list[str] | None = None,
     ) -> Completion:
         """One assistant turn for `messages` ([{"role": ..., "content": ...}]) with the model's template."""
-        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        sampling["stop"] = stop or []
-        return self._collect(self.chat_prompt(messages), sampling)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
+        )
+        return self._collect(self.chat_prompt(messages), params)
 
-    def _collect(self, ids: list[int], sampling: dict[str, Any]) -> Completion:
+    def _collect(self, ids: list[int], params: SamplingParams) -> Completion:
         start = time.perf_counter()
         texts, tokens, first, finish = [], [], 0.0, "length"
-        for event in generate_stream(self.model, self.tokenizer, ids, SamplingParams(**sampling)):
+        for event in generate_stream(self.model, self.tokenizer, ids, params):
             if not tokens:
                 first = time.perf_counter()
             texts.append(event.text)
             tokens.append(event.token_id)
             finish = event.finish_reason or finish
         end = time.perf_counter()
-        if finish == "stop" and tokens and tokens[-1] in self._stop_ids(sampling):
+        stop_ids = set(params.stop_token_ids) | self.tokenizer.stop_token_ids
+        if finish == "stop" and tokens and tokens[-1] in stop_ids:
             tokens.pop()  # a stop token ends the text; it is not part of it
         rate = (len(texts) - 1) / (end - first) if len(texts) > 1 and end > first else 0.0
         return Completion("".join(texts), tokens, len(ids), finish, first - start, rate)
-
-    def _stop_ids(self, sampling: dict[str, Any]) -> set[int]:
-        return set(sampling.get("stop_token_ids", [])) | self.tokenizer.stop_token_ids
 
     @property
     def dtype(self) -> torch.dtype:
