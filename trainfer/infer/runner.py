@@ -1,0 +1,119 @@
+"""The model runner: one forward over a flattened batch of prompt chunks and decode tokens.
+
+The attention context writes each new token's K/V into its slot of the paged pool, then attends:
+all decoding sequences in one batched call, each prompt chunk on its own (docs/engine.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainfer.infer.kv_cache import BlockPool
+from trainfer.infer.scheduler import Sequence
+from trainfer.model.transformer import Transformer
+
+
+def slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
+    """Pool slots of token positions [start, end) of a sequence."""
+    table = seq.block_table
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+@dataclass
+class PrefillChunk:
+    rows: slice  # rows of the flattened batch
+    context_slots: Tensor  # (end,) slots of positions [0, end)
+    start: int  # tokens already cached before this chunk
+
+
+class PagedAttention:
+    """AttentionContext for the engine (see model.transformer.AttentionContext)."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        write_slots: Tensor,
+        decode_rows: Tensor,
+        decode_slots: Tensor,
+        decode_mask: Tensor,
+        chunks: list[PrefillChunk],
+    ) -> None:
+        self.pool = pool
+        self.write_slots = write_slots  # (T,)
+        self.decode_rows = decode_rows  # (D,)
+        self.decode_slots = decode_slots  # (D, S) padded with slot 0
+        self.decode_mask = decode_mask  # (D, 1, 1, S) True where a real key
+        self.chunks = chunks
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        kp, vp = self.pool.k[layer], self.pool.v[layer]  # (slots, KV, hd)
+        kp.index_copy_(0, self.write_slots, k[0])
+        vp.index_copy_(0, self.write_slots, v[0])
+        q = q[0]  # (T, H, hd)
+        out = torch.empty_like(q)
+        if self.decode_rows.numel():
+            qd = q[self.decode_rows].unsqueeze(2)  # (D, H, 1, hd)
+            kd = kp[self.decode_slots].transpose(1, 2)  # (D, KV, S, hd)
+            vd = vp[self.decode_slots].transpose(1, 2)
+            y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, enable_gqa=True)
+            out[self.decode_rows] = y.squeeze(2)
+        for c in self.chunks:
+            qc = q[c.rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
+            kc = kp[c.context_slots].transpose(0, 1).unsqueeze(0)  # (1, KV, end, hd)
+            vc = vp[c.context_slots].transpose(0, 1).unsqueeze(0)
+            n, end = qc.shape[2], kc.shape[2]
+            mask = None
+            if c.start > 0:  # query i sees keys up to start + i
+                mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=c.start)
+            y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, is_causal=c.start == 0, enable_gqa=True)
+            out[c.rows] = y[0].transpose(0, 1)
+        return out.unsqueeze(0)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, pool: BlockPool) -> None:
+        self.model, self.pool = model, pool
+        self.device = model.embed_tokens.weight.device
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> Tensor:
+        """Forward the batch; return logits (len(sample_rows), vocab) in fp32 for the rows to sample."""
+        b = self.pool.block_size
+        tokens, positions, write = [], [], []
+        decode_rows, decode_seqs, chunks = [], [], []
+        row = 0
+        for seq, n in batch:
+            start = seq.num_computed
+            tokens.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            write.extend(slots(seq, start, start + n, b))
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_seqs.append(seq)
+            else:
+                ctx = torch.tensor(slots(seq, 0, start + n, b), device=self.device)
+                chunks.append(PrefillChunk(slice(row, row + n), ctx, start))
+            row += n
+        longest = max((s.num_computed + 1 for s in decode_seqs), default=0)
+        decode_slots = torch.zeros(len(decode_seqs), longest, dtype=torch.long)
+        decode_mask = torch.zeros(len(decode_seqs), 1, 1, longest, dtype=torch.bool)
+        for i, seq in enumerate(decode_seqs):
+            length = seq.num_computed + 1
+            decode_slots[i, :length] = torch.tensor(slots(seq, 0, length, b))
+            decode_mask[i, ..., :length] = True
+        ctx = PagedAttention(
+            self.pool,
+            torch.tensor(write, device=self.device),
+            torch.tensor(decode_rows, dtype=torch.long, device=self.device),
+            decode_slots.to(self.device),
+            decode_mask.to(self.device),
+            chunks,
+        )
+        ids = torch.tensor([tokens], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        hidden = self.model.hidden_states(ids, pos, ctx)[0, sample_rows]  # (R, dim)
+        return self.model.lm_head(hidden).float()
