@@ -99,3 +99,20 @@ def test_hf_export_of_the_real_model_loads_in_transformers(smollm2, tmp_path):
     assert tok.apply_chat_template(
         chat, tokenize=False, add_generation_prompt=True
     ) == smollm2.tokenizer.apply_chat_template(chat)
+
+
+def test_batched_greedy_matches_transformers(smollm2, hf_smollm2):
+    ref, _ = hf_smollm2
+    texts = ["The Eiffel Tower is", "List of prime numbers: 2, 3, 5,", VARIED[:300], "import numpy as np\n"]
+    prompts = [smollm2.tokenizer.encode(t) for t in texts]
+    want = [_hf_greedy(ref, p, 24) for p in prompts]
+    got = smollm2.complete(prompts, max_tokens=24, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in got] == want
+
+
+def test_prefix_cache_serves_a_repeated_system_prompt(smollm2):
+    system = {"role": "system", "content": "You are a concise assistant. " * 20}
+    first = smollm2.chat([system, {"role": "user", "content": "Name a fruit."}], temperature=0, max_tokens=8)
+    second = smollm2.chat([system, {"role": "user", "content": "Name a color."}], temperature=0, max_tokens=8)
+    assert first.cached_prompt_tokens == 0 or first.cached_prompt_tokens < second.cached_prompt_tokens
+    assert second.cached_prompt_tokens >= 0.8 * second.prompt_tokens - 16

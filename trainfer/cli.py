@@ -16,7 +16,7 @@ from typing import Any
 
 from trainfer import registry
 from trainfer.errors import TrainferError
-from trainfer.infer.generate import TokenEvent
+from trainfer.infer.engine import TokenEvent
 from trainfer.infer.sampling import SamplingParams
 
 _SAMPLING_HELP = {

@@ -1,8 +1,10 @@
 """The Python API: `LLM.load(name_or_path)`, then `generate` for raw text or `chat` with the chat template.
 
-from trainfer import LLM
-llm = LLM.load("smollm2-135m-instruct")
-print(llm.chat([{"role": "user", "content": "Hi!"}], temperature=0).text)
+    from trainfer import LLM
+    llm = LLM.load("smollm2-135m-instruct")
+    print(llm.chat([{"role": "user", "content": "Hi!"}], temperature=0).text)
+
+Every call runs on the continuous-batching engine: a list of prompts is decoded together.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from trainfer.errors import TrainferError
-from trainfer.infer.generate import TokenEvent, generate_stream
+from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
 from trainfer.io.tokenizer import Tokenizer
@@ -31,8 +33,10 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
-    ttft_s: float  # time to first token: tokenize + prefill + first sample
-    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    ttft_s: float  # time to first token: from the call to the first sampled token
+    decode_tokens_per_s: float  # this sequence's tokens after the first, over the time after the first
+    cached_prompt_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
@@ -40,21 +44,27 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model") -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", **engine_args: Any) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.engine = Engine(model, tokenizer, **engine_args)
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike[str], dtype: str = "float32", device: str = "cpu") -> LLM:
-        """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json."""
+    def load(
+        cls, name_or_path: str | os.PathLike[str], dtype: str = "float32", device: str = "cpu", **engine_args: Any
+    ) -> LLM:
+        """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json.
+
+        engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens.
+        """
         model, tokenizer = load_model(name_or_path, dtype, device)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
-        return cls(model, tokenizer, str(name_or_path))
+        return cls(model, tokenizer, str(name_or_path), **engine_args)
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[TokenEvent]:
         """Token events for a raw-text prompt (or token ids); keywords as in `SamplingParams`."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return generate_stream(self.model, self.tokenizer, ids, SamplingParams(**sampling))
+        return self.engine.stream(ids, SamplingParams(**sampling))
 
     def chat_stream(self, messages: Messages, **sampling: Any) -> Iterator[TokenEvent]:
         return self.stream(self.chat_prompt(messages), **sampling)
@@ -63,57 +73,62 @@ class LLM:
         # The template writes BOS itself when the model wants one, so do not add another.
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_bos=False)
 
-    def generate(
-        self,
-        prompt: str | list[str],
-        *,
-        max_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-    ) -> Completion | list[Completion]:
-        """Complete raw text; a list of prompts gives a list of completions. temperature=0 is greedy."""
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
-        )
-        if isinstance(prompt, list):
-            return [self._collect(self.tokenizer.encode(p), params) for p in prompt]
-        return self._collect(self.tokenizer.encode(prompt), params)
+    def generate(self, prompt: str | list[str], **sampling: Any) -> Completion | list[Completion]:
+        """Complete raw text; a list of prompts is batched and gives a list of completions.
 
-    def chat(
-        self,
-        messages: Messages,
-        *,
-        max_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-    ) -> Completion:
-        """One assistant turn for `messages` ([{"role": ..., "content": ...}]) with the model's template."""
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop or []
-        )
-        return self._collect(self.chat_prompt(messages), params)
+        Keywords as in `SamplingParams`: max_tokens=128, temperature=1.0 (0 = greedy), top_p, top_k, min_p,
+        presence/frequency/repetition penalties, seed, stop, logprobs.
+        """
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        done = self.complete([self.tokenizer.encode(p) for p in prompts], **sampling)
+        return done if isinstance(prompt, list) else done[0]
 
-    def _collect(self, ids: list[int], params: SamplingParams) -> Completion:
+    def chat(self, messages: Messages | list[Messages], **sampling: Any) -> Completion | list[Completion]:
+        """One assistant turn per conversation ([{"role": ..., "content": ...}]) with the model's template."""
+        batch = messages if messages and isinstance(messages[0], list) else [messages]
+        done = self.complete([self.chat_prompt(m) for m in batch], **sampling)
+        return done if batch is messages else done[0]
+
+    def complete(self, prompts: list[list[int]], **sampling: Any) -> list[Completion]:
+        """Token-id prompts run together on the engine, one Completion each (n = 1)."""
+        params = SamplingParams(**sampling)
+        if params.n != 1:
+            raise TrainferError("LLM.generate/chat return one completion per prompt; use the engine for n > 1")
         start = time.perf_counter()
-        texts, tokens, first, finish = [], [], 0.0, "length"
-        for event in generate_stream(self.model, self.tokenizer, ids, params):
-            if not tokens:
-                first = time.perf_counter()
-            texts.append(event.text)
-            tokens.append(event.token_id)
-            finish = event.finish_reason or finish
-        end = time.perf_counter()
+        ids = [f"llm-{id(self)}-{start}-{i}" for i in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts, strict=True):
+            self.engine.add_request(rid, prompt, params)
+        events: dict[str, list[tuple[float, TokenEvent]]] = {rid: [] for rid in ids}
+        try:
+            while any(rid in self.engine.requests for rid in ids):
+                for e in self.engine.step():
+                    events[e.request_id].append((time.perf_counter(), e))
+        finally:
+            for rid in ids:
+                self.engine.abort(rid)
         stop_ids = set(params.stop_token_ids) | self.tokenizer.stop_token_ids
-        if finish == "stop" and tokens and tokens[-1] in stop_ids:
+        return [self._completion(events[rid], len(p), start, stop_ids) for rid, p in zip(ids, prompts, strict=True)]
+
+    @staticmethod
+    def _completion(
+        events: list[tuple[float, TokenEvent]], n_prompt: int, start: float, stop_ids: set[int]
+    ) -> Completion:
+        times, evs = [t for t, _ in events], [e for _, e in events]
+        tokens = [e.token_id for e in evs]
+        finish = evs[-1].finish_reason or "length"
+        if finish == "stop" and tokens[-1] in stop_ids:
             tokens.pop()  # a stop token ends the text; it is not part of it
-        rate = (len(texts) - 1) / (end - first) if len(texts) > 1 and end > first else 0.0
-        return Completion("".join(texts), tokens, len(ids), finish, first - start, rate)
+        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+        return Completion(
+            "".join(e.text for e in evs),
+            tokens,
+            n_prompt,
+            finish,
+            times[0] - start,
+            rate,
+            evs[0].cached_prompt_tokens,
+            [e.logprob for e in evs if e.logprob is not None],
+        )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -7,7 +7,6 @@ import torch
 
 from tests.conftest import make_hf_model
 from trainfer.errors import TrainferError
-from trainfer.infer.generate import KVCache
 from trainfer.io.loader import load_model
 from trainfer.model.config import PRESETS, ModelConfig
 from trainfer.model.transformer import Transformer
@@ -45,21 +44,6 @@ def test_logits_match_transformers(case, tmp_path):
         want = ref(tokens).logits
         got = model(tokens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_cached_prefill_chunks_and_decode_match_full_forward(tmp_path):
-    make_hf_model("llama").save_pretrained(tmp_path)
-    model, _ = load_model(tmp_path)
-    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = KVCache(model, max_len=30)
-        pieces = []
-        for lo, hi in [(0, 11), (11, 20), *[(i, i + 1) for i in range(20, 30)]]:  # two chunks, then decode
-            pos = torch.arange(lo, hi).unsqueeze(0)
-            pieces.append(model(tokens[:, lo:hi], pos, cache))
-            cache.length = hi
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_forward_stays_close_to_fp32(tmp_path):

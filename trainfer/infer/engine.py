@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from trainfer.errors import TrainferError
-from trainfer.infer.generate import Detokenizer, StopMatcher
 from trainfer.infer.kv_cache import BlockPool, bytes_per_block
 from trainfer.infer.runner import ModelRunner
 from trainfer.infer.sampling import SamplingParams, apply_penalties, sample, top_logprobs
 from trainfer.infer.scheduler import Scheduler, Sequence, Status
+from trainfer.infer.text import Detokenizer, StopMatcher
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 
@@ -216,6 +216,7 @@ class Engine:
             "kv_cache_bytes": pool.nbytes,
             "prefix_cache_hit_rate": pool.prefix_hits / pool.prefix_queries if pool.prefix_queries else 0.0,
             "preemptions": self.scheduler.num_preemptions,
+            "computed_tokens": self.scheduler.num_computed_tokens,
         }
 
 

@@ -63,6 +63,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.num_preemptions = 0
+        self.num_computed_tokens = 0  # tokens run through the model, prompt and output alike
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -107,6 +108,7 @@ class Scheduler:
     def computed(self, seq: Sequence, n: int) -> None:
         """After a forward: n more tokens are in the cache; publish the blocks that became full."""
         seq.num_computed += n
+        self.num_computed_tokens += n
         b = self.pool.block_size
         for i in range(len(seq.block_hashes), seq.num_computed // b):
             parent = seq.block_hashes[-1] if seq.block_hashes else None

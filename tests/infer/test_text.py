@@ -1,0 +1,51 @@
+"""Stop strings that span tokens and UTF-8 characters split across tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainfer.infer.text import Detokenizer, StopMatcher
+
+
+def feed(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:
+    out = []
+    for piece in pieces:
+        text, hit = matcher.push(piece)
+        out.append(text)
+        if hit:
+            return "".join(out), True
+    return "".join(out) + matcher.flush(), False
+
+
+@pytest.mark.parametrize(
+    "pieces,stops,want,hit",
+    [
+        (["Hello", " wor", "ld", "!"], ["world"], "Hello ", True),
+        (["a", "b", "<", "/", "s", ">", "tail"], ["</s>"], "ab", True),
+        (["x", "<", "/", "t"], ["</s>"], "x</t", False),  # a partial match that never completes is released
+        (["one\n", "\nUser:", " more"], ["\n\n", "User:"], "one", True),  # the earliest stop wins
+        (["no stops here"], [], "no stops here", False),
+    ],
+)
+def test_stop_strings_across_token_boundaries(pieces, stops, want, hit):
+    assert feed(StopMatcher(stops), pieces) == (want, hit)
+
+
+def test_stop_matcher_never_emits_a_prefix_it_may_need():
+    m = StopMatcher(["STOP"])
+    assert m.push("abcST") == ("abc", False)
+    assert m.push("O") == ("", False)
+    assert m.push("P and more") == ("", True)
+
+
+@pytest.mark.real
+def test_detokenizer_never_emits_broken_utf8(smollm2):
+    tok = smollm2.tokenizer
+    text = "Emoji 🦙🚀 and 中文字符 and é"
+    ids = tok.encode(text)
+    # byte-level BPE splits these characters across tokens: check that some token is a partial character
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    detok = Detokenizer(tok)
+    deltas = [detok.add(i) for i in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text

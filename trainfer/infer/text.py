@@ -1,0 +1,52 @@
+"""Text out of token ids: incremental detokenization that never splits a UTF-8 character, and stop strings.
+
+The engine works in token ids; these two turn each sequence's ids into the text a user sees.
+"""
+
+from __future__ import annotations
+
+from trainfer.io.tokenizer import Tokenizer
+
+
+class Detokenizer:
+    """Turns a stream of token ids into text deltas, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] were already turned into text
+        self.read = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(full) > len(done) and not full.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return full[len(done) :]
+        return ""
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, even split across tokens, and never emits any part of one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit now, whether a stop string was hit)."""
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        # Hold back the longest tail that could still grow into a stop string.
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
