@@ -124,6 +124,27 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(export_hf(args.model, Path(args.out_dir), args.dtype))
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> None:
+    from trainfer.bench import bench_decode
+
+    ggufs = {}
+    for item in args.llama_gguf:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise TrainferError(f"--llama-gguf wants NAME=PATH, got {item!r}")
+        ggufs[name] = Path(path)
+    bench_decode(
+        args.model,
+        dtypes=tuple(args.dtype or ["float32", "bfloat16"]),
+        runs=args.runs,
+        new_tokens=args.new_tokens,
+        concurrency=tuple(args.concurrency or [8, 32, 64]),
+        peers=not args.no_peers,
+        llama_bench_binary=Path(args.llama_bench) if args.llama_bench else None,
+        llama_ggufs=ggufs,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["hf"], help="target format (hf: config.json + safetensors)")
     p.add_argument("out_dir", help="a new directory to write")
     p.set_defaults(func=cmd_convert)
+
+    bench = sub.add_parser("bench", help="measure trainfer next to its peers").add_subparsers(
+        dest="what", required=True
+    )
+    p = bench.add_parser("decode", help="prefill, TTFT, single-stream and batched decode (+ transformers, llama.cpp)")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable (default both)")
+    p.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, action="append", help="repeatable (default 8, 32, 64)")
+    p.add_argument("--no-peers", action="store_true", help="skip transformers")
+    p.add_argument("--llama-bench", help="path to llama.cpp's llama-bench binary")
+    p.add_argument("--llama-gguf", action="append", default=[], help="NAME=PATH of a GGUF for llama-bench (repeatable)")
+    p.set_defaults(func=cmd_bench_decode)
     return parser
 
 

@@ -26,7 +26,8 @@ def slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
 @dataclass
 class PrefillChunk:
     rows: slice  # rows of the flattened batch
-    context_slots: Tensor  # (end,) slots of positions [0, end)
+    blocks: Tensor  # (nb,) the sequence's blocks covering positions [0, end)
+    end: int  # keys attended: positions [0, end)
     start: int  # tokens already cached before this chunk
 
 
@@ -38,16 +39,23 @@ class PagedAttention:
         pool: BlockPool,
         write_slots: Tensor,
         decode_rows: Tensor,
-        decode_slots: Tensor,
+        decode_blocks: Tensor,
         decode_mask: Tensor,
         chunks: list[PrefillChunk],
     ) -> None:
         self.pool = pool
         self.write_slots = write_slots  # (T,)
         self.decode_rows = decode_rows  # (D,)
-        self.decode_slots = decode_slots  # (D, S) padded with slot 0
-        self.decode_mask = decode_mask  # (D, 1, 1, S) True where a real key
+        self.decode_blocks = decode_blocks  # (D, nb) block tables padded with block 0
+        self.decode_mask = decode_mask  # (D, 1, 1, nb * block_size) True where a real key
         self.chunks = chunks
+
+    def _gather(self, pool: Tensor, blocks: Tensor) -> Tensor:
+        """Keys or values of whole blocks, (..., nb) -> (..., nb * block_size, KV, hd): block-sized copies."""
+        b = self.pool.block_size
+        paged = pool.view(-1, b, *pool.shape[1:])  # (num_blocks, b, KV, hd)
+        out = paged.index_select(0, blocks.reshape(-1))  # (N * nb, b, KV, hd)
+        return out.view(*blocks.shape[:-1], blocks.shape[-1] * b, *pool.shape[1:])
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kp, vp = self.pool.k[layer], self.pool.v[layer]  # (slots, KV, hd)
@@ -57,15 +65,15 @@ class PagedAttention:
         out = torch.empty_like(q)
         if self.decode_rows.numel():
             qd = q[self.decode_rows].unsqueeze(2)  # (D, H, 1, hd)
-            kd = kp[self.decode_slots].transpose(1, 2)  # (D, KV, S, hd)
-            vd = vp[self.decode_slots].transpose(1, 2)
+            kd = self._gather(kp, self.decode_blocks).transpose(1, 2)  # (D, KV, S, hd)
+            vd = self._gather(vp, self.decode_blocks).transpose(1, 2)
             y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, enable_gqa=True)
             out[self.decode_rows] = y.squeeze(2)
         for c in self.chunks:
             qc = q[c.rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
-            kc = kp[c.context_slots].transpose(0, 1).unsqueeze(0)  # (1, KV, end, hd)
-            vc = vp[c.context_slots].transpose(0, 1).unsqueeze(0)
-            n, end = qc.shape[2], kc.shape[2]
+            kc = self._gather(kp, c.blocks)[: c.end].transpose(0, 1).unsqueeze(0)  # (1, KV, end, hd)
+            vc = self._gather(vp, c.blocks)[: c.end].transpose(0, 1).unsqueeze(0)
+            n, end = qc.shape[2], c.end
             mask = None
             if c.start > 0:  # query i sees keys up to start + i
                 mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=c.start)
@@ -95,21 +103,23 @@ class ModelRunner:
                 decode_rows.append(row)
                 decode_seqs.append(seq)
             else:
-                ctx = torch.tensor(slots(seq, 0, start + n, b), device=self.device)
-                chunks.append(PrefillChunk(slice(row, row + n), ctx, start))
+                end = start + n
+                blocks = torch.tensor(seq.block_table[: -(-end // b)], device=self.device)
+                chunks.append(PrefillChunk(slice(row, row + n), blocks, end, start))
             row += n
-        longest = max((s.num_computed + 1 for s in decode_seqs), default=0)
-        decode_slots = torch.zeros(len(decode_seqs), longest, dtype=torch.long)
-        decode_mask = torch.zeros(len(decode_seqs), 1, 1, longest, dtype=torch.bool)
+        nb = max((-(-(s.num_computed + 1) // b) for s in decode_seqs), default=0)
+        decode_blocks = torch.zeros(len(decode_seqs), nb, dtype=torch.long)
+        decode_mask = torch.zeros(len(decode_seqs), 1, 1, nb * b, dtype=torch.bool)
         for i, seq in enumerate(decode_seqs):
             length = seq.num_computed + 1
-            decode_slots[i, :length] = torch.tensor(slots(seq, 0, length, b))
+            table = seq.block_table[: -(-length // b)]
+            decode_blocks[i, : len(table)] = torch.tensor(table)
             decode_mask[i, ..., :length] = True
         ctx = PagedAttention(
             self.pool,
             torch.tensor(write, device=self.device),
             torch.tensor(decode_rows, dtype=torch.long, device=self.device),
-            decode_slots.to(self.device),
+            decode_blocks.to(self.device),
             decode_mask.to(self.device),
             chunks,
         )

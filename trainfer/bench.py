@@ -1,0 +1,203 @@
+"""`trainfer bench decode`: prefill, TTFT, single-stream and batched decode of the engine, with peers
+measured in the same run (transformers on the same weights; llama.cpp's llama-bench when given).
+
+Prints a card and, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainfer import registry
+from trainfer.infer.sampling import SamplingParams
+from trainfer.llm import LLM
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def memory_bandwidth_gbs(gib: float = 1.0, reps: int = 5) -> float:
+    """Read bandwidth: a sum over a large fp32 buffer (each byte read once), median of `reps`."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    x.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def median(fn: Callable[[], float], runs: int) -> float:
+    return statistics.median(fn() for _ in range(runs))
+
+
+def random_prompt(n: int, vocab: int, rng: random.Random) -> list[int]:
+    """Random ids well inside the vocabulary: every run gets a new prompt, so no prefix-cache help."""
+    return [rng.randrange(100, vocab - 100) for _ in range(n)]
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def engine_ttft(llm: LLM, prompt: list[int]) -> float:
+    """Seconds from adding the request to its first token (prefill of the whole prompt + one sample)."""
+    t = time.perf_counter()
+    next(iter(llm.engine.stream(prompt, _greedy(1))))
+    return time.perf_counter() - t
+
+
+def engine_decode(llm: LLM, prompt: list[int], n: int) -> float:
+    """Single stream: (n - 1) / (time of token n - time of token 1)."""
+    times = [time.perf_counter() for _ in llm.engine.stream(prompt, _greedy(n))]
+    return (n - 1) / (times[-1] - times[0])
+
+
+def engine_aggregate(llm: LLM, prompts: list[list[int]], n: int) -> float:
+    """Concurrent streams: all output tokens / wall time of the whole run (vLLM's output throughput)."""
+    t = time.perf_counter()
+    results = llm.engine.run(prompts, [_greedy(n)] * len(prompts))
+    return sum(len(r[0]) for r in results) / (time.perf_counter() - t)
+
+
+def hf_decode(model, prompt: list[int], n: int, batch: int = 1) -> tuple[float, float]:
+    """transformers: (time of 1 token = prefill + first sample, decode tokens/s from n - 1 more tokens)."""
+    x = torch.tensor([prompt] * batch)
+    kw: dict[str, Any] = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def timed(k: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k, min_new_tokens=k, **kw)
+        return time.perf_counter() - t
+
+    first = timed(1)
+    return first, batch * (n - 1) / (timed(n) - first)
+
+
+def llama_bench(binary: Path, gguf: Path, threads: int) -> dict[str, float]:
+    """llama.cpp's own benchmark: 512-token prefill and 128-token generation, tokens/s."""
+    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", "512", "-n", "128", "-r", "3", "-o", "json"]
+    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    out = {}
+    for r in rows:
+        key = "prefill_512_tok_s" if r["n_prompt"] else "decode_tok_s"
+        out[key] = round(r["avg_ts"], 1)
+    return out
+
+
+def measure_engine(llm: LLM, runs: int, new_tokens: int, concurrency: tuple[int, ...], bandwidth: float) -> dict:
+    rng = random.Random(1)
+    vocab = llm.model.cfg.vocab_size
+
+    def prompt(n: int) -> list[int]:
+        return random_prompt(n, vocab, rng)
+
+    engine_ttft(llm, prompt(42))  # warm-up
+    r: dict[str, Any] = {"ttft_42_ms": round(1000 * median(lambda: engine_ttft(llm, prompt(42)), runs), 1)}
+    r["prefill_512_tok_s"] = round(512 / median(lambda: engine_ttft(llm, prompt(512)), runs), 1)
+    r["decode_tok_s"] = round(median(lambda: engine_decode(llm, prompt(16), new_tokens), runs), 1)
+    for c in concurrency:
+        r[f"aggregate_{c}_tok_s"] = round(engine_aggregate(llm, [prompt(16) for _ in range(c)], new_tokens), 1)
+    # Prefix cache: a 1,000-token shared prefix, cold then warm (a new question each time).
+    prefix = prompt(1000)
+    r["prefix_cold_ttft_ms"] = round(1000 * engine_ttft(llm, prefix + prompt(20)), 1)
+    r["prefix_warm_ttft_ms"] = round(1000 * median(lambda: engine_ttft(llm, prefix + prompt(20)), runs), 1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    r["roofline_tok_s"] = round(bandwidth * 1e9 / weight_bytes, 1)
+    r["fraction_of_roofline"] = round(r["decode_tok_s"] / r["roofline_tok_s"], 3)
+    return r
+
+
+def measure_transformers(hf, vocab: int, runs: int, new_tokens: int, concurrency: tuple[int, ...]) -> dict:
+    rng = random.Random(2)
+    prompt16 = random_prompt(16, vocab, rng)
+    ttft512 = median(lambda: hf_decode(hf, random_prompt(512, vocab, rng), 2)[0], runs)
+    peer = {
+        "prefill_512_tok_s": round(512 / ttft512, 1),
+        "decode_tok_s": round(median(lambda: hf_decode(hf, prompt16, new_tokens)[1], runs), 1),
+    }
+    for c in concurrency:
+        if c <= 32:  # transformers pads a static batch; beyond 32 it is slow and adds little
+            peer[f"aggregate_{c}_tok_s"] = round(hf_decode(hf, prompt16, new_tokens, batch=c)[1], 1)
+    return peer
+
+
+def bench_decode(
+    model: str = "smollm2-135m-instruct",
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    runs: int = 3,
+    new_tokens: int = 128,
+    concurrency: tuple[int, ...] = (8, 32, 64),
+    peers: bool = True,
+    llama_bench_binary: Path | None = None,
+    llama_ggufs: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    bandwidth = memory_bandwidth_gbs()
+    result: dict[str, Any] = {
+        "machine": {"cpu": cpu_model(), "threads": threads, "torch": torch.__version__},
+        "model": model,
+        "memory_bandwidth_gbs": round(bandwidth, 1),
+        "new_tokens": new_tokens,
+    }
+    rows = [("machine", f"{result['machine']['cpu']}, {threads} threads, {bandwidth:.1f} GB/s read")]
+    hf_model = None
+    for dtype in dtypes:
+        llm = LLM.load(model, dtype=dtype, max_num_seqs=max(concurrency, default=1), max_num_batched_tokens=1024)
+        r = measure_engine(llm, runs, new_tokens, concurrency, bandwidth)
+        agg = ", ".join(f"{c}: {r[f'aggregate_{c}_tok_s']}" for c in concurrency)
+        rows += [
+            (f"trainfer {dtype}", f"prefill 512: {r['prefill_512_tok_s']} tok/s, TTFT(42) {r['ttft_42_ms']} ms"),
+            ("", f"decode 1 stream: {r['decode_tok_s']} tok/s ({100 * r['fraction_of_roofline']:.0f}% of roofline)"),
+            ("", f"aggregate tok/s at concurrency {agg}"),
+            ("", f"TTFT, 1,000-token prefix: cold {r['prefix_cold_ttft_ms']} ms, warm {r['prefix_warm_ttft_ms']} ms"),
+        ]
+        if peers:
+            from transformers import AutoModelForCausalLM
+
+            if hf_model is None:
+                p = registry.resolve(model)
+                kw = {"gguf_file": p.name} if p.is_file() else {}
+                hf_model = AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=torch.float32, **kw)
+            hf = hf_model.eval().to(torch.float32 if dtype == "float32" else torch.bfloat16)
+            peer = measure_transformers(hf, llm.model.cfg.vocab_size, runs, new_tokens, concurrency)
+            r["transformers"] = peer
+            r["decode_vs_transformers"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
+            rows.append(
+                (
+                    f"transformers {dtype}",
+                    f"prefill 512: {peer['prefill_512_tok_s']} tok/s, decode {peer['decode_tok_s']} tok/s "
+                    f"-> trainfer decode is {r['decode_vs_transformers']}x",
+                )
+            )
+        result[dtype] = r
+    if llama_bench_binary and llama_ggufs:
+        lc = {name: llama_bench(llama_bench_binary, path, threads) for name, path in llama_ggufs.items()}
+        result["llama.cpp"] = lc
+        for name, v in lc.items():
+            rows.append(
+                (f"llama.cpp {name}", f"prefill 512: {v['prefill_512_tok_s']} tok/s, decode {v['decode_tok_s']} tok/s")
+            )
+    width = max(len(k) for k, _ in rows)
+    print(f"\n== trainfer bench decode: {model} ==")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print(json.dumps(result))
+    return result
