@@ -31,6 +31,23 @@ _SAMPLING_HELP = {
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an alias (see `trainfer models`), a .gguf file or a Hugging Face directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
+
+
+def _load(args: argparse.Namespace):
+    """Load the model with the engine, and say what it took on stderr."""
+    from trainfer.llm import LLM
+
+    start = time.perf_counter()
+    llm = LLM.load(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb)
+    pool = llm.engine.pool
+    print(
+        f"[loaded {args.model} ({llm.model.cfg.n_params / 1e6:.1f}M params, {args.dtype}) in "
+        f"{time.perf_counter() - start:.1f} s; KV cache {pool.num_blocks} blocks x {pool.block_size} tokens = "
+        f"{pool.nbytes / (1 << 30):.2f} GiB]",
+        file=sys.stderr,
+    )
+    return llm
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -87,17 +104,13 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from trainfer.llm import LLM
-
-    llm = LLM.load(args.model, dtype=args.dtype)
+    llm = _load(args)
     ids = llm.tokenizer.encode(args.prompt)
     _print_stream(llm.stream(ids, **_sampling(args)), len(ids))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from trainfer.llm import LLM
-
-    llm = LLM.load(args.model, dtype=args.dtype)
+    llm = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
         messages.append({"role": "user", "content": args.message})

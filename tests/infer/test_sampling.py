@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainfer.errors import TrainferError
-from trainfer.infer.sampling import SamplingParams, filter_logits, sample
+from trainfer.infer.sampling import SamplingParams, apply_penalties, filter_logits, sample
 
 
 def reference_keep(logits: list[float], temperature: float, top_k: int, top_p: float) -> set[int]:
@@ -35,6 +35,35 @@ def test_filters_match_reference(temperature, top_k, top_p):
     # survivors keep their temperature-scaled values, so relative probabilities are unchanged
     for i in kept:
         assert out[i].item() == pytest.approx(logits[i] / temperature)
+
+
+@pytest.mark.parametrize("min_p", [0.05, 0.2, 0.6])
+def test_min_p_matches_reference(min_p):
+    logits = [2.0, -1.0, 0.5, 3.0, 0.1, -2.0, 1.5, 0.0]
+    probs = torch.tensor(logits).softmax(0).tolist()
+    want = {i for i, p in enumerate(probs) if p >= min_p * max(probs)}
+    out = filter_logits(torch.tensor(logits), 1.0, 0, 1.0, min_p)
+    assert {i for i, x in enumerate(out.tolist()) if x != float("-inf")} == want
+
+
+def test_penalties_match_reference():
+    logits = [1.0, -1.0, 2.0, 0.5, -0.5, 3.0]
+    prompt, output = [0, 1], [2, 2, 3, 2]
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3)
+    want = list(logits)
+    for t in set(prompt + output):  # repetition: divide positive, multiply negative, once per seen token
+        want[t] = want[t] / 1.3 if want[t] > 0 else want[t] * 1.3
+    for t in set(output):  # OpenAI: frequency per occurrence, presence once
+        want[t] -= 0.25 * output.count(t) + 0.5
+    got = apply_penalties(torch.tensor(logits), p, torch.tensor(prompt + output), torch.tensor(output))
+    assert got.tolist() == pytest.approx(want)
+
+
+def test_no_penalties_leave_logits_alone():
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    p = SamplingParams()
+    assert not p.uses_penalties
+    assert torch.equal(apply_penalties(logits, p, torch.tensor([0, 1]), torch.tensor([1])), logits)
 
 
 def test_top_p_always_keeps_the_best_token():
@@ -67,6 +96,12 @@ def test_sampling_follows_the_distribution():
         ({"top_p": 0}, "top_p"),
         ({"top_k": -2}, "top_k"),
         ({"stop": [""]}, "stop"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"n": 0}, "n must be"),
+        ({"logprobs": 21}, "logprobs"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, message):
