@@ -121,7 +121,7 @@ def measure_engine(llm: LLM, runs: int, new_tokens: int, concurrency: tuple[int,
     r["prefix_warm_ttft_ms"] = round(1000 * median(lambda: engine_ttft(llm, prefix + prompt(20)), runs), 1)
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     r["roofline_tok_s"] = round(bandwidth * 1e9 / weight_bytes, 1)
-    r["fraction_of_roofline"] = round(r["decode_tok_s"] / r["roofline_tok_s"], 3)
+    r["fraction_of_roofline"] = round(r["decode_tok_s"] / r["roofline_tok_s"], 4)
     return r
 
 

@@ -1,0 +1,43 @@
+"""The decode benchmark's own measurements on a tiny model: every figure present, sane, and consistent."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from tests.conftest import make_hf_model
+from tests.infer.test_engine import ByteTokenizer
+from trainfer.bench import llama_bench, measure_engine
+from trainfer.io.loader import load_model
+from trainfer.llm import LLM
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf_model("llama", vocab_size=256, max_position_embeddings=2048).save_pretrained(path)
+    model, _ = load_model(path)
+    return LLM(model, ByteTokenizer(), num_blocks=600, block_size=16, max_num_batched_tokens=256)
+
+
+def test_measure_engine_reports_every_figure(tiny_llm):
+    r = measure_engine(tiny_llm, runs=1, new_tokens=8, concurrency=(2, 4), bandwidth=10.0)
+    for key in ("ttft_42_ms", "prefill_512_tok_s", "decode_tok_s", "aggregate_2_tok_s", "aggregate_4_tok_s"):
+        assert r[key] > 0, key
+    # the warm prefix skips ~1,000 tokens of prefill, so it must be the faster of the two
+    assert r["prefix_warm_ttft_ms"] < r["prefix_cold_ttft_ms"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in tiny_llm.model.parameters())
+    assert r["roofline_tok_s"] == pytest.approx(10e9 / weight_bytes, rel=1e-3)
+    assert r["fraction_of_roofline"] == pytest.approx(r["decode_tok_s"] / r["roofline_tok_s"], abs=1e-4)
+    tiny_llm.engine.pool.check_idle()
+
+
+def test_llama_bench_output_is_parsed(tmp_path):
+    # The two rows llama-bench -o json prints for -p 512 -n 128 (fields trimmed to the ones read).
+    rows = [{"n_prompt": 512, "n_gen": 0, "avg_ts": 556.2}, {"n_prompt": 0, "n_gen": 128, "avg_ts": 51.04}]
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(rows)}\nEOF\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    assert llama_bench(fake, tmp_path / "m.gguf", 2) == {"prefill_512_tok_s": 556.2, "decode_tok_s": 51.0}
