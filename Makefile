@@ -37,4 +37,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix trainfer tests benchmarks
 
 bench: setup
-	$(PY) benchmarks/simple_decode.py
+	$(PY) benchmarks/decode.py

@@ -21,8 +21,9 @@ def run(*args: str, stdin: str | None = None, timeout: float = 300) -> subproces
 def assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert message in result.stderr
-    assert result.stderr.startswith("error: ")
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1]  # one clear message, last
+    assert sum(line.startswith("error: ") for line in lines) == 1
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in (*_SAMPLING_HELP, "stop")}
+    sampling = {name: getattr(args, name) for name in (*_SAMPLING_HELP, "stop")}
+    SamplingParams(**sampling)  # bad flags fail here, before a model is loaded
+    return sampling
 
 
 def _print_stream(events: Iterator[TokenEvent], prompt_tokens: int) -> str:
@@ -104,18 +106,20 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    sampling = _sampling(args)
     llm = _load(args)
     ids = llm.tokenizer.encode(args.prompt)
-    _print_stream(llm.stream(ids, **_sampling(args)), len(ids))
+    _print_stream(llm.stream(ids, **sampling), len(ids))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    sampling = _sampling(args)
     llm = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
         messages.append({"role": "user", "content": args.message})
         ids = llm.chat_prompt(messages)
-        _print_stream(llm.stream(ids, **_sampling(args)), len(ids))
+        _print_stream(llm.stream(ids, **sampling), len(ids))
         return
     print("chatting with", args.model, "- an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
@@ -127,7 +131,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         messages.append({"role": "user", "content": line})
         ids = llm.chat_prompt(messages)  # the whole conversation so far, every turn
-        reply = _print_stream(llm.stream(ids, **_sampling(args)), len(ids))
+        reply = _print_stream(llm.stream(ids, **sampling), len(ids))
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -135,6 +139,41 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from trainfer.io.loader import export_hf
 
     print(export_hf(args.model, Path(args.out_dir), args.dtype))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from trainfer.llm import LLM
+    from trainfer.serve.app import Server, create_app
+    from trainfer.serve.cache import MemoryCache, RedisCache
+
+    if not 1 <= args.port <= 65535:
+        raise TrainferError(f"--port must be in 1..65535, got {args.port}")
+    api_key = args.api_key or os.environ.get("TRAINFER_API_KEY") or None
+    engine_args = dict(kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs)
+    llm = LLM.load(args.model, dtype=args.dtype, **engine_args)
+    if args.max_model_len:
+        llm.model.cfg.max_seq_len = min(llm.model.cfg.max_seq_len, args.max_model_len)
+    cache = None
+    if args.cache_url:
+        cache = RedisCache(args.cache_url)
+    elif args.response_cache_size > 0:
+        cache = MemoryCache(max_entries=args.response_cache_size)
+    server = Server(llm, args.served_model_name or args.model, api_key, args.max_queue, cache)
+    print(
+        f"[serving {server.model_id} on http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})]",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        create_app(server),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.drain_timeout,
+    )
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -187,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["hf"], help="target format (hf: config.json + safetensors)")
     p.add_argument("out_dir", help="a new directory to write")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, metrics, cache, auth)")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TRAINFER_API_KEY)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond that before 429 (default 256)")
+    p.add_argument("--max-model-len", type=int, help="cap the context (prompt + completion) in tokens")
+    p.add_argument("--response-cache-size", type=int, default=1024, help="entries in the in-process cache; 0 = off")
+    p.add_argument("--cache-url", help="redis://host:port/db: share the response cache between replicas")
+    p.add_argument("--drain-timeout", type=int, default=60, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="measure trainfer next to its peers").add_subparsers(
         dest="what", required=True

@@ -1,0 +1,62 @@
+"""Build llama.cpp's peer tools from the PyPI source package of llama-cpp-python, and make F32/F16/Q8_0
+copies of the SmolLM2 GGUF with its quantize tool. Idempotent; ~5 minutes of compiling on 2 cores.
+
+    .venv/bin/python benchmarks/llama_cpp.py        # prints the paths as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from trainfer import registry
+
+SDIST = "llama-cpp-python==0.3.36"
+TARGETS = ("llama-bench", "llama-quantize", "llama-server")
+
+
+def build(root: Path) -> Path:
+    """The bin/ directory of a Release build of the vendored llama.cpp tree."""
+    bin_dir = root / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TARGETS):
+        return bin_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp, SDIST]
+        subprocess.run(pip, check=True)
+        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tf:
+            tf.extractall(tmp, filter="data")
+        src = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        if not root.exists():
+            src.rename(root)
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
+    subprocess.run(["cmake", "-S", str(root), "-B", str(root / "build"), *flags], check=True)
+    subprocess.run(["cmake", "--build", str(root / "build"), "-j2", "--target", *TARGETS], check=True)
+    return bin_dir
+
+
+def quantized_copies(bin_dir: Path, out: Path) -> dict[str, Path]:
+    source = registry.pull("smollm2-135m-instruct")
+    paths = {"Q4_1": source}
+    for kind in ("F32", "F16", "Q8_0"):
+        target = out / f"smollm2-135m-instruct.{kind}.gguf"
+        if not target.exists():
+            cmd = [str(bin_dir / "llama-quantize"), "--allow-requantize", str(source), str(target), kind]
+            subprocess.run(cmd, check=True, capture_output=True)
+        paths[kind] = target
+    return paths
+
+
+def main() -> None:
+    peers = registry.home() / "peers"
+    peers.mkdir(parents=True, exist_ok=True)
+    bin_dir = build(peers / "llama.cpp")
+    ggufs = quantized_copies(bin_dir, peers)
+    print(json.dumps({"bin": str(bin_dir), "gguf": {k: str(v) for k, v in ggufs.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Prometheus metrics with vLLM's definitions: TTFT, TPOT = (E2E - TTFT) / (tokens - 1), ITL, E2E."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    """One registry per server (not the global one), so tests can run several apps in one process."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "trainfer_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("trainfer_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("trainfer_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram(
+            "trainfer_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY, registry=r
+        )
+        self.tpot = Histogram(
+            "trainfer_time_per_output_token_seconds", "(E2E - TTFT) / (tokens - 1)", buckets=_TOKEN_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            "trainfer_inter_token_latency_seconds", "Gap between streamed tokens", buckets=_TOKEN_LATENCY, registry=r
+        )
+        self.e2e = Histogram(
+            "trainfer_e2e_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY, registry=r
+        )
+        self.running = Gauge("trainfer_num_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("trainfer_num_requests_waiting", "Sequences waiting for a slot", registry=r)
+        self.kv_usage = Gauge(
+            "trainfer_kv_cache_usage_ratio", "Fraction of KV blocks held by live sequences", registry=r
+        )
+        self.prefix_hit_rate = Gauge(
+            "trainfer_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache", registry=r
+        )
+        self.cache_hits = Counter(
+            "trainfer_response_cache_hits", "Responses served from the response cache", registry=r
+        )
+        self.cache_misses = Counter("trainfer_response_cache_misses", "Cacheable requests not in the cache", registry=r)
+
+    def observe_engine(self, stats: dict[str, float]) -> None:
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_usage.set(stats["kv_cache_usage"])
+        self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
+
+    def observe_sequence(self, token_times: list[float], start: float) -> None:
+        """Latencies of one generated sample from the times its tokens were emitted."""
+        if not token_times:
+            return
+        ttft, e2e = token_times[0] - start, token_times[-1] - start
+        self.ttft.observe(ttft)
+        self.e2e.observe(e2e)
+        if len(token_times) > 1:
+            self.tpot.observe((e2e - ttft) / (len(token_times) - 1))
+            for a, b in zip(token_times, token_times[1:], strict=False):
+                self.itl.observe(b - a)
