@@ -197,6 +197,33 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from trainfer.serve.loadgen import bench_serve
+
+    tokenizer = None
+    if args.tokenizer:
+        from trainfer.io.loader import load_checkpoint
+
+        tokenizer = load_checkpoint(args.tokenizer)[2]
+    bench_serve(
+        args.url,
+        args.model,
+        concurrency=args.concurrency,
+        request_rate=args.request_rate,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        tokenizer=tokenizer,
+        api_key=args.api_key,
+        time_limit_s=args.time_limit,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        out_json=Path(args.json) if args.json else None,
+        out_png=Path(args.plot) if args.plot else None,
+        label=args.label,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-bench", help="path to llama.cpp's llama-bench binary")
     p.add_argument("--llama-gguf", action="append", default=[], help="NAME=PATH of a GGUF for llama-bench (repeatable)")
     p.set_defaults(func=cmd_bench_decode)
+
+    p = bench.add_parser("serve", help="load-test any OpenAI-compatible server (vLLM's metric definitions)")
+    p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="the model id to send")
+    p.add_argument("--concurrency", type=int, action="append", help="repeatable (default 1, 4, 16)")
+    p.add_argument("--request-rate", type=float, help="Poisson arrivals at this many requests/s instead")
+    p.add_argument("--num-prompts", type=int, help="requests per level (default 2 x concurrency, at least 4)")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--tokenizer", help="a model whose tokenizer sizes the prompts exactly (alias or path)")
+    p.add_argument("--api-key")
+    p.add_argument("--time-limit", type=float, default=600, help="seconds per level before giving up")
+    p.add_argument("--slo-ttft-ms", type=float, default=1000)
+    p.add_argument("--slo-tpot-ms", type=float, default=100)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write a latency-vs-throughput PNG here")
+    p.add_argument("--label", default="server")
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -30,6 +30,7 @@ class SamplingRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # extension (as in vLLM and llama.cpp): fixed output lengths for benchmarks
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -49,6 +50,7 @@ class SamplingRequest(BaseModel):
             n=self.n,
             logprobs=logprobs,
             stop=stops,
+            ignore_eos=self.ignore_eos,
         )
 
     @property

@@ -1,0 +1,39 @@
+"""The load generator against a real (tiny) server: its counts and latencies must add up."""
+
+from __future__ import annotations
+
+import json
+
+from tests.serve.conftest import ServerProcess
+from trainfer.serve.loadgen import RequestResult, bench_serve, percentiles, summarize
+
+
+def test_summary_follows_vllm_definitions():
+    a = RequestResult(True, 200, ttft=0.1, e2e=1.1, output_tokens=11, itl=[0.1] * 10)
+    b = RequestResult(True, 200, ttft=0.3, e2e=0.8, output_tokens=6, itl=[0.1] * 5)
+    failed = RequestResult(False, 429, error="429")
+    s = summarize([a, b, failed], wall=2.0, slo_ttft_s=0.2, slo_tpot_s=1.0)
+    assert a.tpot == 0.1 and b.tpot == 0.1  # (E2E - TTFT) / (tokens - 1)
+    assert s["completed"] == 2 and s["failed"] == 1
+    assert s["output_token_throughput"] == 17 / 2.0 and s["request_throughput"] == 1.0
+    assert s["goodput_rps"] == 0.5  # only `a` meets the 200 ms TTFT target
+    assert percentiles([1, 2, 3, 4, 5])["p50"] == 3
+
+
+def test_bench_serve_against_a_live_server(tiny_chat_dir, tmp_path):
+    server = ServerProcess(str(tiny_chat_dir), "--max-num-seqs", "8")
+    try:
+        report = bench_serve(
+            server.url, str(tiny_chat_dir), concurrency=[1, 4], input_len=16, output_len=12,
+            out_json=tmp_path / "r.json", out_png=tmp_path / "r.png", label="tiny",
+        )
+    finally:
+        server.stop()
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 4]
+    for lv in report["levels"]:
+        assert lv["failed"] == 0 and lv["completed"] == lv["requests"] >= 4
+        # ignore_eos makes every request produce exactly output_len tokens
+        assert abs(lv["output_token_throughput"] * lv["wall_s"] - 12 * lv["completed"]) < 1e-6
+        assert 0 < lv["ttft_s"]["p50"] <= lv["e2e_s"]["p50"]
+    assert json.loads((tmp_path / "r.json").read_text())["label"] == "tiny"
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
