@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -221,30 +220,38 @@ class Engine:
 
 
 class AsyncEngine:
-    """The engine stepped in a background thread; each request reads its events from an asyncio queue."""
+    """The engine stepped by a task on the caller's asyncio loop; each request reads its own queue.
+
+    Why not a background thread: measured on the 2-core dev machine, PyTorch runs this model ~1.8x
+    slower from a second thread than from the main one (docs/LOG.md), and uvicorn keeps its loop on the
+    main thread. A step blocks the loop for its duration (tens of ms; chunked prefill bounds it), then
+    the loop serves I/O before the next step.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="trainfer-engine", daemon=True)
-        self._thread.start()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+
+    def _ensure_running(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop, self._wake = loop, asyncio.Event()
+            self._task = loop.create_task(self._run())
+        assert self._wake is not None
+        return self._wake
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[TokenEvent]:
         """Events of one request until every one of its n samples has finished; abort if the reader leaves."""
+        wake = self._ensure_running()
+        self.engine.add_request(request_id, prompt_ids, params)
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        try:
-            with self._lock:
-                self.engine.add_request(request_id, prompt_ids, params)
-        except BaseException:
-            self._queues.pop(request_id, None)
-            raise
-        self._wake.set()
+        self._queues[request_id] = queue
+        wake.set()
         unfinished = params.n
         try:
             while unfinished:
@@ -257,40 +264,34 @@ class AsyncEngine:
         finally:
             self._queues.pop(request_id, None)
             if unfinished:
-                self.abort(request_id)
+                self.engine.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.engine.abort(request_id)
+        self.engine.abort(request_id)
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            return self.engine.stats()
+        return self.engine.stats()
 
     def shutdown(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=10)
+        if self._task is not None:
+            self._task.cancel()
 
-    def _loop(self) -> None:
-        while not self._stopped:
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
             if not self.engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
                 self._wake.clear()
-                continue
+                await self._wake.wait()
             try:
-                with self._lock:
-                    events = self.engine.step()
+                events = self.engine.step()
             except Exception as e:  # fail every waiting request rather than hang them
-                with self._lock:
-                    for rid in list(self.engine.requests):
-                        self.engine.abort(rid)
-                events = [e]
+                for rid in list(self.engine.requests):
+                    self.engine.abort(rid)
+                for queue in self._queues.values():
+                    queue.put_nowait(e)
+                events = []
             for ev in events:
-                targets = (
-                    list(self._queues.values()) if isinstance(ev, Exception) else [self._queues.get(ev.request_id)]
-                )
-                for target in targets:
-                    if target is not None:
-                        loop, queue = target
-                        loop.call_soon_threadsafe(queue.put_nowait, ev)
+                queue = self._queues.get(ev.request_id)
+                if queue is not None:
+                    queue.put_nowait(ev)
+            await asyncio.sleep(0)  # let the loop read requests and write responses between steps
