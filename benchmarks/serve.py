@@ -52,6 +52,8 @@ def run_server(cmd: list[str], label: str, args: argparse.Namespace, tokenizer) 
     proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(url, proc)
+        warm = {"model": MODEL, "prompt": "warm up", "max_tokens": 4}  # neither server is timed cold
+        httpx.post(url + "/v1/completions", json=warm, timeout=120)
         return bench_serve(
             url,
             MODEL,
