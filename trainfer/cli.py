@@ -221,6 +221,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         out_json=Path(args.json) if args.json else None,
         out_png=Path(args.plot) if args.plot else None,
         label=args.label,
+        dataset=Path(args.dataset) if args.dataset else None,
     )
 
 
@@ -292,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--tokenizer", help="a model whose tokenizer sizes the prompts exactly (alias or path)")
+    p.add_argument("--dataset", help="JSONL file of prompts (field 'prompt') instead of synthetic ones")
     p.add_argument("--api-key")
     p.add_argument("--time-limit", type=float, default=600, help="seconds per level before giving up")
     p.add_argument("--slo-ttft-ms", type=float, default=1000)

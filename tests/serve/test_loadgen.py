@@ -24,8 +24,14 @@ def test_bench_serve_against_a_live_server(tiny_chat_dir, tmp_path):
     server = ServerProcess(str(tiny_chat_dir), "--max-num-seqs", "8")
     try:
         report = bench_serve(
-            server.url, str(tiny_chat_dir), concurrency=[1, 4], input_len=16, output_len=12,
-            out_json=tmp_path / "r.json", out_png=tmp_path / "r.png", label="tiny",
+            server.url,
+            str(tiny_chat_dir),
+            concurrency=[1, 4],
+            input_len=16,
+            output_len=12,
+            out_json=tmp_path / "r.json",
+            out_png=tmp_path / "r.png",
+            label="tiny",
         )
     finally:
         server.stop()
@@ -37,3 +43,11 @@ def test_bench_serve_against_a_live_server(tiny_chat_dir, tmp_path):
         assert 0 < lv["ttft_s"]["p50"] <= lv["e2e_s"]["p50"]
     assert json.loads((tmp_path / "r.json").read_text())["label"] == "tiny"
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dataset_prompts_are_drawn_from_the_file(tmp_path):
+    from trainfer.serve.loadgen import dataset_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n\n')
+    got = dataset_prompts(tmp_path / "p.jsonl", 20, seed=1)
+    assert set(got) == {"a", "b"} and got == dataset_prompts(tmp_path / "p.jsonl", 20, seed=1)

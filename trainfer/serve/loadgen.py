@@ -85,6 +85,15 @@ def synthetic_prompts(n: int, input_len: int, tokenizer: Any | None, seed: int =
     return prompts
 
 
+def dataset_prompts(path: Path, n: int, field: str = "prompt", seed: int = 0) -> list[str]:
+    """n prompts drawn (with a seed) from a JSONL file's `field`, e.g. one prompt per line of a chat log."""
+    rows = [json.loads(line)[field] for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} has no rows with a {field!r} field")
+    rng = random.Random(seed)
+    return [rng.choice(rows) for _ in range(n)]
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
@@ -208,6 +217,7 @@ def bench_serve(
     out_json: Path | None = None,
     out_png: Path | None = None,
     label: str = "server",
+    dataset: Path | None = None,
 ) -> dict[str, Any]:
     levels: list[tuple[str, int | None, float | None]] = (
         [(f"rate {request_rate}/s", None, request_rate)]
@@ -224,7 +234,10 @@ def bench_serve(
     }
     for name, c, rate in levels:
         n = num_prompts or (64 if rate else max(4, 2 * c))  # by default two waves per concurrency level
-        prompts = synthetic_prompts(n, input_len, tokenizer, seed=len(report["levels"]))
+        seed = len(report["levels"])
+        prompts = (
+            dataset_prompts(dataset, n, seed=seed) if dataset else synthetic_prompts(n, input_len, tokenizer, seed)
+        )
         results, wall = asyncio.run(run_level(base_url, model, prompts, output_len, c, rate, api_key, time_limit_s))
         s = summarize(results, wall, slo_ttft_ms / 1000, slo_tpot_ms / 1000)
         s.update({"level": name, "concurrency": c, "request_rate": rate})
