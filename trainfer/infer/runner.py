@@ -119,7 +119,8 @@ class ModelRunner:
         self.model, self.pool = model, pool
         self.device = model.embed_tokens.weight.device
         parts = torch.get_num_threads()
-        if self.device.type == "cpu" and parts > 1:
+        # bf16 small-batch matmuls have their own GEMV path, which the split did not beat (docs/LOG.md).
+        if self.device.type == "cpu" and parts > 1 and model.embed_tokens.weight.dtype == torch.float32:
             split_linears(model, parts)
 
     @torch.inference_mode()
