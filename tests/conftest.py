@@ -44,6 +44,22 @@ def make_hf_model(kind: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def make_tiny_model_dir(path: Path, chat_template: str | None = None, context: int = 128) -> Path:
+    """A tiny random Llama with a byte-level tokenizer (no merges): a model directory that loads in a second."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from trainfer.io.tokenizer import Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    make_hf_model("llama", vocab_size=256, max_position_embeddings=context).save_pretrained(path)
+    Tokenizer(backend, bos_token_id=None, eos_token_id=None, chat_template=chat_template).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     from trainfer import registry

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_hf_model
+from tests.conftest import make_tiny_model_dir
 from tests.io.test_gguf import tiny_hf, write_gguf
 
 TRAINFER = [sys.executable, "-m", "trainfer.cli"]
@@ -29,19 +29,7 @@ def assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> N
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random model with a byte-level tokenizer: enough for the CLI to run end to end."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from trainfer.io.tokenizer import Tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    make_hf_model("llama", vocab_size=256).save_pretrained(path)
-    Tokenizer(backend, bos_token_id=None, eos_token_id=None).save(path)
-    return path
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def test_generate_and_convert_a_local_model(tiny_dir, tmp_path):

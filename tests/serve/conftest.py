@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_hf_model
+from tests.conftest import make_tiny_model_dir
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -63,19 +63,7 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def tiny_chat_dir(tmp_path_factory) -> Path:
     """A tiny random model with a byte-level tokenizer and a chat template: a server that starts in seconds."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from trainfer.io.tokenizer import Tokenizer
-
-    path = tmp_path_factory.mktemp("tinychat")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    make_hf_model("llama", vocab_size=256, max_position_embeddings=256).save_pretrained(path)
-    Tokenizer(backend, bos_token_id=None, eos_token_id=None, chat_template=CHAT_TEMPLATE).save(path)
-    return path
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tinychat"), CHAT_TEMPLATE, context=256)
 
 
 @pytest.fixture(scope="session")
