@@ -96,3 +96,20 @@ def test_interactive_chat_keeps_the_conversation(smollm2_path):
     (p1, n1), (p2, _) = [tuple(map(int, m)) for m in re.findall(r"prompt (\d+) tokens, (\d+) generated", out.stderr)]
     # The second prompt holds the first question, the first answer and the new question.
     assert p2 > p1 + n1
+
+
+def test_prepare_reports_stats_and_fails_cleanly(tmp_path):
+    (tmp_path / "c").mkdir()
+    for i in range(4):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"document number {i} with some words. " * 30)
+    out = run("prepare", "--source", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--tokenizer", "char")
+    assert out.returncode == 0, out.stderr
+    assert "4 documents (3 train / 1 val)" in out.stdout and "bytes per token" in out.stdout
+    assert_clean_failure(
+        run("prepare", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")), "no such file"
+    )
+    assert_clean_failure(
+        run("prepare", "--source", str(tmp_path / "c"), "--out", str(tmp_path / "o3"), "--vocab-size", "100000"),
+        "larger than this data supports",
+    )
+    assert not (tmp_path / "o3").exists()  # nothing half-written is left behind

@@ -141,6 +141,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(export_hf(args.model, Path(args.out_dir), args.dtype))
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from trainfer.data.prepare import prepare
+
+    stats = prepare(args.source, Path(args.out), args.tokenizer, args.vocab_size, args.val_fraction, args.seed)
+    print(
+        f"{stats.documents} documents ({stats.train_documents} train / {stats.val_documents} val), "
+        f"{stats.train_tokens:,} train + {stats.val_tokens:,} val tokens, vocabulary {stats.vocab_size}, "
+        f"{stats.bytes_per_token:.2f} bytes per token -> {args.out}"
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
@@ -254,6 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["hf"], help="target format (hf: config.json + safetensors)")
     p.add_argument("out_dir", help="a new directory to write")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("prepare", help="train a tokenizer and pack text into token shards for training")
+    p.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        help="shakespeare | FILE | DIR | GLOB | FILE.jsonl:FIELD (repeatable)",
+    )
+    p.add_argument("--out", required=True, help="a new directory for tokenizer.json, train.bin, val.bin, meta.json")
+    p.add_argument("--tokenizer", default="bpe", help="bpe (trained here), char, or a model whose tokenizer to reuse")
+    p.add_argument("--vocab-size", type=int, default=8192, help="for bpe (default 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, metrics, cache, auth)")
     _add_model_flags(p)
