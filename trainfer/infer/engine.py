@@ -46,6 +46,7 @@ class _Output:
     detok: Detokenizer
     stops: StopMatcher
     max_tokens: int
+    stop_ids: set[int]  # stop token ids plus, unless ignore_eos, the tokenizer's end-of-turn ids
 
 
 class Engine:
@@ -89,7 +90,8 @@ class Engine:
     def _new_sequence(self, request_id: str, ids: list[int], prompt_len: int, params: SamplingParams, index: int):
         seq = Sequence(next(self._ids), request_id, ids, prompt_len, params, params.generator(index), index=index)
         budget = min(params.max_tokens, self.max_model_len - prompt_len)
-        self.outputs[seq.seq_id] = _Output(Detokenizer(self.tokenizer), StopMatcher(params.stop), budget)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
+        self.outputs[seq.seq_id] = _Output(Detokenizer(self.tokenizer), StopMatcher(params.stop), budget, stop_ids)
         return seq
 
     def abort(self, request_id: str) -> None:
@@ -167,8 +169,7 @@ class Engine:
         if p.logprobs is not None:
             event.logprob, event.top_logprobs = top_logprobs(logits, token, p.logprobs)
         seq.token_ids.append(token)
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.tokenizer.stop_token_ids)
-        if token in stop_ids:
+        if token in out.stop_ids:
             event.text, event.finish_reason = out.stops.flush(), "stop"
         else:
             event.text, hit = out.stops.push(out.detok.add(token))
