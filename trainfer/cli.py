@@ -152,6 +152,41 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from trainfer.train.checkpoint import list_checkpoints, read_state
+    from trainfer.train.config import load_config
+    from trainfer.train.trainer import train
+
+    base: dict[str, Any] = {}
+    if args.resume and args.out:
+        # The run's own settings, so `--resume --out DIR` is enough; anything given again must agree.
+        found = list_checkpoints(Path(args.out))
+        if found:
+            base = read_state(found[-1])["config"]
+    cfg = load_config(
+        args.config, args.set, base=base, data=args.data, out_dir=args.out, preset=args.preset, seed=args.seed
+    )
+    result = train(cfg, resume=args.resume)
+    if result.best_checkpoint is None:  # not rank 0 of a distributed run
+        return
+    val = f", val loss {result.val_loss:.4f} ({result.val_bpb:.3f} bits/byte)" if result.val_loss is not None else ""
+    print(
+        f"{result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s "
+        f"({result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}){val}"
+        f"{' (stopped early)' if result.stopped_early else ''}\nbest checkpoint: {result.best_checkpoint}"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from trainfer.train.evaluate import evaluate_model
+
+    report = evaluate_model(
+        args.model, args.data, args.max_tokens, args.seq_len, passages=args.passages,
+        prefix_tokens=args.prefix_tokens, continuation_tokens=args.continuation_tokens, dtype=args.dtype,
+    )  # fmt: skip
+    print(report.summary())
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
@@ -279,6 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain a model on prepared shards (resumable; torchrun for DDP/FSDP)")
+    p.add_argument("--config", help="a TOML file of settings (see docs/training.md)")
+    p.add_argument("--data", help="a directory written by trainfer prepare")
+    p.add_argument("--out", help="the run directory: checkpoints/, metrics.jsonl, loss.png (default runs/run)")
+    p.add_argument("--preset", help="model size and its run defaults: tiny, small, base (default tiny)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte and a memorization probe")
+    p.add_argument("model", help="a training run directory, a checkpoint, an alias or a Hugging Face directory")
+    p.add_argument("--data", required=True, help="a prepared directory tokenized with the model's tokenizer")
+    p.add_argument("--max-tokens", type=int, default=32768, help="tokens scored per split (default 32768)")
+    p.add_argument("--seq-len", type=int, help="window length (default: 256, capped by the model's context)")
+    p.add_argument("--passages", type=int, default=32, help="probe passages per split; 0 = no probe")
+    p.add_argument("--prefix-tokens", type=int, default=32)
+    p.add_argument("--continuation-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, metrics, cache, auth)")
     _add_model_flags(p)

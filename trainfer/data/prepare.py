@@ -148,6 +148,8 @@ def prepare(
             "seed": seed,
             "val_fraction": val_fraction,
             "val_names": [d.name for d in val_docs],
+            "train_bytes": sum(len(d.text.encode()) for d in train_docs),
+            "val_bytes": sum(len(d.text.encode()) for d in val_docs),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():

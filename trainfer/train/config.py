@@ -1,0 +1,187 @@
+"""TrainConfig: every knob of a training run, from a TOML file, a preset and `--set key=value` overrides.
+
+    trainfer train --data data/shakespeare --preset tiny --set max_steps=500 --set model.dim=192
+
+Model shape keys live under `model.` (the fields of ModelConfig); everything else is the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainfer.errors import TrainferError
+from trainfer.model.config import PRESETS, ModelConfig
+
+# What a preset sets besides the model shape: a token budget and learning rate that suit the size.
+RUN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"seq_len": 128, "batch_size": 16, "lr": 2e-3, "max_steps": 2000, "warmup_steps": 100},
+    "small": {"seq_len": 256, "batch_size": 16, "lr": 1e-3, "max_steps": 5000, "warmup_steps": 200},
+    "base": {"seq_len": 512, "batch_size": 16, "lr": 6e-4, "max_steps": 20000, "warmup_steps": 500},
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a directory written by `trainfer prepare`
+    out_dir: str = "runs/run"
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on top of the preset
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    max_steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast; auto = bf16 only where the hardware has it)
+    compile: bool = False
+    fsdp: bool = False  # shard parameters/optimizer over ranks (torch.distributed.fsdp.fully_shard)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    eval_every: int = 250
+    eval_batches: int = 20
+    sample_every: int = 0  # 0 = at each evaluation
+    sample_tokens: int = 64
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 2  # checkpoints kept besides the best-validation one
+    early_stop_patience: int = 0  # evaluations without a new best before stopping; 0 = never
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "seq_len": self.seq_len > 1,
+            "batch_size": self.batch_size > 0,
+            "grad_accum": self.grad_accum > 0,
+            "max_steps": self.max_steps > 0,
+            "lr": self.lr > 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "eval_every": self.eval_every > 0,
+            "eval_batches": self.eval_batches > 0,
+            "ckpt_every": self.ckpt_every > 0,
+            "keep_last": self.keep_last > 0,
+            "log_every": self.log_every > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise TrainferError(f"invalid value for {bad[0]}: {getattr(self, bad[0])!r}")
+        choices = {
+            "schedule": ("cosine", "wsd", "constant"),
+            "dtype": ("auto", "float32", "bfloat16"),
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise TrainferError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.preset not in PRESETS:
+            raise TrainferError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+
+    def model_config(self, vocab_size: int, bos: int | None, eos: int | None) -> ModelConfig:
+        """The preset's shape with this run's overrides, sized to the data's vocabulary and sequence length."""
+        base = PRESETS[self.preset]
+        try:
+            cfg = base.replace(
+                **{"max_seq_len": max(base.max_seq_len, self.seq_len), **self.model},
+                vocab_size=vocab_size,
+                bos_token_id=bos,
+                eos_token_id=eos,
+            )
+        except ValueError as e:
+            raise TrainferError(f"invalid model shape: {e}") from None
+        if self.model.get("dim") and "hidden_dim" not in self.model:
+            from trainfer.model.config import _swiglu_hidden
+
+            cfg = cfg.replace(hidden_dim=_swiglu_hidden(cfg.dim))
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _parse_value(text: str) -> Any:
+    """TOML syntax for a value (`3e-4`, `true`, `"x"`); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None, **values: Any
+) -> TrainConfig:
+    """Preset's run defaults < base (a resumed run's config) < file < keyword values < `key=value` overrides.
+
+    Unknown keys are errors that name the closest valid key.
+    """
+    settings: dict[str, Any] = _flatten(base or {})
+    if path is not None:
+        try:
+            settings.update(_flatten(tomllib.loads(Path(path).read_text())))
+        except FileNotFoundError:
+            raise TrainferError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise TrainferError(f"{path} is not valid TOML: {e}") from None
+    settings.update({k: v for k, v in values.items() if v is not None})
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise TrainferError(f"--set expects key=value, got {item!r}")
+        settings[key.strip()] = _parse_value(text.strip())
+
+    run_keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    model_keys = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("vocab_size", "arch")]
+    run: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key.startswith("model."):
+            name = key.removeprefix("model.")
+            if name not in model_keys:
+                valid = [f"model.{k}" for k in model_keys]
+                raise TrainferError(f"unknown config key {key!r}{_closest(key, valid)}")
+            model[name] = value
+        elif key in run_keys:
+            run[key] = value
+        else:
+            raise TrainferError(f"unknown config key {key!r}{_closest(key, run_keys)}")
+    preset = run.get("preset", TrainConfig.preset)
+    if preset not in RUN_PRESETS:
+        raise TrainferError(f"unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}")
+    merged = {**RUN_PRESETS[preset], **run}  # a resumed run's base already holds every key
+    for key, value in merged.items():
+        default = getattr(TrainConfig, key, None)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise TrainferError(f"{key} must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TrainferError(f"{key} must be a number, got {value!r}")
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+                if not value.is_integer():
+                    raise TrainferError(f"{key} must be a whole number, got {value!r}")
+                merged[key] = int(value)
+    return TrainConfig(**merged, model=model)

@@ -1,0 +1,250 @@
+"""Validation: loss / perplexity / bits per byte on token shards, samples, and the memorization probe.
+
+    trainfer eval runs/shakespeare --data data/shakespeare
+
+The probe prompts with the first tokens of N training passages and N held-out passages and counts exact
+greedy continuations: a model that memorized its training text continues those and not the held-out ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainfer.errors import TrainferError
+from trainfer.io.tokenizer import Tokenizer
+from trainfer.model.transformer import Transformer
+
+
+def windows(data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device | str = "cpu"):
+    """Inputs and next-token targets (B, seq_len) for windows beginning at `starts`."""
+    idx = starts[:, None] + np.arange(seq_len + 1)
+    chunk = torch.from_numpy(data[idx].astype(np.int64)).to(device)  # (B, seq_len + 1)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def spread_starts(n_tokens: int, seq_len: int, count: int) -> np.ndarray:
+    """`count` window starts spread evenly over a split (fixed, so every evaluation sees the same text)."""
+    last = n_tokens - seq_len - 1
+    if last < 0:
+        raise TrainferError(f"the split has {n_tokens} tokens, fewer than one window of {seq_len + 1}; lower seq_len")
+    count = min(count, last + 1)
+    return np.linspace(0, last, count).round().astype(np.int64)
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 (logits may be bf16 under autocast)."""
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    n_windows: int,
+    device: torch.device | str = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> float:
+    """Mean loss (nats per token) over n_windows fixed windows of the split."""
+    starts = spread_starts(len(data), seq_len, n_windows)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        x, y = windows(data, starts[i : i + batch_size], seq_len, device)
+        with autocast or contextlib.nullcontext():
+            total += lm_loss(model, x, y).item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    """Tokenizer-independent: nats per token -> bits per byte of text."""
+    return loss_nats / math.log(2) / bytes_per_token
+
+
+def bytes_per_token(data_dir: Path, split: str, tokenizer: Tokenizer) -> float:
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    tokens = meta[f"{split}_tokens"]
+    n_bytes = meta.get(f"{split}_bytes")
+    if n_bytes is None:  # directories from before meta.json recorded it: decode the split once
+        from trainfer.data.prepare import read_shard
+
+        n_bytes = len(tokenizer.decode(read_shard(data_dir, split).tolist(), skip_special_tokens=True).encode())
+    return n_bytes / max(1, tokens)
+
+
+@torch.no_grad()
+def sample(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str = "",
+    max_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> str:
+    """A seeded sample without a KV cache (training-time models are small); leaves global RNG untouched."""
+    ids = tokenizer.encode(prompt, add_bos=False) if prompt else []
+    if not ids:
+        ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]  # start of a document
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    context = model.cfg.max_seq_len
+    for _ in range(max_tokens):
+        x = torch.tensor([(ids + out)[-context:]], device=device)
+        logits = model(x)[0, -1].float().cpu() / max(temperature, 1e-5)
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        if nxt == tokenizer.eos_token_id:
+            break
+        out.append(nxt)
+    model.train(was_training)
+    return prompt + tokenizer.decode(out, skip_special_tokens=True)
+
+
+@dataclass
+class ProbeResult:
+    train_exact: float  # share of training passages continued exactly
+    val_exact: float
+    train_token_match: float  # share of continuation tokens matching, position by position
+    val_token_match: float
+    passages: int
+    prefix_tokens: int
+    continuation_tokens: int
+
+    @property
+    def gap(self) -> float:
+        """Memorization signal: how much better the model continues text it trained on."""
+        return self.train_exact - self.val_exact
+
+
+def _passages(data: np.ndarray, n: int, length: int, seed: int) -> list[list[int]]:
+    if len(data) < length + 1:
+        raise TrainferError(f"a split of {len(data)} tokens is too short for probe passages of {length}")
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(len(data) - length, size=min(n, len(data) - length), replace=False)
+    return [data[s : s + length].astype(np.int64).tolist() for s in sorted(starts)]
+
+
+def memorization_probe(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    train: np.ndarray,
+    val: np.ndarray,
+    passages: int = 32,
+    prefix_tokens: int = 32,
+    continuation_tokens: int = 32,
+    seed: int = 0,
+) -> ProbeResult:
+    """Greedy continuations of training vs held-out passages, decoded together on the inference engine."""
+    from trainfer.infer.engine import Engine
+    from trainfer.infer.sampling import SamplingParams
+
+    length = prefix_tokens + continuation_tokens
+    groups = [_passages(train, passages, length, seed), _passages(val, passages, length, seed + 1)]
+    engine = Engine(model, tokenizer, max_num_seqs=min(64, passages), kv_cache_gb=0.25)
+    params = SamplingParams(max_tokens=continuation_tokens, temperature=0.0, ignore_eos=True)
+    results = []
+    for group in groups:
+        for i, p in enumerate(group):
+            engine.add_request(str(i), p[:prefix_tokens], params)
+        got: dict[str, list[int]] = {str(i): [] for i in range(len(group))}
+        while engine.requests:
+            for e in engine.step():
+                got[e.request_id].append(e.token_id)
+        exact = token = 0.0
+        for i, p in enumerate(group):
+            want, out = p[prefix_tokens:], got[str(i)]
+            exact += out == want
+            token += sum(a == b for a, b in zip(out, want, strict=False)) / continuation_tokens
+        results.append((exact / len(group), token / len(group)))
+    (te, tt), (ve, vt) = results
+    return ProbeResult(te, ve, tt, vt, len(groups[0]), prefix_tokens, continuation_tokens)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    data: str
+    val_loss: float
+    val_ppl: float
+    val_bpb: float
+    train_loss: float
+    tokens: int  # per split
+    probe: ProbeResult | None
+
+    def summary(self) -> str:
+        lines = [
+            f"held-out: loss {self.val_loss:.4f}  perplexity {self.val_ppl:.2f}  {self.val_bpb:.3f} bits/byte",
+            f"training: loss {self.train_loss:.4f}  (gap val - train {self.val_loss - self.train_loss:+.4f})",
+        ]
+        if self.probe:
+            p = self.probe
+            lines.append(
+                f"memorization probe ({p.passages} passages each, {p.prefix_tokens}-token prefix, "
+                f"{p.continuation_tokens}-token continuation): exact {p.train_exact:.1%} train vs {p.val_exact:.1%} "
+                f"held-out (gap {p.gap:+.1%}); tokens matching {p.train_token_match:.1%} vs {p.val_token_match:.1%}"
+            )
+        return "\n".join(lines)
+
+
+def evaluate_model(
+    model_path: str,
+    data_dir: str | Path,
+    max_tokens: int = 32768,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    passages: int = 32,
+    prefix_tokens: int = 32,
+    continuation_tokens: int = 32,
+    dtype: str = "float32",
+) -> EvalReport:
+    """Loss, perplexity and bits per byte on both splits, plus the memorization probe (passages=0: skip)."""
+    from trainfer.data.prepare import read_shard
+    from trainfer.io.loader import load_model
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "meta.json").exists():
+        raise TrainferError(f"{data_dir} is not a prepared data directory (no meta.json); run trainfer prepare")
+    model, tok = load_model(model_path, dtype)
+    data_tok = Tokenizer.from_dir(data_dir)
+    if tok is None or tok.backend.get_vocab() != data_tok.backend.get_vocab():
+        raise TrainferError(
+            f"{data_dir} was tokenized with another tokenizer than {model_path}'s; "
+            f"prepare it with --tokenizer {model_path}"
+        )
+    train, val = read_shard(data_dir, "train"), read_shard(data_dir, "val")
+    seq_len = min(seq_len or 256, model.cfg.max_seq_len, len(val) - 1)
+    n = max(1, max_tokens // seq_len)
+    val_loss = evaluate_loss(model, val, seq_len, batch_size, n)
+    train_loss = evaluate_loss(model, train, seq_len, batch_size, n)
+    probe = None
+    if passages:
+        probe = memorization_probe(model, tok, train, val, passages, prefix_tokens, continuation_tokens)
+    return EvalReport(
+        str(model_path),
+        str(data_dir),
+        val_loss,
+        math.exp(min(val_loss, 50)),
+        bits_per_byte(val_loss, bytes_per_token(data_dir, "val", tok)),
+        train_loss,
+        min(n, len(spread_starts(len(val), seq_len, n))) * seq_len,
+        probe,
+    )

@@ -1,0 +1,466 @@
+"""`trainfer train`: pretrain the Llama-style Transformer on prepared token shards, resumable bit for bit.
+
+    trainfer train --data data/shakespeare --out runs/shakespeare --preset tiny
+    torchrun --nproc_per_node 2 -m trainfer.cli train ...   # DDP (gloo on CPU, NCCL on CUDA)
+
+One step = grad_accum micro-batches per process; the global batch is batch_size x grad_accum x world
+windows of seq_len tokens. The data order is a pure function of (seed, cursor), so a checkpoint's cursor
+and optimizer state are all it takes to continue exactly. Design: docs/training.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from tqdm import tqdm
+
+from trainfer.data.prepare import read_shard
+from trainfer.errors import TrainferError
+from trainfer.io.hf import load_state_dict, read_config
+from trainfer.io.tokenizer import Tokenizer
+from trainfer.model.config import ModelConfig
+from trainfer.model.transformer import Transformer
+from trainfer.train import checkpoint as ckpt
+from trainfer.train.config import TrainConfig
+from trainfer.train.evaluate import bits_per_byte, bytes_per_token, evaluate_loss, lm_loss, sample, windows
+
+
+class WindowSampler:
+    """Epochs over non-overlapping seq_len windows: a seeded shuffle per epoch, shifted by a seeded offset.
+
+    Window i of the run (counting across epochs) is a pure function of (seed, i): resuming needs only i.
+    """
+
+    def __init__(self, n_tokens: int, seq_len: int, seed: int) -> None:
+        self.n_tokens, self.seq_len, self.seed = n_tokens, seq_len, seed
+        self.per_epoch = (n_tokens - seq_len) // seq_len  # leaves room for any shift and the last target
+        if self.per_epoch < 1:
+            raise TrainferError(
+                f"the training split has {n_tokens} tokens, too few for windows of {seq_len + 1}; lower seq_len"
+            )
+        self._epoch, self._order, self._shift = -1, np.zeros(0, np.int64), 0
+
+    def starts(self, first: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for j in range(count):
+            epoch, pos = divmod(first + j, self.per_epoch)
+            if epoch != self._epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._epoch, self._order = epoch, rng.permutation(self.per_epoch)
+                self._shift = int(rng.integers(self.seq_len))
+            out[j] = self._shift + self._order[pos] * self.seq_len
+        return out
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine (or WSD: flat, then linear decay over the last decay_fraction) to min."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps * (1 - cfg.decay_fraction)
+        if step < decay_start:
+            return peak
+        frac = (step - decay_start) / max(1.0, cfg.max_steps - decay_start)
+        return peak + (floor - peak) * min(1.0, frac)
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention (PaLM's 12*L*H*hd*T, as nanoGPT counts)."""
+    n = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)  # lookups are not matmuls
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best matmul FLOP/s this process gets at start-up: the denominator of MFU on this machine."""
+    n = 4096 if device.type == "cuda" else 2048
+    gen = torch.Generator().manual_seed(0)  # the global RNG belongs to the run being resumed
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    a @ b  # warm-up: thread pool and allocator
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def cpu_has_bf16() -> bool:
+    """avx512_bf16 or AMX: without them PyTorch emulates bf16 matmuls on the CPU, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    final_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    best_checkpoint: Path | None
+    tokens_per_s: float  # median over logged intervals
+    mfu: float
+    elapsed_s: float
+    stopped_early: bool
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        if not cfg.data:
+            raise TrainferError("no training data: pass --data DIR (a directory written by `trainfer prepare`)")
+        self.data_dir = Path(cfg.data)
+        if not (self.data_dir / "meta.json").exists():
+            raise TrainferError(f"{self.data_dir} is not a prepared data directory (no meta.json); run trainfer prepare")
+        self.out = Path(cfg.out_dir)
+        kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise TrainferError("device cuda was asked for but CUDA is not available")
+        self.dist = init_distributed(kind)
+        self.device = torch.device(kind, self.dist.local_rank) if kind == "cuda" else torch.device("cpu")
+        if kind == "cuda":
+            torch.cuda.set_device(self.device)
+        want_bf16 = cfg.dtype == "bfloat16" or (
+            cfg.dtype == "auto" and (torch.cuda.is_bf16_supported() if kind == "cuda" else cpu_has_bf16())
+        )
+        self.amp_dtype = torch.bfloat16 if want_bf16 else torch.float32
+
+        self.tokenizer = Tokenizer.from_dir(self.data_dir)
+        self.train_data, self.val_data = read_shard(self.data_dir, "train"), read_shard(self.data_dir, "val")
+        if len(self.train_data) == 0:
+            raise TrainferError(f"{self.data_dir} has an empty training split")
+        self.model_cfg = cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id)
+        self.sampler = WindowSampler(len(self.train_data), cfg.seq_len, cfg.seed)
+        self.val_bytes_per_token = bytes_per_token(self.data_dir, "val", self.tokenizer) if len(self.val_data) else None
+
+        existing = ckpt.list_checkpoints(self.out)
+        if resume and not existing:
+            raise TrainferError(f"nothing to resume: {self.out} has no checkpoints")
+        if existing and not resume:
+            raise TrainferError(
+                f"{self.out} already has checkpoints (latest {existing[-1].name}); pass --resume to continue it "
+                "or choose another --out"
+            )
+        self.resume_from = existing[-1] if resume else None
+        self._build()
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.raw = Transformer(self.model_cfg)
+        self.raw.init_weights(cfg.seed)
+        if self.resume_from is not None:
+            saved = read_config(self.resume_from)
+            if saved.to_dict() != self.model_cfg.to_dict():
+                raise TrainferError(
+                    f"{self.resume_from} holds a different model ({ckpt.describe_shape(saved)}) than this run asks "
+                    f"for ({ckpt.describe_shape(self.model_cfg)}); resume with the same preset and model settings"
+                )
+            state = load_state_dict(self.resume_from, torch.float32)
+            if self.model_cfg.tie_embeddings:
+                state.pop("lm_head.weight", None)  # the tied head is the embedding
+            self.raw.load_state_dict(state, strict=False)
+        self.raw.to(self.device).train()
+        if cfg.fsdp:
+            if self.dist.world == 1:
+                raise TrainferError("fsdp needs several processes: launch with torchrun --nproc_per_node N")
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.raw.layers:
+                fully_shard(block)
+            fully_shard(self.raw)
+        decay = [p for p in self.raw.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.raw.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused kernels where PyTorch has them for plain tensors; FSDP's DTensors take the foreach path
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=not cfg.fsdp, foreach=True if cfg.fsdp else None
+        )
+        self.model: torch.nn.Module = self.raw
+        if self.dist.world > 1 and not cfg.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.step, self.best_val, self.bad_evals, self.elapsed = 0, float("inf"), 0, 0.0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=self.dist.world > 1)
+        return get_model_state_dict(self.raw, options=opts), get_optimizer_state_dict(self.raw, self.optimizer, options=opts)
+
+    def save(self, val_loss: float | None) -> Path | None:
+        """Every rank joins the gather (FSDP); rank 0 writes."""
+        model_state, optim_state = self._full_state()
+        path = None
+        if self.dist.main:
+            rng = {"torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            state = {
+                "cursor": self.step * self.global_windows,
+                "best_val": self.best_val if math.isfinite(self.best_val) else None,
+                "bad_evals": self.bad_evals,
+                "elapsed_s": self.elapsed,
+                "val_loss": val_loss,
+                "config": self.cfg.to_dict(),
+            }
+            model_state = {k: v.cpu() for k, v in model_state.items()}
+            path = ckpt.save_checkpoint(
+                self.out, self.step, self.model_cfg, model_state, self.tokenizer, {"optimizer": optim_state, "rng": rng}, state
+            )
+            ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
+        if self.dist.world > 1:
+            dist.barrier()
+        return path
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.read_state(path)
+        trainer_state = ckpt.load_trainer_state(path)
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.raw, self.optimizer, trainer_state["optimizer"], options=opts)
+        torch.set_rng_state(trainer_state["rng"]["torch"])
+        if "cuda" in trainer_state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], self.device)
+        self.step = state["step"]
+        self.best_val = state["best_val"] if state["best_val"] is not None else float("inf")
+        self.bad_evals, self.elapsed = state["bad_evals"], state["elapsed_s"]
+        if state["cursor"] != self.step * self.global_windows:
+            raise TrainferError(
+                f"{path} was written with a different global batch ({state['cursor'] // max(1, self.step)} windows "
+                f"per step, now {self.global_windows}); resume with the same batch_size x grad_accum x processes"
+            )
+        # Lines logged after this checkpoint by the interrupted run are replaced by the resumed run's.
+        metrics = self.out / "metrics.jsonl"
+        if self.dist.main and metrics.exists():
+            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            tmp = metrics.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, metrics)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    @property
+    def global_windows(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.dist.world
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict[str, Any]:
+        cfg = self.cfg
+        n = cfg.eval_batches * cfg.batch_size
+        train_loss = evaluate_loss(self.raw, self.train_data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast())
+        out: dict[str, Any] = {"step": self.step, "train_eval_loss": train_loss}
+        if len(self.val_data) > cfg.seq_len:
+            val = evaluate_loss(self.raw, self.val_data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast())
+            out.update(
+                val_loss=val,
+                val_ppl=math.exp(min(val, 50)),
+                val_bpb=bits_per_byte(val, self.val_bytes_per_token),
+                gap=val - train_loss,
+            )
+        return out
+
+    def train(self) -> TrainResult:
+        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        flops_tok = flops_per_token(self.model_cfg, cfg.seq_len)
+        peak = measure_peak_flops(self.device, self.amp_dtype) * world
+        tokens_per_step = self.global_windows * cfg.seq_len
+        if self.dist.main and self.step == 0:
+            self._log({"step": 0, "event": "start", "params": self.model_cfg.n_params, "flops_per_token": flops_tok,
+                       "peak_flops": peak, "tokens_per_step": tokens_per_step, "world": world,
+                       "dtype": str(self.amp_dtype).removeprefix("torch."), "config": cfg.to_dict()})
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.main) or None,
+                   unit="step", dynamic_ncols=True)
+        rates: list[float] = []
+        loss_val, last_eval, stopped = float("nan"), None, False
+        t_log, steps_since = time.perf_counter(), 0
+        session_start = time.perf_counter() - self.elapsed
+        while self.step < cfg.max_steps and not stopped:
+            lr = lr_at(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            first = self.step * self.global_windows + rank * cfg.batch_size * cfg.grad_accum
+            starts = self.sampler.starts(first, cfg.batch_size * cfg.grad_accum)
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in range(cfg.grad_accum):
+                x, y = windows(self.train_data, starts[micro * cfg.batch_size : (micro + 1) * cfg.batch_size],
+                               cfg.seq_len, self.device)
+                sync = micro == cfg.grad_accum - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+                with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
+                    loss = lm_loss(self.model, x, y) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip or float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            steps_since += 1
+            bar.update(1)
+
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if world > 1:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                loss_val = loss_sum.item()
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                now = time.perf_counter()
+                rate = steps_since * tokens_per_step / (now - t_log)
+                rates.append(rate)
+                t_log, steps_since = now, 0
+                self.elapsed = now - session_start
+                mfu = rate * flops_tok / peak
+                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+                self._log({"step": self.step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
+                           "tokens": self.step * tokens_per_step, "tokens_per_s": rate, "mfu": mfu,
+                           "elapsed_s": self.elapsed})
+
+            is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+            val_for_ckpt = None
+            if is_eval:
+                t0 = time.perf_counter()
+                last_eval = self.evaluate()
+                sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
+                if sample_due and cfg.sample_tokens > 0:
+                    last_eval["sample"] = sample(self.raw, self.tokenizer, max_tokens=cfg.sample_tokens,
+                                                 seed=cfg.seed, device=self.device)
+                val = last_eval.get("val_loss")
+                if val is not None:
+                    if val < self.best_val:
+                        self.best_val, self.bad_evals, val_for_ckpt = val, 0, val
+                    else:
+                        self.bad_evals += 1
+                        stopped = bool(cfg.early_stop_patience) and self.bad_evals >= cfg.early_stop_patience
+                self.elapsed = time.perf_counter() - session_start
+                last_eval["elapsed_s"] = self.elapsed
+                self._log({**last_eval, "event": "eval"})
+                if self.dist.main:
+                    msg = f"step {self.step}: train {last_eval['train_eval_loss']:.4f}"
+                    if val is not None:
+                        msg += (f" val {val:.4f} (ppl {last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte, "
+                                f"gap {last_eval['gap']:+.4f})")
+                    bar.write(msg + ("  [early stop]" if stopped else ""))
+                    if "sample" in last_eval:
+                        bar.write("  | " + last_eval["sample"].replace("\n", "\n  | "))
+                t_log += time.perf_counter() - t0  # evaluation time is not training throughput
+            if self.step % cfg.ckpt_every == 0 or val_for_ckpt is not None or stopped or self.step == cfg.max_steps:
+                t0 = time.perf_counter()
+                self.elapsed = time.perf_counter() - session_start
+                self.save(last_eval.get("val_loss") if is_eval and last_eval else None)
+                t_log += time.perf_counter() - t0
+        bar.close()
+        if self.dist.main:
+            plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
+        rate = float(np.median(rates)) if rates else 0.0
+        return TrainResult(
+            self.out, self.step, self.step * tokens_per_step, loss_val,
+            last_eval.get("val_loss") if last_eval else None, last_eval.get("val_bpb") if last_eval else None,
+            ckpt.best_checkpoint(self.out) if self.dist.main else None, rate, rate * flops_tok / peak,
+            self.elapsed, stopped,
+        )  # fmt: skip
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_metrics(metrics: Path, out: Path) -> None:
+    """Training loss (per logged step) and train/val evaluation losses against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if r.get("event") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.6, label="train (batch)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["train_eval_loss"] for r in evals], "o-", label="train (eval)")
+        if "val_loss" in evals[0]:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "s-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train (or continue) a run; the destroy at the end lets torchrun workers exit cleanly."""
+    try:
+        return Trainer(cfg, resume).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
