@@ -57,6 +57,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2  # checkpoints kept besides the best-validation one
     early_stop_patience: int = 0  # evaluations without a new best before stopping; 0 = never
+    early_stop_min_delta: float = 0.0  # a new best must beat the old by more than this (nats)
     progress: bool = True
 
     def __post_init__(self) -> None:

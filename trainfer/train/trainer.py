@@ -26,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from tqdm import tqdm
@@ -159,12 +158,23 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        existing = ckpt.list_checkpoints(self.out)
+        if resume and not existing:
+            raise TrainferError(f"nothing to resume: {self.out} has no checkpoints")
+        if existing and not resume:
+            raise TrainferError(
+                f"{self.out} already has checkpoints (latest {existing[-1].name}); pass --resume to continue it "
+                "or choose another --out"
+            )
+        self.resume_from = existing[-1] if resume else None
         if not cfg.data:
             raise TrainferError("no training data: pass --data DIR (a directory written by `trainfer prepare`)")
         self.data_dir = Path(cfg.data)
         if not (self.data_dir / "meta.json").exists():
-            raise TrainferError(f"{self.data_dir} is not a prepared data directory (no meta.json); run trainfer prepare")
-        self.out = Path(cfg.out_dir)
+            raise TrainferError(
+                f"{self.data_dir} is not a prepared data directory (no meta.json); run trainfer prepare"
+            )
         kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         if kind == "cuda" and not torch.cuda.is_available():
             raise TrainferError("device cuda was asked for but CUDA is not available")
@@ -181,19 +191,12 @@ class Trainer:
         self.train_data, self.val_data = read_shard(self.data_dir, "train"), read_shard(self.data_dir, "val")
         if len(self.train_data) == 0:
             raise TrainferError(f"{self.data_dir} has an empty training split")
-        self.model_cfg = cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id)
+        self.model_cfg = cfg.model_config(
+            self.tokenizer.vocab_size, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        )
         self.sampler = WindowSampler(len(self.train_data), cfg.seq_len, cfg.seed)
         self.val_bytes_per_token = bytes_per_token(self.data_dir, "val", self.tokenizer) if len(self.val_data) else None
 
-        existing = ckpt.list_checkpoints(self.out)
-        if resume and not existing:
-            raise TrainferError(f"nothing to resume: {self.out} has no checkpoints")
-        if existing and not resume:
-            raise TrainferError(
-                f"{self.out} already has checkpoints (latest {existing[-1].name}); pass --resume to continue it "
-                "or choose another --out"
-            )
-        self.resume_from = existing[-1] if resume else None
         self._build()
 
     def _build(self) -> None:
@@ -243,7 +246,9 @@ class Trainer:
 
     def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=self.dist.world > 1)
-        return get_model_state_dict(self.raw, options=opts), get_optimizer_state_dict(self.raw, self.optimizer, options=opts)
+        return get_model_state_dict(self.raw, options=opts), get_optimizer_state_dict(
+            self.raw, self.optimizer, options=opts
+        )
 
     def save(self, val_loss: float | None) -> Path | None:
         """Every rank joins the gather (FSDP); rank 0 writes."""
@@ -263,7 +268,13 @@ class Trainer:
             }
             model_state = {k: v.cpu() for k, v in model_state.items()}
             path = ckpt.save_checkpoint(
-                self.out, self.step, self.model_cfg, model_state, self.tokenizer, {"optimizer": optim_state, "rng": rng}, state
+                self.out,
+                self.step,
+                self.model_cfg,
+                model_state,
+                self.tokenizer,
+                {"optimizer": optim_state, "rng": rng},
+                state,
             )
             ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
         if self.dist.world > 1:
@@ -313,7 +324,9 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         cfg = self.cfg
         n = cfg.eval_batches * cfg.batch_size
-        train_loss = evaluate_loss(self.raw, self.train_data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast())
+        train_loss = evaluate_loss(
+            self.raw, self.train_data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast()
+        )
         out: dict[str, Any] = {"step": self.step, "train_eval_loss": train_loss}
         if len(self.val_data) > cfg.seq_len:
             val = evaluate_loss(self.raw, self.val_data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast())
@@ -333,11 +346,26 @@ class Trainer:
         peak = measure_peak_flops(self.device, self.amp_dtype) * world
         tokens_per_step = self.global_windows * cfg.seq_len
         if self.dist.main and self.step == 0:
-            self._log({"step": 0, "event": "start", "params": self.model_cfg.n_params, "flops_per_token": flops_tok,
-                       "peak_flops": peak, "tokens_per_step": tokens_per_step, "world": world,
-                       "dtype": str(self.amp_dtype).removeprefix("torch."), "config": cfg.to_dict()})
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.main) or None,
-                   unit="step", dynamic_ncols=True)
+            self._log(
+                {
+                    "step": 0,
+                    "event": "start",
+                    "params": self.model_cfg.n_params,
+                    "flops_per_token": flops_tok,
+                    "peak_flops": peak,
+                    "tokens_per_step": tokens_per_step,
+                    "world": world,
+                    "dtype": str(self.amp_dtype).removeprefix("torch."),
+                    "config": cfg.to_dict(),
+                }
+            )
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.dist.main) or None,
+            unit="step",
+            dynamic_ncols=True,
+        )
         rates: list[float] = []
         loss_val, last_eval, stopped = float("nan"), None, False
         t_log, steps_since = time.perf_counter(), 0
@@ -350,10 +378,16 @@ class Trainer:
             starts = self.sampler.starts(first, cfg.batch_size * cfg.grad_accum)
             loss_sum = torch.zeros((), device=self.device)
             for micro in range(cfg.grad_accum):
-                x, y = windows(self.train_data, starts[micro * cfg.batch_size : (micro + 1) * cfg.batch_size],
-                               cfg.seq_len, self.device)
-                sync = micro == cfg.grad_accum - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-                with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
+                x, y = windows(
+                    self.train_data,
+                    starts[micro * cfg.batch_size : (micro + 1) * cfg.batch_size],
+                    cfg.seq_len,
+                    self.device,
+                )
+                sync = micro == cfg.grad_accum - 1 or not isinstance(
+                    self.model, torch.nn.parallel.DistributedDataParallel
+                )
+                with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():
                     loss = lm_loss(self.model, x, y) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
@@ -377,9 +411,18 @@ class Trainer:
                 self.elapsed = now - session_start
                 mfu = rate * flops_tok / peak
                 bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
-                self._log({"step": self.step, "loss": loss_val, "lr": lr, "grad_norm": float(grad_norm),
-                           "tokens": self.step * tokens_per_step, "tokens_per_s": rate, "mfu": mfu,
-                           "elapsed_s": self.elapsed})
+                self._log(
+                    {
+                        "step": self.step,
+                        "loss": loss_val,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens": self.step * tokens_per_step,
+                        "tokens_per_s": rate,
+                        "mfu": mfu,
+                        "elapsed_s": self.elapsed,
+                    }
+                )
 
             is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
             val_for_ckpt = None
@@ -388,11 +431,12 @@ class Trainer:
                 last_eval = self.evaluate()
                 sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
                 if sample_due and cfg.sample_tokens > 0:
-                    last_eval["sample"] = sample(self.raw, self.tokenizer, max_tokens=cfg.sample_tokens,
-                                                 seed=cfg.seed, device=self.device)
+                    last_eval["sample"] = sample(
+                        self.raw, self.tokenizer, max_tokens=cfg.sample_tokens, seed=cfg.seed, device=self.device
+                    )
                 val = last_eval.get("val_loss")
                 if val is not None:
-                    if val < self.best_val:
+                    if val < self.best_val - cfg.early_stop_min_delta:
                         self.best_val, self.bad_evals, val_for_ckpt = val, 0, val
                     else:
                         self.bad_evals += 1
@@ -403,8 +447,10 @@ class Trainer:
                 if self.dist.main:
                     msg = f"step {self.step}: train {last_eval['train_eval_loss']:.4f}"
                     if val is not None:
-                        msg += (f" val {val:.4f} (ppl {last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte, "
-                                f"gap {last_eval['gap']:+.4f})")
+                        msg += (
+                            f" val {val:.4f} (ppl {last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte, "
+                            f"gap {last_eval['gap']:+.4f})"
+                        )
                     bar.write(msg + ("  [early stop]" if stopped else ""))
                     if "sample" in last_eval:
                         bar.write("  | " + last_eval["sample"].replace("\n", "\n  | "))

@@ -1,0 +1,55 @@
+"""A tiny prepared corpus (char-level, seconds to train on) and the settings of a tiny model run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from trainfer.data.prepare import prepare
+
+WORDS = [
+    *("king", "queen", "sword", "crown", "night", "ghost", "love", "death"),
+    *("honour", "blood", "river", "storm", "rose", "thorn", "winter", "spring"),
+]
+
+
+def random_text(seed: int, n_words: int) -> str:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(8)) + "." for _ in range(n_words // 8)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Five documents of seeded random words: four to train on, one held out (char tokenizer)."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "docs"
+    src.mkdir()
+    for i in range(5):
+        (src / f"doc{i}.txt").write_text(random_text(i, 240))
+    prepare([str(src)], root / "data", "char", val_fraction=0.2, seed=0)
+    return root / "data"
+
+
+def tiny_settings(**extra) -> list[str]:
+    """`--set` overrides for a ~30k-parameter model that takes milliseconds per step."""
+    base = {
+        "model.dim": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.n_kv_heads": 1,
+        "seq_len": 32,
+        "batch_size": 8,
+        "max_steps": 30,
+        "warmup_steps": 5,
+        "lr": 3e-3,
+        "eval_every": 10,
+        "eval_batches": 2,
+        "log_every": 1,
+        "ckpt_every": 10,
+        "sample_tokens": 0,
+        "progress": False,
+    }
+    base.update(extra)
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
