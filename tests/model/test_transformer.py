@@ -95,3 +95,25 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     del state["layers.1.mlp.up_proj.weight"]
     with pytest.raises(TrainferError, match="missing"):
         build_model(cfg, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rmsnorm_backward_matches_autograd(dtype):
+    """The hand-written RMSNorm backward (training) against autograd through the inference formula."""
+    from trainfer.model.transformer import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16, dtype=dtype))
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 16, dtype=dtype)
+    norm(x).backward(g)
+    got = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    ref.backward(g)
+    torch.testing.assert_close(got[0], x.grad)
+    torch.testing.assert_close(got[1], norm.weight.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), ref)

@@ -77,6 +77,23 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
     return [docs[i] for i in train], [docs[i] for i in val]
 
 
+def split_contiguous(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """nanoGPT's split: the last val_fraction of the concatenated characters, cutting one document in two."""
+    if not 0 < val_fraction < 1:
+        raise TrainferError(f"val_fraction must be in (0, 1) for a contiguous split, got {val_fraction}")
+    cut = int(sum(len(d.text) for d in docs) * (1 - val_fraction))
+    train: list[Document] = []
+    for i, d in enumerate(docs):
+        if cut >= len(d.text):
+            train.append(d)
+            cut -= len(d.text)
+            continue
+        head, tail = d.text[:cut], d.text[cut:]
+        val = [Document(f"{d.name}[{cut}:]", tail), *docs[i + 1 :]]
+        return train + ([Document(f"{d.name}[:{cut}]", head)] if head else []), val
+    raise TrainferError("nothing left for validation; lower val_fraction")
+
+
 def encode_documents(docs: list[Document], tok: Tokenizer) -> np.ndarray:
     """All documents' ids, each followed by the end-of-text token."""
     eot = tok.eos_token_id
@@ -107,13 +124,23 @@ def prepare(
     vocab_size: int = 8192,
     val_fraction: float = 0.1,
     seed: int = 0,
+    split: str = "documents",
 ) -> PrepareStats:
-    """Documents -> tokenizer -> train.bin / val.bin in out_dir (written to a temp dir, then renamed)."""
+    """Documents -> tokenizer -> train.bin / val.bin in out_dir (written to a temp dir, then renamed).
+
+    split="documents" holds out whole documents (seeded); "contiguous" holds out the end of the text, as
+    nanoGPT's shakespeare_char does (used for side-by-side comparisons).
+    """
+    if split not in ("documents", "contiguous"):
+        raise TrainferError(f"split must be documents or contiguous, got {split!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TrainferError(f"{out_dir} exists and is not empty; choose a new directory")
     docs = load_corpus(sources)
-    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    if split == "contiguous":
+        train_docs, val_docs = split_contiguous(docs, val_fraction)
+    else:
+        train_docs, val_docs = split_documents(docs, val_fraction, seed)
     if tokenizer == "bpe":
         tok = train_bpe(train_docs, vocab_size)  # learned on training text only
     elif tokenizer == "char":
@@ -147,6 +174,7 @@ def prepare(
             "tokenizer": tokenizer,
             "seed": seed,
             "val_fraction": val_fraction,
+            "split": split,
             "val_names": [d.name for d in val_docs],
             "train_bytes": sum(len(d.text.encode()) for d in train_docs),
             "val_bytes": sum(len(d.text.encode()) for d in val_docs),
