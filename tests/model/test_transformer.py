@@ -97,8 +97,7 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
         build_model(cfg, state)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rmsnorm_backward_matches_autograd(dtype):
+def test_rmsnorm_backward_matches_autograd(dtype=torch.float32):
     """The hand-written RMSNorm backward (training) against autograd through the inference formula."""
     from trainfer.model.transformer import RMSNorm
 
