@@ -189,6 +189,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from trainfer.quickstart import quickstart
+
+    done = quickstart(args.out, args.steps)
+    print()
+    print(done.report.read_text())
+    print(f"report card: {done.report} (loss curve: {done.out_dir / 'loss.png'})")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
@@ -332,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quickstart", help="prepare, train, validate and run a small model in ~5 CPU minutes")
+    p.add_argument("--out", default="runs/quickstart", help="where the run and report.md go (replaced each time)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000, ~3 minutes on 2 cores)")
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte and a memorization probe")
     p.add_argument("model", help="a training run directory, a checkpoint, an alias or a Hugging Face directory")

@@ -6,7 +6,7 @@ import pytest
 
 from trainfer.errors import TrainferError
 from trainfer.train.config import load_config
-from trainfer.train.trainer import lr_at
+from trainfer.train.schedule import lr_at
 
 
 def test_layers_preset_file_and_overrides(tmp_path):

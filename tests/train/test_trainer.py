@@ -16,7 +16,9 @@ import torch
 from tests.train.conftest import tiny_settings
 from trainfer.train import checkpoint as ckpt
 from trainfer.train.config import load_config
-from trainfer.train.trainer import WindowSampler, read_metrics, train
+from trainfer.train.metrics import read_metrics
+from trainfer.train.schedule import WindowSampler
+from trainfer.train.trainer import train
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -53,6 +53,7 @@ class TrainConfig:
     eval_batches: int = 20
     sample_every: int = 0  # 0 = at each evaluation
     sample_tokens: int = 64
+    sample_prompt: str = ""  # empty: start a new document
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 2  # checkpoints kept besides the best-validation one

@@ -34,89 +34,12 @@ from trainfer.data.prepare import read_shard
 from trainfer.errors import TrainferError
 from trainfer.io.hf import load_state_dict, read_config
 from trainfer.io.tokenizer import Tokenizer
-from trainfer.model.config import ModelConfig
 from trainfer.model.transformer import Transformer
 from trainfer.train import checkpoint as ckpt
 from trainfer.train.config import TrainConfig
 from trainfer.train.evaluate import bits_per_byte, bytes_per_token, evaluate_loss, lm_loss, sample, windows
-
-
-class WindowSampler:
-    """Epochs over non-overlapping seq_len windows: a seeded shuffle per epoch, shifted by a seeded offset.
-
-    Window i of the run (counting across epochs) is a pure function of (seed, i): resuming needs only i.
-    """
-
-    def __init__(self, n_tokens: int, seq_len: int, seed: int) -> None:
-        self.n_tokens, self.seq_len, self.seed = n_tokens, seq_len, seed
-        self.per_epoch = (n_tokens - seq_len) // seq_len  # leaves room for any shift and the last target
-        if self.per_epoch < 1:
-            raise TrainferError(
-                f"the training split has {n_tokens} tokens, too few for windows of {seq_len + 1}; lower seq_len"
-            )
-        self._epoch, self._order, self._shift = -1, np.zeros(0, np.int64), 0
-
-    def starts(self, first: int, count: int) -> np.ndarray:
-        out = np.empty(count, dtype=np.int64)
-        for j in range(count):
-            epoch, pos = divmod(first + j, self.per_epoch)
-            if epoch != self._epoch:
-                rng = np.random.default_rng([self.seed, epoch])
-                self._epoch, self._order = epoch, rng.permutation(self.per_epoch)
-                self._shift = int(rng.integers(self.seq_len))
-            out[j] = self._shift + self._order[pos] * self.seq_len
-        return out
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine (or WSD: flat, then linear decay over the last decay_fraction) to min."""
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return peak
-    if cfg.schedule == "wsd":
-        decay_start = cfg.max_steps * (1 - cfg.decay_fraction)
-        if step < decay_start:
-            return peak
-        frac = (step - decay_start) / max(1.0, cfg.max_steps - decay_start)
-        return peak + (floor - peak) * min(1.0, frac)
-    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus attention (PaLM's 12*L*H*hd*T, as nanoGPT counts)."""
-    n = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)  # lookups are not matmuls
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Best matmul FLOP/s this process gets at start-up: the denominator of MFU on this machine."""
-    n = 4096 if device.type == "cuda" else 2048
-    gen = torch.Generator().manual_seed(0)  # the global RNG belongs to the run being resumed
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    a @ b  # warm-up: thread pool and allocator
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def cpu_has_bf16() -> bool:
-    """avx512_bf16 or AMX: without them PyTorch emulates bf16 matmuls on the CPU, slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from trainfer.train.metrics import cpu_has_bf16, flops_per_token, measure_peak_flops, plot_metrics
+from trainfer.train.schedule import WindowSampler, lr_at
 
 
 @dataclass
@@ -432,7 +355,12 @@ class Trainer:
                 sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
                 if sample_due and cfg.sample_tokens > 0:
                     last_eval["sample"] = sample(
-                        self.raw, self.tokenizer, max_tokens=cfg.sample_tokens, seed=cfg.seed, device=self.device
+                        self.raw,
+                        self.tokenizer,
+                        cfg.sample_prompt,
+                        cfg.sample_tokens,
+                        seed=cfg.seed,
+                        device=self.device,
                     )
                 val = last_eval.get("val_loss")
                 if val is not None:
@@ -470,37 +398,6 @@ class Trainer:
             ckpt.best_checkpoint(self.out) if self.dist.main else None, rate, rate * flops_tok / peak,
             self.elapsed, stopped,
         )  # fmt: skip
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
-def plot_metrics(metrics: Path, out: Path) -> None:
-    """Training loss (per logged step) and train/val evaluation losses against tokens seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics)
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if r.get("event") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.6, label="train (batch)")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["train_eval_loss"] for r in evals], "o-", label="train (eval)")
-        if "val_loss" in evals[0]:
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "s-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:

