@@ -211,3 +211,19 @@ def test_early_stopping_and_retention(tiny_data, tmp_path):
     assert result.best_checkpoint in kept
     state = json.loads((kept[-1] / "state.json").read_text())
     assert state["bad_evals"] == 2
+
+
+def test_bf16_autocast_and_compile_paths_train(tiny_data, tmp_path):
+    """The other two compute paths: bf16 autocast (emulated on CPUs without avx512_bf16) and torch.compile."""
+    runs = {}
+    for name, extra in {"eager": {}, "bf16": {"dtype": "bfloat16"}, "compiled": {"compile": True}}.items():
+        cfg = load_config(None, tiny_settings(max_steps=12, eval_every=12, **extra), data=str(tiny_data),
+                          out_dir=str(tmp_path / name))  # fmt: skip
+        train(cfg)
+        rows = read_metrics(tmp_path / name / "metrics.jsonl")
+        runs[name] = (rows[0]["dtype"], [r["loss"] for r in rows if "loss" in r])
+    assert runs["bf16"][0] == "bfloat16" and runs["eager"][0] == "float32"
+    for name, (_, loss) in runs.items():
+        assert loss[-1] < loss[0], name
+    assert runs["compiled"][1][0] == pytest.approx(runs["eager"][1][0], rel=1e-5)  # same model, same batch
+    assert runs["bf16"][1][0] == pytest.approx(runs["eager"][1][0], rel=2e-2)  # bf16 matmuls: ~3 digits

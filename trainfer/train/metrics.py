@@ -19,23 +19,34 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Best matmul FLOP/s this process gets at start-up: the denominator of MFU on this machine."""
-    n = 4096 if device.type == "cuda" else 2048
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.05) -> float:
+    """Best square-matmul FLOP/s this process gets at start-up: the denominator of MFU on this machine.
+
+    The size doubles from 256 until one product takes budget_s (or 2048 / 8192 on CUDA), so a dtype the
+    hardware only emulates (bf16 on AVX2: ~0.3 GFLOP/s, a minute per 2048^3 product) costs milliseconds.
+    """
     gen = torch.Generator().manual_seed(0)  # the global RNG belongs to the run being resumed
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
-    a @ b  # warm-up: thread pool and allocator
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    cap = 8192 if device.type == "cuda" else 2048
+    n, best = 128, 0.0
+    while n < cap:
+        n *= 2
+        a = torch.randn(n, n, generator=gen).to(device, dtype)
+        b = torch.randn(n, n, generator=gen).to(device, dtype)
+        times = []
+        for _ in range(4):  # the first is a warm-up (thread pool, allocator, kernels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            if times[-1] > budget_s * 4:
+                break
+        best = max(best, 2 * n**3 / min(times[1:] or times))
+        if min(times) > budget_s:
+            break
+    return best
 
 
 def cpu_has_bf16() -> bool:
