@@ -180,6 +180,7 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(tiny_data, tmp_path):
         (train_args(tmp_path / "nothing", tmp_path / "r2"), "not a prepared data directory"),
         (train_args(tiny_data, tmp_path / "r3", seq_len=100000), "too few for windows"),
         (["train", "--out", str(tmp_path / "r4"), "--resume"], "nothing to resume"),
+        (["train", "--out", str(run), "--resume"], "has already trained 10 steps"),
     ]
     for args, message in cases:
         r = cli(*args)

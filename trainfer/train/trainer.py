@@ -93,7 +93,8 @@ class Trainer:
         self.resume_from = existing[-1] if resume else None
         if not cfg.data:
             raise TrainferError("no training data: pass --data DIR (a directory written by `trainfer prepare`)")
-        self.data_dir = Path(cfg.data)
+        self.data_dir = Path(cfg.data).resolve()
+        cfg.data = str(self.data_dir)  # checkpoints record where the data is, wherever a resume runs from
         if not (self.data_dir / "meta.json").exists():
             raise TrainferError(
                 f"{self.data_dir} is not a prepared data directory (no meta.json); run trainfer prepare"
@@ -164,6 +165,11 @@ class Trainer:
         self.step, self.best_val, self.bad_evals, self.elapsed = 0, float("inf"), 0, 0.0
         if self.resume_from is not None:
             self._restore(self.resume_from)
+            if self.step >= cfg.max_steps:
+                raise TrainferError(
+                    f"{self.out} has already trained {self.step} steps (max_steps {cfg.max_steps}); "
+                    f"pass --set max_steps=N with N > {self.step} to train further"
+                )
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
@@ -220,9 +226,11 @@ class Trainer:
                 f"{path} was written with a different global batch ({state['cursor'] // max(1, self.step)} windows "
                 f"per step, now {self.global_windows}); resume with the same batch_size x grad_accum x processes"
             )
-        # Lines logged after this checkpoint by the interrupted run are replaced by the resumed run's.
+
+    def _drop_metrics_after_checkpoint(self) -> None:
+        """Lines logged after the checkpoint by the interrupted run are replaced by the resumed run's."""
         metrics = self.out / "metrics.jsonl"
-        if self.dist.main and metrics.exists():
+        if metrics.exists():
             kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             tmp = metrics.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
@@ -265,6 +273,8 @@ class Trainer:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                self._drop_metrics_after_checkpoint()
         flops_tok = flops_per_token(self.model_cfg, cfg.seq_len)
         peak = measure_peak_flops(self.device, self.amp_dtype) * world
         tokens_per_step = self.global_windows * cfg.seq_len
