@@ -60,6 +60,8 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 1000, vocab_siz
     from trainfer.train.evaluate import evaluate_model
 
     out = Path(out)
+    if steps < 1:
+        raise TrainferError(f"--steps must be at least 1, got {steps}")
     t0 = time.perf_counter()
     data = prepared_corpus(vocab_size)
     meta = json.loads((data / "meta.json").read_text())

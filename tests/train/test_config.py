@@ -32,6 +32,13 @@ def test_layers_preset_file_and_overrides(tmp_path):
         (["preset=huge"], "unknown preset 'huge'"),
         (["lr"], "--set expects key=value"),
         (["batch_size=0"], "invalid value for batch_size"),
+        (["seed=-1"], "invalid value for seed"),
+        (["grad_clip=-1"], "invalid value for grad_clip"),
+        (["sample_prompt=5"], "sample_prompt must be text"),
+        (["model.dim=1.5"], "model.dim must be a positive whole number"),
+        (["model.n_heads=0"], "model.n_heads must be a positive whole number"),
+        (["model.qkv_bias=1"], "model.qkv_bias must be true or false"),
+        (["model.eos_token_id=3"], "unknown config key 'model.eos_token_id'"),
     ],
 )
 def test_bad_settings_are_clear_errors(overrides, message):

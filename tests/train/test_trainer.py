@@ -94,6 +94,8 @@ def test_exact_resume_after_sigkill(tiny_data, tmp_path):
     proc.wait()
     killed_at = max(losses(run))
     assert 25 <= killed_at < 60
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9999, "loss": 1.')  # a line torn by the kill is dropped on resume
     resumed = cli(*train_args(tiny_data, run, **extra), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(run) == losses(tmp_path / "ref")  # all 60 steps, floats compared exactly
@@ -181,6 +183,7 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(tiny_data, tmp_path):
         (train_args(tiny_data, tmp_path / "r3", seq_len=100000), "too few for windows"),
         (["train", "--out", str(tmp_path / "r4"), "--resume"], "nothing to resume"),
         (["train", "--out", str(run), "--resume"], "has already trained 10 steps"),
+        (["train", "--out", str(run), "--resume", "--seed", "5", "--set", "max_steps=20"], "trained with seed=0"),
     ]
     for args, message in cases:
         r = cli(*args)
@@ -228,3 +231,17 @@ def test_bf16_autocast_and_compile_paths_train(tiny_data, tmp_path):
         assert loss[-1] < loss[0], name
     assert runs["compiled"][1][0] == pytest.approx(runs["eager"][1][0], rel=1e-5)  # same model, same batch
     assert runs["bf16"][1][0] == pytest.approx(runs["eager"][1][0], rel=2e-2)  # bf16 matmuls: ~3 digits
+
+
+def test_a_run_without_a_validation_split(tmp_path):
+    """val_fraction 0: an empty val.bin; training runs, reports no held-out loss, keeps the latest."""
+    from tests.train.conftest import random_text
+    from trainfer.data.prepare import prepare, read_shard
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text(random_text(0, 200))
+    prepare([str(tmp_path / "docs")], tmp_path / "data", "char", val_fraction=0.0)
+    assert len(read_shard(tmp_path / "data", "val")) == 0
+    cfg = load_config(None, tiny_settings(max_steps=10), data=str(tmp_path / "data"), out_dir=str(tmp_path / "run"))
+    result = train(cfg)
+    assert result.val_loss is None and result.best_checkpoint.name == "step-00000010"

@@ -189,6 +189,13 @@ def prepare(
     return stats
 
 
-def read_shard(data_dir: Path, split: str) -> np.memmap:
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+def read_shard(data_dir: Path, split: str) -> np.ndarray:
+    """A split's tokens, memory-mapped (an empty split is an empty array: mmap refuses empty files)."""
+    try:
+        meta = json.loads((Path(data_dir) / "meta.json").read_text())
+        path = Path(data_dir) / f"{split}.bin"
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=meta["dtype"])
+        return np.memmap(path, dtype=meta["dtype"], mode="r")
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise TrainferError(f"cannot read the {split} split of {data_dir} (run trainfer prepare again?): {e}") from None

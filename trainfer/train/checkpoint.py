@@ -40,15 +40,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+STATE_KEYS = ("step", "cursor", "best_val", "bad_evals", "elapsed_s", "val_loss", "config")
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt) / "state.json").read_text())
+    try:
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainferError(f"cannot read {ckpt}/state.json: {e}") from None
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise TrainferError(f"{ckpt}/state.json lacks {', '.join(missing)}: not a trainfer checkpoint")
+    return state
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the lowest validation loss, else the latest."""
     ckpts = list_checkpoints(run_dir)
     scored = [(read_state(c).get("val_loss"), c) for c in ckpts]
-    scored = [(v, c) for v, c in scored if v is not None]
+    scored = [(v, c) for v, c in scored if v is not None and v == v]  # v == v drops NaN
     if scored:
         return min(scored, key=lambda vc: vc[0])[1]
     return ckpts[-1] if ckpts else None
@@ -86,8 +96,8 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         _fsync_tree(tmp)
-        if final.exists():  # the same step again (a resumed run re-saving it): replace, never half-write
-            shutil.rmtree(final)
+        if final.exists():  # the same step again (a resumed run re-saving it): move aside, then delete
+            _remove(final)
         os.replace(tmp, final)
         fd = os.open(root, os.O_RDONLY)
         try:
@@ -109,9 +119,16 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         keep.add(best)
     for c in ckpts:
         if c not in keep:
-            shutil.rmtree(c, ignore_errors=True)
-    for tmp in checkpoints_dir(run_dir).glob(".tmp-step-*"):
+            _remove(c)
+    for tmp in checkpoints_dir(run_dir).glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(ckpt: Path) -> None:
+    """Rename out of the step-* namespace first, so a kill mid-delete never leaves a half checkpoint."""
+    trash = ckpt.with_name(f".tmp-del-{ckpt.name}-{os.getpid()}")
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -74,6 +74,17 @@ class TrainConfig:
             "ckpt_every": self.ckpt_every > 0,
             "keep_last": self.keep_last > 0,
             "log_every": self.log_every > 0,
+            "seed": self.seed >= 0,
+            "grad_clip": self.grad_clip >= 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "decay_fraction": 0 <= self.decay_fraction <= 1,
+            "early_stop_patience": self.early_stop_patience >= 0,
+            "early_stop_min_delta": self.early_stop_min_delta >= 0,
+            "sample_tokens": self.sample_tokens >= 0,
+            "sample_every": self.sample_every >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -109,6 +120,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_MODEL_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len")
+_MODEL_FLOATS = ("norm_eps", "rope_theta")
+
+
+def _check_model_value(key: str, name: str, value: Any) -> Any:
+    """Model shape values: positive whole numbers, positive floats, booleans, or a rope_scaling table."""
+    if name in _MODEL_INTS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            raise TrainferError(f"{key} must be a positive whole number, got {value!r}")
+        return int(value)
+    if name in _MODEL_FLOATS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise TrainferError(f"{key} must be a positive number, got {value!r}")
+        return float(value)
+    if name == "rope_scaling":
+        if not isinstance(value, dict):
+            raise TrainferError(f'{key} must be a table, e.g. {{rope_type = "linear", factor = 2.0}}')
+        return value
+    if not isinstance(value, bool):
+        raise TrainferError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -157,7 +191,9 @@ def load_config(
         settings[key.strip()] = _parse_value(text.strip())
 
     run_keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    model_keys = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("vocab_size", "arch")]
+    # vocab size and special token ids come from the data's tokenizer; arch is what the model is
+    fixed = ("vocab_size", "arch", "bos_token_id", "eos_token_id")
+    model_keys = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in fixed]
     run: dict[str, Any] = {}
     model: dict[str, Any] = {}
     for key, value in settings.items():
@@ -166,7 +202,7 @@ def load_config(
             if name not in model_keys:
                 valid = [f"model.{k}" for k in model_keys]
                 raise TrainferError(f"unknown config key {key!r}{_closest(key, valid)}")
-            model[name] = value
+            model[name] = _check_model_value(key, name, value)
         elif key in run_keys:
             run[key] = value
         else:
@@ -177,6 +213,8 @@ def load_config(
     merged = {**RUN_PRESETS[preset], **run}  # a resumed run's base already holds every key
     for key, value in merged.items():
         default = getattr(TrainConfig, key, None)
+        if isinstance(default, str) and not isinstance(value, str):
+            raise TrainferError(f"{key} must be text, got {value!r}")
         if isinstance(default, bool) and not isinstance(value, bool):
             raise TrainferError(f"{key} must be true or false, got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):

@@ -111,11 +111,11 @@ def sample(
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        if nxt == tokenizer.eos_token_id:
-            break
-        out.append(nxt)
+        out.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
     model.train(was_training)
+    # Always max_tokens forwards, cut at end-of-text afterwards: under FSDP every rank must run the same number.
+    if tokenizer.eos_token_id in out:
+        out = out[: out.index(tokenizer.eos_token_id)]
     return prompt + tokenizer.decode(out, skip_special_tokens=True)
 
 
@@ -223,6 +223,13 @@ def evaluate_model(
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").exists():
         raise TrainferError(f"{data_dir} is not a prepared data directory (no meta.json); run trainfer prepare")
+    for name, value, least in [
+        ("max tokens", max_tokens, 2), ("seq len", seq_len or 1, 1), ("passages", passages, 0),
+        ("prefix tokens", prefix_tokens, 1), ("continuation tokens", continuation_tokens, 1),
+        ("batch size", batch_size, 1),
+    ]:  # fmt: skip
+        if value < least:
+            raise TrainferError(f"{name} must be at least {least}, got {value}")
     model, tok = load_model(model_path, dtype)
     data_tok = Tokenizer.from_dir(data_dir)
     if tok is None or tok.backend.get_vocab() != data_tok.backend.get_vocab():
@@ -231,7 +238,9 @@ def evaluate_model(
             f"prepare it with --tokenizer {model_path}"
         )
     train, val = read_shard(data_dir, "train"), read_shard(data_dir, "val")
-    seq_len = min(seq_len or 256, model.cfg.max_seq_len, len(val) - 1)
+    if min(len(train), len(val)) < 2:
+        raise TrainferError(f"{data_dir} needs a training and a validation split of 2 tokens or more")
+    seq_len = min(seq_len or 256, model.cfg.max_seq_len, len(val) - 1, len(train) - 1)
     n = max(1, max_tokens // seq_len)
     val_loss = evaluate_loss(model, val, seq_len, batch_size, n)
     train_loss = evaluate_loss(model, train, seq_len, batch_size, n)

@@ -59,7 +59,14 @@ def cpu_has_bf16() -> bool:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of metrics.jsonl; a line torn by a crash mid-write is skipped."""
+    rows = []
+    for ln in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
 
 
 def plot_metrics(metrics: Path, out: Path) -> None:

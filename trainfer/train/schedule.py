@@ -24,7 +24,8 @@ class WindowSampler:
         self.per_epoch = (n_tokens - seq_len) // seq_len  # leaves room for any shift and the last target
         if self.per_epoch < 1:
             raise TrainferError(
-                f"the training split has {n_tokens} tokens, too few for windows of {seq_len + 1}; lower seq_len"
+                f"the training split has {n_tokens} tokens, too few for windows of {seq_len} (it needs "
+                f"{2 * seq_len}, room for a shifted epoch); lower seq_len"
             )
         self._epoch, self._order, self._shift = -1, np.zeros(0, np.int64), 0
 

@@ -38,7 +38,7 @@ from trainfer.model.transformer import Transformer
 from trainfer.train import checkpoint as ckpt
 from trainfer.train.config import TrainConfig
 from trainfer.train.evaluate import bits_per_byte, bytes_per_token, evaluate_loss, lm_loss, sample, windows
-from trainfer.train.metrics import cpu_has_bf16, flops_per_token, measure_peak_flops, plot_metrics
+from trainfer.train.metrics import cpu_has_bf16, flops_per_token, measure_peak_flops, plot_metrics, read_metrics
 from trainfer.train.schedule import WindowSampler, lr_at
 
 
@@ -119,6 +119,11 @@ class Trainer:
             self.tokenizer.vocab_size, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         )
         self.sampler = WindowSampler(len(self.train_data), cfg.seq_len, cfg.seed)
+        if 0 < len(self.val_data) <= cfg.seq_len:
+            raise TrainferError(
+                f"the validation split has {len(self.val_data)} tokens, fewer than one window of "
+                f"{cfg.seq_len + 1}; lower seq_len or hold out more text"
+            )
         self.val_bytes_per_token = bytes_per_token(self.data_dir, "val", self.tokenizer) if len(self.val_data) else None
 
         self._build()
@@ -212,9 +217,20 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = ckpt.read_state(path)
+        saved = state["config"]
+        changed = [k for k in ("seed", "seq_len") if saved.get(k) != getattr(self.cfg, k)]
+        if changed:
+            k = changed[0]
+            raise TrainferError(
+                f"{path} was trained with {k}={saved.get(k)!r}, this run asks for {getattr(self.cfg, k)!r}: "
+                "the data order would change; resume with the same value"
+            )
         trainer_state = ckpt.load_trainer_state(path)
         opts = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(self.raw, self.optimizer, trainer_state["optimizer"], options=opts)
+        for i, group in enumerate(self.optimizer.param_groups):  # this run's settings (lr is set per step)
+            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+            group["weight_decay"] = self.cfg.weight_decay if i == 0 else 0.0
         torch.set_rng_state(trainer_state["rng"]["torch"])
         if "cuda" in trainer_state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], self.device)
@@ -231,9 +247,9 @@ class Trainer:
         """Lines logged after the checkpoint by the interrupted run are replaced by the resumed run's."""
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
-            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            kept = [r for r in read_metrics(metrics) if r["step"] <= self.step]  # torn lines are dropped
             tmp = metrics.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, metrics)
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -246,6 +262,14 @@ class Trainer:
         if self.amp_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _agree(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's evaluation for every rank: save and stop decisions (collectives) must not diverge."""
+        if self.dist.world == 1:
+            return result
+        box = [result]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.main:
@@ -361,7 +385,7 @@ class Trainer:
             val_for_ckpt = None
             if is_eval:
                 t0 = time.perf_counter()
-                last_eval = self.evaluate()
+                last_eval = self._agree(self.evaluate())
                 sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
                 if sample_due and cfg.sample_tokens > 0:
                     last_eval["sample"] = sample(
