@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -20,16 +21,19 @@ def random_text(seed: int, n_words: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def random_corpus(root: Path, docs: int, words: int, val_fraction: float, first_seed: int = 0) -> Path:
+    """`docs` documents of seeded random words under root/docs, prepared char-level into root/data."""
+    (root / "docs").mkdir(parents=True)
+    for i in range(docs):
+        (root / "docs" / f"doc{i}.txt").write_text(random_text(first_seed + i, words))
+    prepare([str(root / "docs")], root / "data", "char", val_fraction=val_fraction, seed=0)
+    return root / "data"
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Five documents of seeded random words: four to train on, one held out (char tokenizer)."""
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "docs"
-    src.mkdir()
-    for i in range(5):
-        (src / f"doc{i}.txt").write_text(random_text(i, 240))
-    prepare([str(src)], root / "data", "char", val_fraction=0.2, seed=0)
-    return root / "data"
+    return random_corpus(tmp_path_factory.mktemp("corpus"), docs=5, words=240, val_fraction=0.2)
 
 
 def tiny_settings(**extra) -> list[str]:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.train.conftest import random_text, tiny_settings
+from tests.train.conftest import random_corpus, tiny_settings
 from trainfer.data.prepare import prepare, read_shard
 from trainfer.errors import TrainferError
 from trainfer.io.loader import load_model
@@ -20,12 +20,7 @@ from trainfer.train.trainer import train
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """Five documents of 64 random words (~400 characters): four to learn by heart, one held out."""
-    root = tmp_path_factory.mktemp("small")
-    (root / "docs").mkdir()
-    for i in range(5):
-        (root / "docs" / f"doc{i}.txt").write_text(random_text(100 + i, 64))
-    prepare([str(root / "docs")], root / "data", "char", val_fraction=0.2, seed=0)
-    return root / "data"
+    return random_corpus(tmp_path_factory.mktemp("small"), docs=5, words=64, val_fraction=0.2, first_seed=100)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +94,4 @@ def test_eval_of_smollm2_on_held_out_shakespeare(smollm2_path, tmp_path):
     assert 2.5 < report.val_loss < 5.0 and 1.0 < report.val_bpb < 2.2, report
     assert report.probe is not None and report.probe.passages == 6
     with pytest.raises(TrainferError, match="another tokenizer"):
-        evaluate_model(str(smollm2_path), _char_data(tmp_path))
-
-
-def _char_data(tmp_path):
-    (tmp_path / "docs").mkdir()
-    for i in range(3):
-        (tmp_path / "docs" / f"{i}.txt").write_text(random_text(i, 80))
-    prepare([str(tmp_path / "docs")], tmp_path / "chars", "char", val_fraction=0.34, seed=0)
-    return tmp_path / "chars"
+        evaluate_model(str(smollm2_path), random_corpus(tmp_path / "chars", docs=3, words=80, val_fraction=0.34))

@@ -235,13 +235,11 @@ def test_bf16_autocast_and_compile_paths_train(tiny_data, tmp_path):
 
 def test_a_run_without_a_validation_split(tmp_path):
     """val_fraction 0: an empty val.bin; training runs, reports no held-out loss, keeps the latest."""
-    from tests.train.conftest import random_text
-    from trainfer.data.prepare import prepare, read_shard
+    from tests.train.conftest import random_corpus
+    from trainfer.data.prepare import read_shard
 
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "a.txt").write_text(random_text(0, 200))
-    prepare([str(tmp_path / "docs")], tmp_path / "data", "char", val_fraction=0.0)
-    assert len(read_shard(tmp_path / "data", "val")) == 0
+    data = random_corpus(tmp_path, docs=1, words=200, val_fraction=0.0)
+    assert len(read_shard(data, "val")) == 0
     cfg = load_config(None, tiny_settings(max_steps=10), data=str(tmp_path / "data"), out_dir=str(tmp_path / "run"))
     result = train(cfg)
     assert result.val_loss is None and result.best_checkpoint.name == "step-00000010"
