@@ -142,8 +142,9 @@ def test_a_kill_during_the_checkpoint_write_leaves_the_previous_one(tiny_data, t
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(tiny_data, tmp_path, fsdp):
-    """Same global batch (2 x 4 windows): torchrun with 2 CPU processes follows the single-process losses."""
-    single = cli(*train_args(tiny_data, tmp_path / "one", max_steps=20, batch_size=4, grad_accum=2))
+    """Same global batch of 8 windows (2 processes x 2 micro-batches x 2, with gradient sync skipped on the
+    first micro-batch, vs 1 x 4 x 2): torchrun with 2 CPU processes follows the single-process losses."""
+    single = cli(*train_args(tiny_data, tmp_path / "one", max_steps=20, batch_size=2, grad_accum=4))
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -155,7 +156,7 @@ def test_two_gloo_processes_match_one_process(tiny_data, tmp_path, fsdp):
         "2",
         "-m",
         "trainfer.cli",
-        *train_args(tiny_data, tmp_path / "two", max_steps=20, batch_size=4, fsdp=fsdp),
+        *train_args(tiny_data, tmp_path / "two", max_steps=20, batch_size=2, grad_accum=2, fsdp=fsdp),
     ]
     two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

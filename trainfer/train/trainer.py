@@ -161,10 +161,12 @@ class Trainer:
             groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=not cfg.fsdp, foreach=True if cfg.fsdp else None
         )
         self.model: torch.nn.Module = self.raw
+        self.ddp = None
         if self.dist.world > 1 and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp = DDP(self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = self.ddp
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.step, self.best_val, self.bad_evals, self.elapsed = 0, float("inf"), 0, 0.0
@@ -341,10 +343,12 @@ class Trainer:
                     cfg.seq_len,
                     self.device,
                 )
-                sync = micro == cfg.grad_accum - 1 or not isinstance(
-                    self.model, torch.nn.parallel.DistributedDataParallel
-                )
-                with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast():
+                # Gradients are reduced across ranks once per step, after the last micro-batch.
+                sync = micro == cfg.grad_accum - 1
+                if cfg.fsdp:
+                    self.raw.set_requires_gradient_sync(sync)
+                skip = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+                with skip, self.autocast():
                     loss = lm_loss(self.model, x, y) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
