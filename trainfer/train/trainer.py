@@ -386,7 +386,7 @@ class Trainer:
                 )
 
             is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-            val_for_ckpt = None
+            new_best = False
             if is_eval:
                 t0 = time.perf_counter()
                 last_eval = self._agree(self.evaluate())
@@ -403,7 +403,7 @@ class Trainer:
                 val = last_eval.get("val_loss")
                 if val is not None:
                     if val < self.best_val - cfg.early_stop_min_delta:
-                        self.best_val, self.bad_evals, val_for_ckpt = val, 0, val
+                        self.best_val, self.bad_evals, new_best = val, 0, True
                     else:
                         self.bad_evals += 1
                         stopped = bool(cfg.early_stop_patience) and self.bad_evals >= cfg.early_stop_patience
@@ -421,7 +421,7 @@ class Trainer:
                     if "sample" in last_eval:
                         bar.write("  | " + last_eval["sample"].replace("\n", "\n  | "))
                 t_log += time.perf_counter() - t0  # evaluation time is not training throughput
-            if self.step % cfg.ckpt_every == 0 or val_for_ckpt is not None or stopped or self.step == cfg.max_steps:
+            if self.step % cfg.ckpt_every == 0 or new_best or stopped or self.step == cfg.max_steps:
                 t0 = time.perf_counter()
                 self.elapsed = time.perf_counter() - session_start
                 self.save(last_eval.get("val_loss") if is_eval and last_eval else None)
