@@ -159,13 +159,15 @@ def prepare(
         train_ids.tofile(tmp / "train.bin")
         val_ids.tofile(tmp / "val.bin")
         tok.save(tmp)
+        train_bytes = sum(len(d.text.encode()) for d in train_docs)
+        val_bytes = sum(len(d.text.encode()) for d in val_docs)  # the split cuts at characters: sums add up
         stats = PrepareStats(
             len(docs),
             len(train_docs),
             len(val_docs),
             int(train_ids.size),
             int(val_ids.size),
-            sum(len(d.text.encode()) for d in docs),
+            train_bytes + val_bytes,
             tok.vocab_size,
         )
         meta = {
@@ -176,8 +178,8 @@ def prepare(
             "val_fraction": val_fraction,
             "split": split,
             "val_names": [d.name for d in val_docs],
-            "train_bytes": sum(len(d.text.encode()) for d in train_docs),
-            "val_bytes": sum(len(d.text.encode()) for d in val_docs),
+            "train_bytes": train_bytes,
+            "val_bytes": val_bytes,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
