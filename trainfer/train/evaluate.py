@@ -97,21 +97,21 @@ def sample(
     device: torch.device | str = "cpu",
 ) -> str:
     """A seeded sample without a KV cache (training-time models are small); leaves global RNG untouched."""
+    from trainfer.infer.sampling import SamplingParams
+    from trainfer.infer.sampling import sample as sample_token
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed)
+    gen = params.generator()
     ids = tokenizer.encode(prompt, add_bos=False) if prompt else []
     if not ids:
         ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]  # start of a document
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     was_training = model.training
     model.eval()
     out: list[int] = []
     context = model.cfg.max_seq_len
     for _ in range(max_tokens):
         x = torch.tensor([(ids + out)[-context:]], device=device)
-        logits = model(x)[0, -1].float().cpu() / max(temperature, 1e-5)
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        out.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
+        out.append(sample_token(model(x)[0, -1].cpu(), params, gen))
     model.train(was_training)
     # Always max_tokens forwards, cut at end-of-text afterwards: under FSDP every rank must run the same number.
     if tokenizer.eos_token_id in out:
