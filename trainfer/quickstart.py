@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainfer import registry
+from trainfer.data.prepare import prepare, read_shard
 from trainfer.errors import TrainferError
 from trainfer.train.config import load_config
+from trainfer.train.evaluate import ProbeResult, memorization_probe
 from trainfer.train.metrics import read_metrics
 from trainfer.train.trainer import TrainResult, train
 
@@ -34,8 +36,6 @@ class QuickstartResult:
 
 def prepared_corpus(vocab_size: int) -> Path:
     """The Shakespeare shards, prepared once and cached (the split and tokenizer are deterministic)."""
-    from trainfer.data.prepare import prepare
-
     out = registry.home() / "data" / "prepared" / f"shakespeare-bpe{vocab_size}-seed0"
     if not (out / "meta.json").exists():
         print(f"preparing the Shakespeare corpus (BPE, {vocab_size} tokens) -> {out}", flush=True)
@@ -57,7 +57,6 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 1000, vocab_siz
     import json
 
     from trainfer.llm import LLM
-    from trainfer.train.evaluate import evaluate_model
 
     out = Path(out)
     if steps < 1:
@@ -79,27 +78,27 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 1000, vocab_siz
     cfg = load_config(None, settings, data=str(data), out_dir=str(run), preset="tiny")
     print(f"training the 'tiny' preset for {steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens", flush=True)
     result = train(cfg)
-    print("validating (held-out loss, memorization probe)", flush=True)
-    ev = evaluate_model(str(run), data, max_tokens=16384, seq_len=cfg.seq_len, passages=32)
-
+    # Held-out loss, bits per byte and the gap come from the run's final evaluation; the probe is added here.
     llm = LLM.load(run, kv_cache_gb=0.25)
+    print("memorization probe", flush=True)
+    probe = memorization_probe(llm.model, llm.tokenizer, read_shard(data, "train"), read_shard(data, "val"))
     answers = []
     for prompt in PROMPTS:
         c = llm.generate(prompt, max_tokens=48, temperature=0.8, top_k=50, seed=0)
         answers.append((prompt, c.text, c.ttft_s, c.decode_tokens_per_s))
     report = out / "report.md"
     report.write_text(
-        _report(meta, cfg, result, ev, answers, read_metrics(run / "metrics.jsonl"), time.perf_counter() - t0)
+        _report(meta, cfg, result, probe, answers, read_metrics(run / "metrics.jsonl"), time.perf_counter() - t0)
     )
     shutil.copy(run / "loss.png", out / "loss.png")
     return QuickstartResult(out, report, result, answers)
 
 
-def _report(meta, cfg, result: TrainResult, ev, answers, rows, total_s: float) -> str:
+def _report(meta, cfg, result: TrainResult, probe: ProbeResult, answers, rows, total_s: float) -> str:
     start = rows[0]
     n_params, tokens = start["params"], result.tokens
     evals = [r for r in rows if r.get("event") == "eval"]
-    probe = ev.probe
+    ev = evals[-1]  # the final evaluation (the run always evaluates at its last step)
     lines = [
         "# trainfer quickstart: report card",
         "",
@@ -120,22 +119,19 @@ def _report(meta, cfg, result: TrainResult, ev, answers, rows, total_s: float) -
         f"- Compute: 6ND = {6 * n_params * tokens:.3g} FLOPs (with attention: "
         f"{start['flops_per_token'] * tokens:.3g}); MFU {result.mfu:.1%} of the {start['peak_flops'] / 1e9:.0f} "
         "GFLOP/s matmul peak measured at start-up.",
-        f"- Final loss: training batch {result.final_loss:.3f}; held-out {ev.val_loss:.3f} nats/token = "
-        f"perplexity {ev.val_ppl:.1f} = **{ev.val_bpb:.3f} bits per byte**.",
+        f"- Final loss: training batch {result.final_loss:.3f}; held-out {ev['val_loss']:.3f} nats/token = "
+        f"perplexity {ev['val_ppl']:.1f} = **{ev['val_bpb']:.3f} bits per byte**.",
         "",
         "![loss curve](loss.png)",
         "",
         "## Generalization vs memorization",
-        f"- Loss on training text {ev.train_loss:.3f} vs held-out {ev.val_loss:.3f}: gap "
-        f"{ev.val_loss - ev.train_loss:+.3f} nats/token.",
+        f"- Loss on training text {ev['train_eval_loss']:.3f} vs held-out {ev['val_loss']:.3f}: gap "
+        f"{ev['gap']:+.3f} nats/token.",
+        f"- Memorization probe ({probe.passages} passages each, greedy, {probe.prefix_tokens}-token prefix): "
+        f"exact {probe.continuation_tokens}-token continuations {probe.train_exact:.0%} of training passages vs "
+        f"{probe.val_exact:.0%} held-out (gap {probe.gap:+.0%}); tokens matching {probe.train_token_match:.1%} "
+        f"vs {probe.val_token_match:.1%}.",
     ]
-    if probe:
-        lines.append(
-            f"- Memorization probe ({probe.passages} passages each, greedy, {probe.prefix_tokens}-token prefix): "
-            f"exact {probe.continuation_tokens}-token continuations {probe.train_exact:.0%} of training passages vs "
-            f"{probe.val_exact:.0%} held-out (gap {probe.gap:+.0%}); tokens matching {probe.train_token_match:.1%} "
-            f"vs {probe.val_token_match:.1%}."
-        )
     lines += ["", '## Samples getting better (prompt "My lord,", same seed each time)', ""]
     for r in evals:
         if "sample" in r:
