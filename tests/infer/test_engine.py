@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import make_hf_model
 from trainfer.errors import TrainferError
-from trainfer.infer.engine import AsyncEngine, Engine
+from trainfer.infer.engine import AsyncEngine, ContextLengthError, Engine
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
 
@@ -165,9 +165,11 @@ def test_stops_and_limits(tiny):
     assert res[0][-1].finish_reason == "stop"
     assert [e.token_id for e in res[0]] == greedy[: greedy.index(stop_at) + 1]
     long_prompt = list(range(3, 253)) + list(range(3, 253))  # 500 of the 512-token context
-    (res,) = eng.run([long_prompt], [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)])
-    assert len(res[0]) == 12 and res[0][-1].finish_reason == "length"
-    with pytest.raises(TrainferError, match="context holds 512"):
+    (res,) = eng.run([long_prompt], [SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)])
+    assert len(res[0]) == 12 and res[0][-1].finish_reason == "length"  # max_tokens=None: to the context end
+    with pytest.raises(ContextLengthError, match=r"maximum context length is 512 tokens.*\(500 in the prompt, 50 in"):
+        eng.add_request("too-much", long_prompt, SamplingParams(max_tokens=50))
+    with pytest.raises(ContextLengthError, match="maximum context length is 512"):
         eng.add_request("too-long", list(range(3, 253)) * 3, GREEDY)
     with pytest.raises(TrainferError, match="empty"):
         eng.add_request("empty", [], GREEDY)
@@ -212,3 +214,154 @@ def test_async_engine_streams_and_aborts_departed_readers(tiny):
         eng.pool.check_idle()
     finally:
         front.shutdown()
+
+
+# ---- hardening: one sequence's trouble stays its own ---------------------------------------------
+
+
+def test_extreme_but_valid_sampling_values_run_beside_others(tiny):
+    """A temperature or repetition penalty of 1e-40 used to make NaN probabilities and fail the whole step."""
+    batch = prompts(4, seed=7)
+    extreme = [
+        SamplingParams(max_tokens=12, temperature=1e-40, ignore_eos=True, seed=1),
+        SamplingParams(max_tokens=12, temperature=0.8, repetition_penalty=1e-40, ignore_eos=True, seed=2),
+        SamplingParams(max_tokens=12, temperature=1.0, repetition_penalty=1e30, ignore_eos=True, seed=3),
+        GREEDY,
+    ]
+    results = engine(tiny).run(batch, extreme)
+    assert all(r[0][-1].finish_reason == "length" and len(r[0]) == 12 for r in results)
+    assert tokens(results)[0] == alone(tiny, batch[:1])[0]  # a tiny temperature is greedy
+    assert tokens(results)[3] == alone(tiny, batch[3:])[0]
+
+
+def test_seeds_near_the_top_of_the_range_and_per_sample_streams(tiny):
+    prompt = [4, 5, 6, 7]
+
+    def draw(seed, n):
+        params = SamplingParams(max_tokens=10, temperature=1.0, seed=seed, n=n, ignore_eos=True)
+        return [[e.token_id for e in s] for s in engine(tiny).run([prompt], [params])[0]]
+
+    top = draw(2**64 - 1, 3)  # seed + index used to overflow inside the step
+    assert len(top) == 3 and all(len(s) == 10 for s in top)
+    assert draw(-(2**63), 2)[0] == draw(-(2**63), 1)[0]
+    assert draw(100, 2)[1] != draw(101, 1)[0]  # sample 1 of seed s is not sample 0 of seed s + 1
+    with pytest.raises(TrainferError, match="seed must be in"):
+        SamplingParams(seed=2**64)
+
+
+def test_a_failing_sample_fails_only_its_sequence(tiny, monkeypatch):
+    import trainfer.infer.engine as engine_module
+
+    batch = prompts(3, seed=8)
+    want = alone(tiny, batch)
+    poisoned = SamplingParams(max_tokens=12, temperature=0.5, top_k=13, ignore_eos=True)
+    real_sample = engine_module.sample
+
+    def sample(logits, params, generator):
+        if params.top_k == 13:
+            raise RuntimeError("boom")
+        return real_sample(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    eng = engine(tiny)
+    results = eng.run(batch + [batch[0]], [GREEDY] * 3 + [poisoned])
+    assert tokens(results[:3]) == want
+    (failed,) = results[3]
+    assert failed[0].finish_reason == "error" and "boom" in failed[0].error
+    eng.pool.check_idle()
+
+
+def test_a_forward_that_raises_is_retried_per_sequence(tiny, monkeypatch):
+    eng = engine(tiny)
+    batch = prompts(3, seed=9)
+    want = alone(tiny, batch)
+    real_run = eng.runner.run
+
+    def run(batch_, rows):
+        if any(seq.request_id == "bad" for seq, _ in batch_):
+            raise RuntimeError("kernel failed")
+        return real_run(batch_, rows)
+
+    monkeypatch.setattr(eng.runner, "run", run)
+    for i, p in enumerate(batch):
+        eng.add_request(f"ok{i}", p, GREEDY)
+    eng.add_request("bad", batch[0], GREEDY)
+    out: dict[str, list] = {}
+    while eng.has_unfinished():
+        for e in eng.step():
+            out.setdefault(e.request_id, []).append(e)
+    assert [[e.token_id for e in out[f"ok{i}"]] for i in range(3)] == want
+    assert [e.finish_reason for e in out["bad"]] == ["error"] and "kernel failed" in out["bad"][0].error
+    eng.pool.check_idle()
+
+
+def test_forks_respect_max_num_seqs_and_a_full_pool(tiny):
+    prompt = list(range(3, 21))  # 18 tokens: 4 full blocks of 4 and a partial one
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=11, n=4, ignore_eos=True)
+    (want,) = engine(tiny).run([prompt], [params])
+    eng = engine(tiny, max_num_seqs=2)
+    eng.add_request("r", prompt, params)
+    got: list[list[int]] = [[] for _ in range(4)]
+    while eng.has_unfinished():
+        for e in eng.step():
+            got[e.index].append(e.token_id)
+        assert len(eng.scheduler.running) <= 2
+    assert got == [[e.token_id for e in s] for s in want]
+    # No block free for the copy of the partial block: the children wait and recompute, same tokens.
+    eng = engine(tiny, num_blocks=5)
+    (tight,) = eng.run([prompt], [SamplingParams(max_tokens=1, temperature=1.0, seed=11, n=4, ignore_eos=True)])
+    assert [s[0].token_id for s in tight] == [s[0].token_id for s in want]
+    eng.pool.check_idle()
+
+
+def test_penalties_in_the_engine_equal_a_plain_loop(tiny):
+    prompt = [5, 5, 9, 12, 5, 40]
+    params = SamplingParams(
+        max_tokens=15,
+        temperature=0,
+        presence_penalty=1.5,
+        frequency_penalty=0.7,
+        repetition_penalty=1.8,
+        ignore_eos=True,
+    )
+    got = tokens(engine(tiny).run([prompt], [params]))[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(15):
+            logits = tiny(torch.tensor([ids]))[0, -1].tolist()
+            out = ids[len(prompt) :]
+            for t in set(ids):
+                logits[t] = logits[t] / 1.8 if logits[t] > 0 else logits[t] * 1.8
+            for t in set(out):
+                logits[t] -= 0.7 * out.count(t) + 1.5
+            ids.append(max(range(len(logits)), key=logits.__getitem__))
+    assert got == ids[len(prompt) :]
+    assert got != alone(tiny, [prompt], SamplingParams(max_tokens=15, temperature=0, ignore_eos=True))[0]
+
+
+def test_prompt_logprobs_score_every_prompt_token(tiny):
+    prompt = list(range(30, 100))  # 70 tokens: two chunks at a budget of 64
+    with torch.no_grad():
+        logp = tiny(torch.tensor([prompt]))[0].log_softmax(-1)
+    want = [float(logp[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+    eng = engine(tiny)
+    eng.run([prompt], [GREEDY])  # warm the prefix cache: scoring must still compute every position
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2, n=2, seed=0)
+    (samples,) = eng.run([prompt], [params])
+    for s in samples:
+        scored = s[0].prompt_logprobs
+        assert [lp for lp, _ in scored] == pytest.approx(want, abs=1e-4)
+        assert [t for t, _ in scored[5][1]] == logp[5].topk(2).indices.tolist()
+    eng.pool.check_idle()
+
+
+def test_block_hashes_are_a_sha256_chain():
+    import hashlib
+    from array import array
+
+    from trainfer.infer.kv_cache import block_hash
+
+    first = block_hash(None, [1, 2, 3, 4])
+    assert first == hashlib.sha256(array("q", [1, 2, 3, 4]).tobytes()).digest()
+    assert block_hash(first, [5, 6, 7, 8]) == hashlib.sha256(first + array("q", [5, 6, 7, 8]).tobytes()).digest()
+    assert block_hash(first, [5, 6, 7, 8]) != block_hash(block_hash(None, [1, 2, 3, 5]), [5, 6, 7, 8])

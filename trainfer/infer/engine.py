@@ -19,8 +19,9 @@ import torch
 from trainfer.errors import TrainferError
 from trainfer.infer.kv_cache import BlockPool, bytes_per_block
 from trainfer.infer.runner import ModelRunner
-from trainfer.infer.sampling import SamplingParams, apply_penalties, sample, top_logprobs
-from trainfer.infer.scheduler import Scheduler, Sequence, Status
+from trainfer.infer.sampling import SamplingParams, apply_penalties, batch_logprobs, sample, top_logprobs
+from trainfer.infer.scheduler import Scheduler
+from trainfer.infer.sequence import Sequence, Status, TopLogprobs
 from trainfer.infer.text import Detokenizer, StopMatcher
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
@@ -32,20 +33,34 @@ class TokenEvent:
 
     request_id: str
     index: int  # which of the request's n samples
-    token_id: int
+    token_id: int  # -1 on an "error" event, which carries no token
     text: str
-    finish_reason: str | None = None  # "stop", "length" (or "abort") on a sample's last event
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" on a sample's last event
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # served from the prefix cache
+    error: str | None = None  # why the sample failed (finish_reason "error"); other samples go on
+    prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None  # on a sample's first event, if asked
+
+
+class ContextLengthError(TrainferError):
+    """The prompt plus the requested completion do not fit the context (the server answers 400)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+        wanted = prompt_tokens + (max_tokens or 1)
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested {wanted} "
+            f"tokens ({prompt_tokens} in the prompt, {max_tokens or 1} in the completion). "
+            "Please reduce the length of the prompt or of max_tokens."
+        )
+        self.prompt_tokens, self.max_tokens, self.max_model_len = prompt_tokens, max_tokens, max_model_len
 
 
 @dataclass
 class _Output:
     detok: Detokenizer
     stops: StopMatcher
-    max_tokens: int
     stop_ids: set[int]  # stop token ids plus, unless ignore_eos, the tokenizer's end-of-turn ids
 
 
@@ -77,21 +92,25 @@ class Engine:
         return min(self.model.cfg.max_seq_len, self.pool.num_blocks * self.pool.block_size)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; the one place that checks it fits the context (ContextLengthError if not)."""
         if request_id in self.requests:
             raise TrainferError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise TrainferError("the prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.max_model_len:
-            raise TrainferError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
+            raise ContextLengthError(len(prompt_ids), params.max_tokens, self.max_model_len)
         seq = self._new_sequence(request_id, list(prompt_ids), len(prompt_ids), params, 0)
         self.requests[request_id] = [seq]
         self.scheduler.add(seq)
 
     def _new_sequence(self, request_id: str, ids: list[int], prompt_len: int, params: SamplingParams, index: int):
-        seq = Sequence(next(self._ids), request_id, ids, prompt_len, params, params.generator(index), index=index)
-        budget = min(params.max_tokens, self.max_model_len - prompt_len)
+        budget = params.max_tokens or self.max_model_len - prompt_len
+        seq = Sequence(
+            next(self._ids), request_id, ids, prompt_len, params, params.generator(index), budget, index=index
+        )
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
-        self.outputs[seq.seq_id] = _Output(Detokenizer(self.tokenizer), StopMatcher(params.stop), budget, stop_ids)
+        self.outputs[seq.seq_id] = _Output(Detokenizer(self.tokenizer), StopMatcher(params.stop), stop_ids)
         return seq
 
     def abort(self, request_id: str) -> None:
@@ -104,52 +123,77 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[TokenEvent]:
+        """One forward over what the scheduler picked, then a token for every sequence at its end.
+
+        A failure is contained to its sequence: a sampling error fails that sample; a forward that raises
+        is retried one sequence at a time, so only the sequence that cannot run fails.
+        """
         batch = self.scheduler.schedule()
+        events = [self._fail(seq, "the KV cache cannot hold this sequence") for seq in self.scheduler.failed]
+        self.scheduler.failed.clear()
         if not batch:
-            return []
-        rows, to_sample, row = [], [], 0
+            return events
+        try:
+            return events + self._forward(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                return [*events, self._fail(batch[0][0], f"{type(e).__name__}: {e}")]
+        for item in batch:
+            try:
+                events += self._forward([item])
+            except Exception as e:
+                events.append(self._fail(item[0], f"{type(e).__name__}: {e}"))
+        return events
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> list[TokenEvent]:
+        rows: list[int] = []  # batch rows whose logits are needed
+        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, first row, count) scored for prompt logprobs
+        to_sample: list[tuple[Sequence, int]] = []  # (seq, its row in the logits)
+        row = 0
         for seq, n in batch:
+            start = seq.num_computed
+            if seq.wants_prompt_logprobs:  # positions p predict prompt token p + 1
+                first = max(start, len(seq.prompt_logprobs))
+                last = min(start + n, seq.prompt_len - 1)
+                if last > first:
+                    prompt_rows.append((seq, len(rows), last - first))
+                    rows.extend(range(row + first - start, row + last - start))
             row += n
-            if seq.num_computed + n == seq.num_tokens:  # the chunk reaches the end: sample after it
+            if start + n == seq.num_tokens:  # the chunk reaches the end: sample after it
+                to_sample.append((seq, len(rows)))
                 rows.append(row - 1)
-                to_sample.append(seq)
         logits = self.runner.run(batch, rows)
         for seq, n in batch:
             self.scheduler.computed(seq, n)
+        for seq, at, count in prompt_rows:
+            done = len(seq.prompt_logprobs)
+            targets = seq.token_ids[done + 1 : done + 1 + count]
+            seq.prompt_logprobs += batch_logprobs(logits[at : at + count], targets, seq.params.prompt_logprobs or 0)
         events = []
-        for seq, row_logits in zip(to_sample, logits, strict=True):
+        for seq, at in to_sample:
+            row_logits = logits[at]
             family = [seq]
             if seq.params.n > 1 and not seq.forked and not seq.output_ids:
-                family += self._fork(seq)
+                children = self._fork(seq)
+                family += [c for c in children if c.status == Status.RUNNING]
             for s in family:
-                events.append(self._sample(s, row_logits))
+                try:
+                    events.append(self._sample(s, row_logits))
+                except Exception as e:
+                    events.append(self._fail(s, f"{type(e).__name__}: {e}"))
         return events
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
-        """The other n-1 samples share the parent's computed prompt blocks; the partial one is copied."""
+        """The other n-1 samples: they share the parent's computed prompt blocks where they can."""
         parent.forked = True
-        b, children = self.pool.block_size, []
-        full = parent.num_computed // b
+        children = []
         for i in range(1, parent.params.n):
             child = self._new_sequence(parent.request_id, list(parent.token_ids), parent.prompt_len, parent.params, i)
             child.forked = True
+            child.prompt_logprobs = list(parent.prompt_logprobs)
             self.requests[parent.request_id].append(child)
-            if len(parent.block_table) > full and self.pool.num_free == 0:
-                self.scheduler.add(child)  # no block for the copy: it recomputes later (prefix cache helps)
-                continue
-            for block_id in parent.block_table[:full]:
-                self.pool.acquire(block_id)
-            child.block_table = parent.block_table[:full]
-            if len(parent.block_table) > full:
-                copy = self.pool.allocate()
-                self.pool.copy(parent.block_table[full], copy)
-                child.block_table.append(copy)
-            child.block_hashes = list(parent.block_hashes)
-            child.num_computed = parent.num_computed
-            child.cached_prompt_tokens = parent.cached_prompt_tokens
-            child.status = Status.RUNNING
-            self.scheduler.running.append(child)
             children.append(child)
+        self.scheduler.fork(parent, children)
         return children
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
@@ -168,6 +212,8 @@ class Engine:
         )
         if p.logprobs is not None:
             event.logprob, event.top_logprobs = top_logprobs(logits, token, p.logprobs)
+        if p.prompt_logprobs is not None and not seq.output_ids:
+            event.prompt_logprobs = seq.prompt_logprobs
         seq.token_ids.append(token)
         if token in out.stop_ids:
             event.text, event.finish_reason = out.stops.flush(), "stop"
@@ -175,15 +221,25 @@ class Engine:
             event.text, hit = out.stops.push(out.detok.add(token))
             if hit:
                 event.finish_reason = "stop"
-            elif len(seq.output_ids) >= out.max_tokens:
+            elif len(seq.output_ids) >= seq.max_tokens:
                 event.text += out.stops.flush()
                 event.finish_reason = "length"
         if event.finish_reason:
-            self.scheduler.finish(seq, event.finish_reason)
-            del self.outputs[seq.seq_id]
-            if all(s.status == Status.FINISHED for s in self.requests[seq.request_id]):
-                del self.requests[seq.request_id]
+            self._finish(seq, event.finish_reason)
         return event
+
+    def _fail(self, seq: Sequence, message: str) -> TokenEvent:
+        """Finish one sample with an error event; the rest of the batch is untouched."""
+        self._finish(seq, "error")
+        return TokenEvent(seq.request_id, seq.index, -1, "", "error", prompt_tokens=seq.prompt_len, error=message)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status != Status.FINISHED:
+            self.scheduler.finish(seq, reason)
+        self.outputs.pop(seq.seq_id, None)
+        family = self.requests.get(seq.request_id, [])
+        if all(s.status == Status.FINISHED for s in family):
+            self.requests.pop(seq.request_id, None)
 
     # ---- synchronous helpers ----
     def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[list[TokenEvent]]]:
@@ -244,16 +300,16 @@ class AsyncEngine:
         assert self._wake is not None
         return self._wake
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[TokenEvent]:
-        """Events of one request until every one of its n samples has finished; abort if the reader leaves."""
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request now (errors such as ContextLengthError raise here); read it with `events`."""
         wake = self._ensure_running()
         self.engine.add_request(request_id, prompt_ids, params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        self._queues[request_id] = asyncio.Queue()
         wake.set()
-        unfinished = params.n
+
+    async def events(self, request_id: str, n: int) -> AsyncIterator[TokenEvent]:
+        """Events of an added request until all n samples have finished; abort it if the reader leaves."""
+        queue, unfinished = self._queues[request_id], n
         try:
             while unfinished:
                 item = await queue.get()
@@ -266,6 +322,13 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if unfinished:
                 self.engine.abort(request_id)
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenEvent]:
+        self.add(request_id, prompt_ids, params)
+        async for event in self.events(request_id, params.n):
+            yield event
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -285,7 +348,7 @@ class AsyncEngine:
                 await self._wake.wait()
             try:
                 events = self.engine.step()
-            except Exception as e:  # fail every waiting request rather than hang them
+            except Exception as e:  # a bug outside any one sequence: fail every request rather than hang them
                 for rid in list(self.engine.requests):
                     self.engine.abort(rid)
                 for queue in self._queues.values():

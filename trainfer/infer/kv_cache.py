@@ -1,16 +1,20 @@
 """The paged KV cache: a fixed pool of blocks with ref counts and a prefix cache keyed by hash chains.
 
-Design and invariants: docs/engine.md. The pool owns the K/V tensors; sequences own block tables.
+Design and invariants: docs/engine.md. The pool owns the K/V tensors and every block count; sequences
+own block tables, which only the pool's methods change.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from trainfer.errors import TrainferError
+from trainfer.infer.sequence import Sequence
 from trainfer.model.config import ModelConfig
 
 
@@ -18,15 +22,19 @@ from trainfer.model.config import ModelConfig
 class Block:
     id: int
     ref_count: int = 0
-    hash: int | None = None  # set once the block is full and its K/V computed
+    hash: bytes | None = None  # set once the block is full and its K/V computed
 
     def __post_init__(self) -> None:
         assert self.ref_count >= 0, f"block {self.id} has a negative ref count"
 
 
-def block_hash(parent: int | None, tokens: list[int]) -> int:
-    """Hash of a full block given its parent's: equal hashes mean equal whole prefixes."""
-    return hash((parent, tuple(tokens)))
+def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    """SHA-256 of a full block chained to its parent's: equal hashes mean equal whole prefixes.
+
+    Why not Python's 64-bit hash(): a prompt crafted to collide would be served another user's K/V
+    (vLLM moved to SHA-256 for the same reason); a hit is trusted without comparing tokens.
+    """
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -44,7 +52,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, least recently used first; hashed ones stay findable until reused.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         self.prefix_queries = 0  # prompt blocks looked up
         self.prefix_hits = 0  # of which found in the cache
 
@@ -88,14 +96,14 @@ class BlockPool:
             if block.hash is None:  # nothing worth keeping: reuse it first
                 self.free.move_to_end(block_id, last=False)
 
-    def lookup(self, h: int) -> int | None:
+    def lookup(self, h: bytes) -> int | None:
         self.prefix_queries += 1
         block_id = self.cached.get(h)
         if block_id is not None:
             self.prefix_hits += 1
         return block_id
 
-    def register(self, block_id: int, h: int) -> None:
+    def register(self, block_id: int, h: bytes) -> None:
         """Make a full, computed block findable by its hash (the first block with a hash keeps it)."""
         block = self.blocks[block_id]
         if block.hash is None and h not in self.cached:
@@ -107,6 +115,70 @@ class BlockPool:
         b = self.block_size
         self.k[:, dst * b : (dst + 1) * b] = self.k[:, src * b : (src + 1) * b]
         self.v[:, dst * b : (dst + 1) * b] = self.v[:, src * b : (src + 1) * b]
+
+    # ---- a sequence's blocks ----
+    def blocks_needed(self, seq: Sequence, n: int) -> int:
+        """New blocks the sequence needs to hold n more computed tokens."""
+        return max(0, -(-(seq.num_computed + n) // self.block_size) - len(seq.block_table))
+
+    def grow(self, seq: Sequence, n: int) -> bool:
+        """Give the sequence room for n more tokens, or nothing (False) if the pool lacks the blocks."""
+        need = self.blocks_needed(seq, n)
+        if need > self.num_free:
+            return False
+        seq.block_table.extend(self.allocate() for _ in range(need))
+        return True
+
+    def release_blocks(self, seq: Sequence) -> None:
+        for block_id in seq.block_table:
+            self.release(block_id)
+        seq.block_table, seq.block_hashes = [], []
+        seq.num_computed = 0
+
+    def reuse_prefix(self, seq: Sequence) -> None:
+        """Take every cached block of the sequence's prefix; the last token is always recomputed."""
+        b, parent = self.block_size, None
+        for i in range((seq.num_tokens - 1) // b):
+            h = block_hash(parent, seq.token_ids[i * b : (i + 1) * b])
+            block_id = self.lookup(h)
+            if block_id is None:
+                break
+            self.acquire(block_id)
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+            parent = h
+        seq.num_computed = len(seq.block_table) * b
+        seq.cached_prompt_tokens = min(seq.num_computed, seq.prompt_len)
+
+    def publish(self, seq: Sequence) -> None:
+        """Register the sequence's blocks that became full and computed, so later prompts can reuse them."""
+        b = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed // b):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            h = block_hash(parent, seq.token_ids[i * b : (i + 1) * b])
+            self.register(seq.block_table[i], h)
+            seq.block_hashes.append(h)
+
+    def share(self, parent: Sequence, child: Sequence) -> bool:
+        """Fork: the child shares the parent's full blocks and gets a copy of its partial last one.
+
+        False (and no change) if the copy needs a block and none is free.
+        """
+        full = parent.num_computed // self.block_size
+        partial = len(parent.block_table) > full
+        if partial and not self.free:
+            return False
+        for block_id in parent.block_table[:full]:
+            self.acquire(block_id)
+        child.block_table = parent.block_table[:full]
+        if partial:
+            copy = self.allocate()
+            self.copy(parent.block_table[full], copy)
+            child.block_table.append(copy)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed = parent.num_computed
+        child.cached_prompt_tokens = parent.cached_prompt_tokens
+        return True
 
     def check_idle(self) -> None:
         """With no live sequence every block must be free: a leak check for tests and shutdown."""

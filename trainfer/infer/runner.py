@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer.infer.kv_cache import BlockPool
-from trainfer.infer.scheduler import Sequence
+from trainfer.infer.sequence import Sequence
 from trainfer.model.transformer import Transformer
 
 

@@ -1,12 +1,15 @@
 """Sampling parameters and the per-step choice of the next token from logits.
 
-Each sequence owns a `torch.Generator` seeded from its request's `seed` (plus its sample index when
-n > 1), so its tokens do not depend on what else runs beside it.
+Each sequence owns a `torch.Generator` seeded from its request's `seed` (and, for samples 1.. of n, a
+hash of seed and index), so its tokens do not depend on what else runs beside it.
 Order, as in vLLM: penalties on the raw logits, then temperature, top-k, top-p, min-p, then the draw.
+Every accepted value is numerically safe: a temperature below 1e-5 is greedy (as in vLLM), and logits
+pushed to +-inf by extreme penalties are clamped before the draw.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -14,10 +17,18 @@ from torch import Tensor
 
 from trainfer.errors import TrainferError
 
+# The bounds every caller shares (the HTTP schema imports them).
+MAX_N = 16  # samples per request
+MAX_LOGPROBS = 20  # top log-probabilities per token, as OpenAI
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; lm-eval tasks sometimes pass more)
+MAX_STOP_CHARS = 256  # characters per stop string: matching costs O(length) per token
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: dividing by them overflows
+
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 128
+    max_tokens: int | None = 128  # None: until the context is full
     temperature: float = 1.0  # 0 means greedy; OpenAI's default is 1.0 and so is ours
     top_p: float = 1.0
     top_k: int = 0  # 0 means off
@@ -31,12 +42,17 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    prompt_logprobs: int | None = None  # also score the prompt: logprob of each prompt token and the top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
@@ -44,20 +60,34 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (1 <= self.n <= 128, "n must be in [1, 128]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-            (all(self.stop), "stop strings must be non-empty"),
+            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, f"seed must be in [{SEED_MIN}, {SEED_MAX}]"),
+            (len(self.stop) <= MAX_STOPS, f"at most {MAX_STOPS} stop strings"),
+            (
+                all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+                f"stop strings must have 1 to {MAX_STOP_CHARS} characters",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise TrainferError(message)
 
     def generator(self, index: int = 0) -> torch.Generator:
+        """Sample 0 draws from `seed` itself; sample i > 0 from a hash of (seed, i), so that sample 1 of
+        seed s is not sample 0 of seed s + 1 (and seed + i cannot overflow)."""
         gen = torch.Generator()
         if self.seed is None:
             gen.seed()
+        elif index == 0:
+            gen.manual_seed(self.seed)
         else:
-            gen.manual_seed(self.seed + index)
+            digest = hashlib.sha256(f"trainfer-sample:{self.seed}:{index}".encode()).digest()
+            gen.manual_seed(int.from_bytes(digest[:8], "little"))
         return gen
 
     @property
@@ -100,15 +130,29 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float, 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from a (vocab,) row of (already penalized) logits."""
     logits = logits.float()
-    if params.temperature == 0:
-        return int(logits.argmax())
+    if torch.isnan(logits).all() or torch.isneginf(logits).all():
+        raise TrainferError("the model produced no finite logits for this sequence")
+    if params.greedy:
+        return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
+    # Shift so the best token is at 0: dividing by a small temperature then only moves others toward -inf.
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits, nan=float("-inf")).clamp(-big, big)
+    logits = logits - logits.max()
     probs = filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def top_logprobs(logits: Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """Log-probability of the chosen token and the k most likely ones, from the raw model distribution."""
+    return batch_logprobs(logits[None], [token], k)[0]
+
+
+def batch_logprobs(logits: Tensor, tokens: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row of (R, vocab) logits: the log-probability of tokens[r] and the k most likely tokens."""
     logp = logits.float().log_softmax(-1)
-    top = torch.topk(logp, k) if k else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
-    return float(logp[token]), pairs
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [(c, []) for c in chosen]
+    top = torch.topk(logp, k)
+    ids, vals = top.indices.tolist(), top.values.tolist()
+    return [(c, list(zip(i, v, strict=True))) for c, i, v in zip(chosen, ids, vals, strict=True)]
