@@ -102,8 +102,29 @@ def test_sampling_follows_the_distribution():
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"n": 0}, "n must be"),
         ({"logprobs": 21}, "logprobs"),
+        ({"n": 17}, "n must be in \\[1, 16\\]"),
+        ({"stop": ["x"] * 17}, "at most 16 stop strings"),
+        ({"stop": ["x" * 257]}, "1 to 256 characters"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, message):
     with pytest.raises(TrainferError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_extreme_values_never_make_nan_probabilities():
+    logits = torch.tensor([1.0, 3.0, -2.0, 2.9])
+    gen = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=1e-40), gen) == 1  # greedy, not inf / 1e-40
+    assert sample(logits, SamplingParams(temperature=2e-5), gen) == 1  # just above greedy: one-hot, no NaN
+    penalized = apply_penalties(
+        logits, SamplingParams(repetition_penalty=1e-40), torch.tensor([0, 3]), torch.tensor([])
+    )
+    assert torch.isinf(penalized).any()  # 1 / 1e-40 overflows ...
+    assert sample(penalized, SamplingParams(temperature=0.7, top_p=0.5), gen) in (0, 3)  # ... and still samples
+    with pytest.raises(TrainferError, match="no finite logits"):
+        sample(torch.full((4,), float("nan")), SamplingParams(temperature=1.0), gen)

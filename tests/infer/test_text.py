@@ -49,3 +49,24 @@ def test_detokenizer_never_emits_broken_utf8(smollm2):
     deltas = [detok.add(i) for i in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text
+
+
+def test_stop_matcher_equals_cutting_the_whole_text():
+    """Random pieces and stops over a 3-letter alphabet (many partial matches): the streamed result equals
+    cutting the text seen so far at the first piece that completes a stop (held-back text is never lost)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(rng.choices("abc", k=rng.randrange(1, 5))) for _ in range(rng.randrange(1, 4))]
+        text = "".join(rng.choices("abc", k=rng.randrange(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(1, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        want, seen = (text, False), ""
+        for piece in pieces:
+            seen += piece
+            found = [i for i in (seen.find(s) for s in stops) if i >= 0]
+            if found:
+                want = (seen[: min(found)], True)
+                break
+        assert feed(StopMatcher(stops), pieces) == want, (stops, pieces)

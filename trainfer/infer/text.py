@@ -28,7 +28,12 @@ class Detokenizer:
 
 
 class StopMatcher:
-    """Finds stop strings in streamed text, even split across tokens, and never emits any part of one."""
+    """Finds stop strings in streamed text, even split across tokens, and never emits any part of one.
+
+    Cost per token: O(len(pending) + sum of stop lengths) string work in C, where pending is the held-back
+    tail (shorter than the longest stop) plus the new text; stop counts and lengths are bounded by
+    SamplingParams.
+    """
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = stops
@@ -41,11 +46,20 @@ class StopMatcher:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        # Hold back the longest tail that could still grow into a stop string.
-        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        hold = max((self._held(s) for s in self.stops), default=0)
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
+
+    def _held(self, stop: str) -> int:
+        """Length of the longest tail of pending that is a proper prefix of stop (it may still grow into it)."""
+        tail = self.pending[-(len(stop) - 1) :] if len(stop) > 1 else ""
+        i = tail.find(stop[0])
+        while i >= 0:  # the earliest start that matches is the longest tail
+            if stop.startswith(tail[i:]):
+                return len(tail) - i
+            i = tail.find(stop[0], i + 1)
+        return 0
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
