@@ -219,7 +219,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         cache = RedisCache(args.cache_url)
     elif args.response_cache_size > 0:
         cache = MemoryCache(max_entries=args.response_cache_size)
-    server = Server(llm, args.served_model_name or args.model, api_key, args.max_queue, cache)
+    if args.max_body_mb <= 0:
+        raise TrainferError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    max_body = int(args.max_body_mb * (1 << 20))
+    server = Server(llm, args.served_model_name or args.model, api_key, args.max_queue, cache, max_body)
     print(
         f"[serving {server.model_id} on http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})]",
         file=sys.stderr,
@@ -365,11 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TRAINFER_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (default 64)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond that before 429 (default 256)")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="sequences waiting beyond --max-num-seqs before 429 (256)"
+    )
     p.add_argument("--max-model-len", type=int, help="cap the context (prompt + completion) in tokens")
     p.add_argument("--response-cache-size", type=int, default=1024, help="entries in the in-process cache; 0 = off")
     p.add_argument("--cache-url", help="redis://host:port/db: share the response cache between replicas")
     p.add_argument("--drain-timeout", type=int, default=60, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--max-body-mb", type=float, default=4, help="largest request body in MiB; larger get 413 (4)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

@@ -300,12 +300,16 @@ class AsyncEngine:
         assert self._wake is not None
         return self._wake
 
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request now (errors such as ContextLengthError raise here); read it with `events`."""
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue | None = None
+    ) -> asyncio.Queue:
+        """Queue a request now (errors such as ContextLengthError raise here). Its events go to `queue`
+        (several requests may share one) or a new one; read them with `events` or from the queue."""
         wake = self._ensure_running()
         self.engine.add_request(request_id, prompt_ids, params)
-        self._queues[request_id] = asyncio.Queue()
+        self._queues[request_id] = queue = queue if queue is not None else asyncio.Queue()
         wake.set()
+        return queue
 
     async def events(self, request_id: str, n: int) -> AsyncIterator[TokenEvent]:
         """Events of an added request until all n samples have finished; abort it if the reader leaves."""
@@ -319,9 +323,7 @@ class AsyncEngine:
                 if item.finish_reason:
                     unfinished -= 1
         finally:
-            self._queues.pop(request_id, None)
-            if unfinished:
-                self.engine.abort(request_id)
+            self.abort(request_id)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -331,6 +333,8 @@ class AsyncEngine:
             yield event
 
     def abort(self, request_id: str) -> None:
+        """Stop a request (a no-op once it has finished) and forget its queue."""
+        self._queues.pop(request_id, None)
         self.engine.abort(request_id)
 
     def stats(self) -> dict[str, float]:

@@ -1,29 +1,43 @@
 """The OpenAI-compatible HTTP server: FastAPI over the AsyncEngine, with metrics, a response cache,
 limits and auth. `trainfer serve MODEL` runs it under uvicorn.
+
+A request's path, in reading order: `Gate` (auth, body cap, one count per answer) -> route -> `prepare`
+(tokenize in a worker thread, sampling params, bounds) -> response cache -> `Server.start` (capacity in
+sequences, the engine's context check) -> a `Run` read to the end, as JSON or as server-sent events ->
+`Run.close` (abort what is left, give the capacity back) exactly once, whatever happened to the client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from trainfer.errors import TrainferError
-from trainfer.infer.engine import AsyncEngine
+from trainfer.infer.engine import AsyncEngine, ContextLengthError, TokenEvent
+from trainfer.infer.sampling import SamplingParams
 from trainfer.llm import LLM
 from trainfer.serve.cache import ResponseCache, cache_key, model_fingerprint
 from trainfer.serve.metrics import Metrics
+from trainfer.serve.responses import CHAT, TEXT, Choice, Format, Prompt, error_body, replay, sse
 from trainfer.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+
+log = logging.getLogger("trainfer.serve")
+
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+MAX_LOGPROB_ENTRIES = 1 << 20  # per answer: n x (prompt if echoed + completion) x (1 + top logprobs)
 
 
 class APIError(Exception):
@@ -40,19 +54,14 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # json.dumps escapes non-ASCII, so a lone surrogate echoed from a request cannot break the encoding.
+        body = json.dumps(error_body(self.message, self.kind, self.param, self.code))
+        return Response(body, self.status, self.headers, media_type="application/json")
 
 
-@dataclass
-class Choice:
-    """One finished (or cached) sample: what both the JSON and the streamed answers are built from."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    finish_reason: str | None = None
+class BodyTooLarge(Exception):
+    pass
 
 
 class Server:
@@ -63,316 +72,464 @@ class Server:
         api_key: str | None = None,
         max_queue: int = 256,
         cache: ResponseCache | None = None,
+        max_body_bytes: int = 4 << 20,
     ) -> None:
         self.llm, self.model_id, self.api_key, self.cache = llm, model_id, api_key, cache
         self.tokenizer = llm.tokenizer
         self.engine = AsyncEngine(llm.engine)
         self.max_model_len = llm.engine.max_model_len
-        self.capacity = llm.engine.scheduler.max_num_seqs + max_queue
+        self.capacity = llm.engine.scheduler.max_num_seqs + max_queue  # in sequences (n counts n times)
+        self.max_body_bytes = max_body_bytes
         self.fingerprint = model_fingerprint(llm.model)
         self.metrics = Metrics()
-        self.inflight = 0
+        self.inflight = 0  # sequences admitted and not yet closed
         self.created = int(time.time())
+        # A token covers at most this many bytes, so a text longer than max_model_len * this cannot fit:
+        # such prompts are refused before they cost any tokenization.
+        self.max_token_bytes = max(len(self.tokenizer.decode([i]).encode()) for i in range(self.tokenizer.vocab_size))
+        self._cache_failed = False
 
-    # ---- request -> prompt ids and sampling ----
-    def prompt_ids(self, req: SamplingRequest) -> list[int]:
-        if isinstance(req, ChatCompletionRequest):
-            messages = [
-                {"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages
-            ]
-            try:
-                return self.llm.chat_prompt(messages)
-            except TrainferError as e:
-                raise APIError(400, str(e), param="messages") from None
-        assert isinstance(req, CompletionRequest)
-        if isinstance(req.prompt, str):
-            return self.tokenizer.encode(req.prompt)
-        bad = [t for t in req.prompt if not 0 <= t < self.tokenizer.vocab_size]
-        if bad:
-            raise APIError(
-                400, f"prompt token ids out of range [0, {self.tokenizer.vocab_size}): {bad[:5]}", param="prompt"
-            )
-        return list(req.prompt)
+    # ---- request -> prompts and sampling ----
+    def tokenize(self, fmt: Format, req: SamplingRequest) -> list[Prompt]:
+        """Prompt ids (and echo text); CPU work, so the routes run it in a worker thread."""
+        limit = self.max_model_len * max(1, self.max_token_bytes)
+        try:
+            if isinstance(req, ChatCompletionRequest):
+                messages = [
+                    {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+                ]
+                if sum(len(m["content"].encode()) for m in messages) > limit:
+                    raise self.too_long(fmt)
+                try:
+                    return [Prompt(self.llm.chat_prompt(messages))]
+                except TrainferError as e:
+                    raise APIError(400, str(e), param="messages") from None
+            assert isinstance(req, CompletionRequest)
+            prompts = []
+            for p in req.prompt_list():
+                if isinstance(p, str):
+                    if len(p.encode()) > limit:
+                        raise self.too_long(fmt)
+                    prompts.append(Prompt(self.tokenizer.encode(p), p, req.echo))
+                else:
+                    bad = [t for t in p if t >= self.tokenizer.vocab_size]
+                    if bad:
+                        raise APIError(
+                            400,
+                            f"prompt token ids out of range [0, {self.tokenizer.vocab_size}): {bad[:5]}",
+                            param="prompt",
+                        )
+                    prompts.append(Prompt(list(p), self.tokenizer.decode(list(p)) if req.echo else "", req.echo))
+            return prompts
+        except UnicodeEncodeError:
+            raise APIError(400, "the prompt is not valid Unicode (a lone surrogate?)", param=fmt.prompt_param) from None
 
-    def plan(self, req: SamplingRequest) -> tuple[list[int], Any]:
-        ids = self.prompt_ids(req)
-        room = self.max_model_len - len(ids)
-        wanted = req.requested_max_tokens or room
-        if room < 1 or wanted > room:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(ids) + wanted} tokens ({len(ids)} in the prompt, {wanted} in the completion). "
-                "Please reduce the length of the prompt or of max_tokens.",
-                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-                code="context_length_exceeded",
-            )
+    def too_long(self, fmt: Format) -> APIError:
+        return APIError(
+            400,
+            f"the prompt is far longer than this model's maximum context length of {self.max_model_len} tokens",
+            param=fmt.prompt_param,
+            code="context_length_exceeded",
+        )
+
+    def sampling(self, fmt: Format, req: SamplingRequest, prompts: list[Prompt]) -> tuple[SamplingParams, bool]:
+        """The engine's parameters, and whether to generate at all (max_tokens=0 with echo only scores)."""
+        echo = isinstance(req, CompletionRequest) and req.echo
+        wanted = req.requested_max_tokens
+        if wanted == 0 and not echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 is allowed with echo=true)", param="max_tokens")
         if isinstance(req, ChatCompletionRequest):
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             logprobs = req.logprobs
-        try:
-            return ids, req.sampling(wanted, logprobs)
+        try:  # max_tokens=0: the engine still samples one token (the prompt's last row is computed anyway)
+            params = req.sampling(wanted or None if wanted != 0 else 1, logprobs, logprobs if echo else None)
         except TrainferError as e:
             raise APIError(400, str(e)) from None
+        if logprobs is not None:
+            tokens = sum((len(p.ids) if echo else 0) + (wanted or self.max_model_len - len(p.ids)) for p in prompts)
+            entries = req.n * tokens * (1 + logprobs)
+            if entries > MAX_LOGPROB_ENTRIES:
+                raise APIError(
+                    400,
+                    f"the answer would hold {entries:,} log-probabilities (limit "
+                    f"{MAX_LOGPROB_ENTRIES:,}): lower n, max_tokens or the number of top logprobs",
+                    param="logprobs",
+                )
+        return params, wanted != 0
 
-    # ---- running ----
-    async def events(self, ids: list[int], params: Any) -> AsyncIterator[Any]:
-        rid = uuid.uuid4().hex
-        start = time.perf_counter()
-        times: dict[int, list[float]] = {}
-        self.inflight += 1
+    # ---- admission ----
+    def start(self, fmt: Format, prompts: list[Prompt], params: SamplingParams, generate: bool) -> Run:
+        """Admit a request (429 when full) and queue its prompts on the engine, all or none."""
+        seqs = len(prompts) * params.n
+        if seqs > self.capacity:
+            raise APIError(
+                400, f"{seqs} sequences (prompts x n) exceed this server's capacity of {self.capacity}", param="n"
+            )
+        if self.inflight + seqs > self.capacity:
+            raise APIError(
+                429, "the server is at capacity; retry shortly", kind="rate_limit_error", headers={"Retry-After": "1"}
+            )
+        run = Run(self, prompts, params, generate)
         try:
-            async for e in self.engine.generate(rid, ids, params):
-                times.setdefault(e.index, []).append(time.perf_counter())
-                yield e
+            for rid, p in zip(run.rids, prompts, strict=True):
+                self.engine.add(rid, p.ids, params, run.queue)
+        except ContextLengthError as e:
+            run.close()
+            raise APIError(400, str(e), param=fmt.prompt_param, code="context_length_exceeded") from None
+        self.inflight += seqs
+        run.admitted = seqs
+        return run
+
+    # ---- the response cache: a failure is a miss, counted and logged once ----
+    async def cache_get(self, key: str) -> dict[str, Any] | None:
+        try:
+            return await self.cache.get(key)  # type: ignore[union-attr]
+        except Exception as e:
+            self.cache_failed(e)
+            return None
+
+    async def cache_put(self, key: str, value: dict[str, Any]) -> None:
+        try:
+            await self.cache.put(key, value)  # type: ignore[union-attr]
+        except Exception as e:
+            self.cache_failed(e)
+
+    def cache_failed(self, e: Exception) -> None:
+        self.metrics.cache_errors.inc()
+        if not self._cache_failed:
+            self._cache_failed = True
+            log.warning("response cache failed (%s: %s); serving without it until it recovers", type(e).__name__, e)
+
+
+class Run:
+    """An admitted request on the engine: its prompts' samples, read from one queue, closed exactly once."""
+
+    def __init__(self, server: Server, prompts: list[Prompt], params: SamplingParams, generate: bool) -> None:
+        self.server, self.prompts, self.params, self.generate = server, prompts, params, generate
+        self.n = params.n
+        self.rids = [uuid.uuid4().hex for _ in prompts]
+        self.index = {rid: i for i, rid in enumerate(self.rids)}
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.choices = [Choice() for _ in range(len(prompts) * self.n)]
+        self.stop_ids = set(params.stop_token_ids) | server.tokenizer.stop_token_ids
+        self.start = time.perf_counter()
+        self.times: dict[int, list[float]] = {}
+        self.first: float | None = None
+        self.cached_prompt_tokens = 0
+        self.admitted = 0
+        self.closed = False
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) until every sample has finished; each event already added to its choice."""
+        unfinished = len(self.choices)
+        while unfinished:
+            e = await self.queue.get()
+            if isinstance(e, BaseException):
+                raise e
+            i = self.index[e.request_id] * self.n + e.index
+            now = time.perf_counter()
+            self.first = self.first or now
+            self.times.setdefault(i, []).append(now)
+            self.cached_prompt_tokens = max(self.cached_prompt_tokens, e.cached_prompt_tokens)
+            if e.prompt_logprobs is not None:
+                self.prompts[i // self.n].logprobs = e.prompt_logprobs
+            if self.generate:
+                self.choices[i].add(e, self.stop_ids)
+            else:  # max_tokens=0 with echo: the sampled token is not part of the answer
+                self.choices[i].finish_reason = "length" if e.finish_reason != "error" else "error"
+                self.choices[i].error = e.error
+            unfinished -= bool(e.finish_reason)
+            yield i, e
+
+    async def collect(self) -> None:
+        async for _ in self.events():
+            pass
+
+    def echo(self, i: int) -> Prompt | None:
+        p = self.prompts[i // self.n]
+        return p if p.echo else None
+
+    @property
+    def error(self) -> str | None:
+        return next((c.error for c in self.choices if c.error), None)
+
+    def close(self) -> None:
+        """Abort what is still running, give the capacity back, record latencies and token counts."""
+        if self.closed:
+            return
+        self.closed = True
+        s = self.server
+        for rid in self.rids:
+            s.engine.abort(rid)
+        s.inflight -= self.admitted
+        for token_times in self.times.values():
+            s.metrics.observe_sequence(token_times, self.start)
+        s.metrics.prompt_tokens.inc(sum(len(p.ids) for p in self.prompts))
+        s.metrics.generation_tokens.inc(sum(len(c.token_ids) for c in self.choices))
+
+
+class GuardedStream(StreamingResponse):
+    """A streamed answer whose cleanup runs however the response ends: finished, client gone, or never
+    started (a generator that never ran would not run its own `finally`)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            self.inflight -= 1
-            for token_times in times.values():
-                self.metrics.observe_sequence(token_times, start)
-
-    def stop_ids(self, params: Any) -> set[int]:
-        return set(params.stop_token_ids) | self.tokenizer.stop_token_ids
-
-    def add(self, choice: Choice, e: Any, params: Any) -> None:
-        choice.text += e.text
-        choice.finish_reason = e.finish_reason or choice.finish_reason
-        if not (e.finish_reason == "stop" and e.token_id in self.stop_ids(params)):
-            choice.token_ids.append(e.token_id)  # a stop token ends the text; it is not counted in it
-            if e.logprob is not None:
-                choice.logprobs.append((e.logprob, e.top_logprobs))
-
-    @staticmethod
-    def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
-        completion = sum(len(c.token_ids) for c in choices)
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-        }
-
-    def count(self, usage: dict[str, int]) -> None:
-        """Token counters for work the model did (not for answers from the response cache)."""
-        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
-        self.metrics.generation_tokens.inc(usage["completion_tokens"])
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.on_close()
 
 
-def _logprobs_json(server: Server, choice: Choice, chat: bool, offset_text: str = "") -> dict[str, Any] | None:
-    if not choice.logprobs:
+class Gate:
+    """Outermost ASGI layer: API key, request body cap (413), and one count per answer by status.
+
+    Pure ASGI rather than FastAPI's `@app.middleware`: it sees the status of every answer (errors included),
+    passes client disconnects through untouched, and adds nothing to streamed responses.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, over, seen = 0, False, 0
+
+        async def counted_send(message: dict) -> None:
+            nonlocal status
+            if over:  # the app answers a body it could not read in full; the answer is 413, sent below
+                return
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        async def capped_receive() -> dict:
+            """Count body bytes as they arrive: a chunked body without Content-Length is capped too."""
+            nonlocal over, seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.server.max_body_bytes and not status:
+                    over = True
+                    raise BodyTooLarge
+            return message
+
+        path = scope["path"]
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                return await refusal.response()(scope, receive, counted_send)
+            with suppress(BodyTooLarge):  # FastAPI may also turn it into its own 400, which is dropped
+                await self.app(scope, capped_receive, counted_send)
+            if over:
+                over = False
+                await self.too_large().response()(scope, receive, counted_send)
+        finally:
+            endpoint = path if path in ROUTES else "other"  # raw paths would let clients mint label series
+            self.server.metrics.requests.labels(endpoint, str(status or 499)).inc()
+
+    def refusal(self, scope) -> APIError | None:
+        s = self.server
+        headers = dict(scope["headers"])
+        if s.api_key and (scope["path"].startswith("/v1/") or scope["path"] in ("/tokenize", "/detokenize")):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {s.api_key}".encode()):
+                return APIError(401, "missing or invalid API key", kind="authentication_error", code="invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > s.max_body_bytes:
+            return self.too_large()
         return None
-    tok = server.tokenizer
-    pieces = [tok.decode([t]) for t in choice.token_ids]
-    if chat:
-        content = []
-        for piece, (lp, top) in zip(pieces, choice.logprobs, strict=False):
-            alts = [{"token": tok.decode([t]), "logprob": v, "bytes": list(tok.decode([t]).encode())} for t, v in top]
-            content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": alts})
-        return {"content": content}
-    offsets, pos = [], len(offset_text)
-    for piece in pieces:
-        offsets.append(pos)
-        pos += len(piece)
-    return {
-        "tokens": pieces,
-        "token_logprobs": [lp for lp, _ in choice.logprobs],
-        "top_logprobs": [{tok.decode([t]): v for t, v in top} for _, top in choice.logprobs],
-        "text_offset": offsets,
-    }
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"request body over {self.server.max_body_bytes} bytes", code="request_too_large")
 
 
-def create_app(server: Server) -> FastAPI:
+# ---- the app -----------------------------------------------------------------------------------------
+
+
+def create_app(server: Server) -> Gate:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         server.engine.shutdown()
 
     app = FastAPI(title="trainfer", lifespan=lifespan)
+    app.state.server = server
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.get("/health")(health)
+    app.get("/metrics")(metrics)
+    app.get("/v1/models")(models)
+    app.post("/v1/completions")(completions)
+    app.post("/v1/chat/completions")(chat_completions)
+    return Gate(app, server)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        server.metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return exc.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        server.metrics.requests.labels(request.url.path, "400").inc()
-        return APIError(400, f"invalid field '{where}': {first['msg']}", param=where).response()
+async def api_error(request: Request, exc: APIError) -> Response:
+    return exc.response()
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                server.metrics.requests.labels(request.url.path, "401").inc()
-                return APIError(
-                    401, "missing or invalid API key", kind="authentication_error", code="invalid_api_key"
-                ).response()
-        return await call_next(request)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    where = ".".join(loc) or "body"
+    if first["type"] == "extra_forbidden":
+        message = f"unsupported field '{where}': trainfer does not implement it"
+    elif first["type"] == "json_invalid":
+        message = f"invalid JSON body: {first.get('ctx', {}).get('error', first['msg'])}"
+    else:
+        message = f"invalid field '{where}': {first['msg']}"
+    return APIError(400, message, param=loc[0] if loc else None).response()
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        server.metrics.observe_engine(server.engine.stats())
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {
-            "id": server.model_id,
-            "object": "model",
-            "created": server.created,
-            "owned_by": "trainfer",
-            "max_model_len": server.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return APIError(exc.status_code, str(exc.detail), kind=kind).response()
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await serve(req, request, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await serve(req, request, chat=True)
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
 
-    async def serve(req: SamplingRequest, request: Request, chat: bool) -> Response:
-        path = request.url.path
-        if req.model and req.model != server.model_id:
-            raise APIError(
-                404,
-                f"model {req.model!r} is not served here; use {server.model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
-        ids, params = server.plan(req)
-        key = None
-        bypass = "no-cache" in request.headers.get("cache-control", "") or "no-store" in request.headers.get(
-            "cache-control", ""
+
+async def metrics(request: Request) -> Response:
+    server: Server = request.app.state.server
+    server.metrics.observe_engine(server.engine.stats())
+    return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models(request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    card = {
+        "id": server.model_id,
+        "object": "model",
+        "created": server.created,
+        "owned_by": "trainfer",
+        "max_model_len": server.max_model_len,
+    }
+    return {"object": "list", "data": [card]}
+
+
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    return await serve(TEXT, req, request)
+
+
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    return await serve(CHAT, req, request)
+
+
+async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response:
+    server: Server = request.app.state.server
+    if req.model and req.model != server.model_id:
+        raise APIError(
+            404,
+            f"model {req.model!r} is not served here; use {server.model_id!r}",
+            param="model",
+            code="model_not_found",
         )
-        if server.cache is not None and req.deterministic and not bypass:
-            key = cache_key(server.fingerprint, path, req.cache_fields())
-            hit = server.cache.get(key)
-            if hit is not None:
-                server.metrics.cache_hits.inc()
-                choices = [
-                    Choice(c["text"], c["token_ids"], [tuple(x) for x in c["logprobs"]], c["finish_reason"])
-                    for c in hit["choices"]
-                ]
-                server.metrics.requests.labels(path, "200").inc()
-                return respond(req, chat, server.usage(len(ids), choices), choices, {"response_cache": "hit"})
-            server.metrics.cache_misses.inc()
-        if server.inflight >= server.capacity:
-            raise APIError(
-                429, "the server is at capacity; retry shortly", kind="rate_limit_error", headers={"Retry-After": "1"}
-            )
-        server.metrics.requests.labels(path, "200").inc()
-        if req.stream:
-            return StreamingResponse(stream(req, chat, ids, params, key), media_type="text/event-stream")
-        start = time.perf_counter()
-        choices = [Choice() for _ in range(params.n)]
-        first = None
-        cached = 0
-        async for e in server.events(ids, params):
-            first = first or time.perf_counter()
-            cached = e.cached_prompt_tokens
-            server.add(choices[e.index], e, params)
-        remember(key, choices)
-        usage = server.usage(len(ids), choices)
-        server.count(usage)
-        timings = {
-            "response_cache": "miss" if key else "off",
-            "ttft_ms": round(1000 * ((first or start) - start), 2),
-            "total_ms": round(1000 * (time.perf_counter() - start), 2),
-            "cached_prompt_tokens": cached,
-        }
-        return respond(req, chat, usage, choices, timings)
+    prompts = await asyncio.to_thread(server.tokenize, fmt, req)
+    params, generate = server.sampling(fmt, req, prompts)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    key = None
+    control = request.headers.get("cache-control", "")
+    if server.cache is not None and req.deterministic and "no-cache" not in control and "no-store" not in control:
+        key = cache_key(server.fingerprint, request.url.path, req.cache_fields())
+        hit = await server.cache_get(key)
+        if hit is not None:
+            server.metrics.cache_hits.inc()
+            return cached_answer(server, fmt, req, prompts, hit, include_usage)
+        server.metrics.cache_misses.inc()
+    run = server.start(fmt, prompts, params, generate)
+    if req.stream:
+        return GuardedStream(stream(server, fmt, run, key, include_usage), run.close)
+    try:
+        if not await finished_unless_disconnected(run, request):
+            return Response(status_code=499)  # nobody is listening; the finally below frees the engine
+    finally:
+        run.close()
+    if run.error:
+        raise APIError(500, f"generation failed: {run.error}", kind="server_error")
+    if key is not None:
+        await remember(server, key, run)
+    timings = {
+        "response_cache": "miss" if key else "off",
+        "ttft_ms": round(1000 * ((run.first or run.start) - run.start), 2),
+        "total_ms": round(1000 * (time.perf_counter() - run.start), 2),
+        "cached_prompt_tokens": run.cached_prompt_tokens,
+    }
+    body = await asyncio.to_thread(
+        fmt.body, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, timings
+    )
+    return Response(body, media_type="application/json")
 
-    def remember(key: str | None, choices: list[Choice]) -> None:
-        if key is not None and server.cache is not None and all(c.finish_reason for c in choices):
-            server.cache.put(key, {"choices": [c.__dict__ for c in choices]})
 
-    def respond(req: SamplingRequest, chat: bool, usage: dict, choices: list[Choice], timings: dict) -> Response:
-        if req.stream:
-            return StreamingResponse(replay(req, chat, choices, usage), media_type="text/event-stream")
-        if chat:
-            body_choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _logprobs_json(server, c, True),
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(choices)
-            ]
-        else:
-            body_choices = [
-                {
-                    "index": i,
-                    "text": c.text,
-                    "logprobs": _logprobs_json(server, c, False),
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(choices)
-            ]
-        return JSONResponse({**envelope(chat, False), "choices": body_choices, "usage": usage, "timings": timings})
+async def finished_unless_disconnected(run: Run, request: Request) -> bool:
+    """Read the run to its end, unless the client leaves first (then False): a non-streamed request
+    whose client is gone must not keep generating."""
 
-    def envelope(chat: bool, chunk: bool, rid: str | None = None) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-        return {
-            "id": rid or ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            "object": kind,
-            "created": int(time.time()),
-            "model": server.model_id,
-        }
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-    def chunk(
-        chat: bool, rid: str, index: int, text: str, finish: str | None, logprobs: Any = None, first: bool = False
-    ) -> str:
-        if chat:
-            delta: dict[str, Any] = (
-                {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            )
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        else:
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return f"data: {json.dumps({**envelope(chat, True, rid), 'choices': [choice]})}\n\n"
+    done_task, gone_task = asyncio.ensure_future(run.collect()), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (done_task, gone_task):
+            task.cancel()
+    if done_task in done:
+        done_task.result()
+        return True
+    return False
 
-    def usage_chunk(chat: bool, rid: str, usage: dict) -> str:
-        return f"data: {json.dumps({**envelope(chat, True, rid), 'choices': [], 'usage': usage})}\n\n"
 
-    async def stream(req: SamplingRequest, chat: bool, ids: list[int], params: Any, key: str | None):
-        rid = envelope(chat, True)["id"]
-        choices = [Choice() for _ in range(params.n)]
-        started: set[int] = set()
-        async for e in server.events(ids, params):
-            c = choices[e.index]
-            before = len(c.logprobs)
-            server.add(c, e, params)
-            lp = None
-            if len(c.logprobs) > before:
-                one = Choice(token_ids=c.token_ids[-1:], logprobs=c.logprobs[-1:])
-                lp = _logprobs_json(server, one, chat, c.text[: len(c.text) - len(e.text)])
-            if e.text or e.finish_reason or lp or e.index not in started:
-                yield chunk(chat, rid, e.index, e.text, e.finish_reason, lp, first=e.index not in started)
-                started.add(e.index)
-        remember(key, choices)
-        usage = server.usage(len(ids), choices)
-        server.count(usage)
-        if req.stream_options and req.stream_options.include_usage:
-            yield usage_chunk(chat, rid, usage)
-        yield "data: [DONE]\n\n"
+async def stream(server: Server, fmt: Format, run: Run, key: str | None, include_usage: bool) -> AsyncIterator[str]:
+    rid, model, tok = fmt.new_id(), server.model_id, server.tokenizer
+    started: set[int] = set()
+    async for i, e in run.events():
+        c, first = run.choices[i], i not in started
+        if e.error:
+            yield sse(error_body(f"generation failed: {e.error}", "server_error"))
+        echo = run.echo(i) if first else None  # the prompt goes in front of a sample's first chunk
+        text, lp = (e.text if run.generate else ""), None
+        counted = run.generate and e.logprob is not None and c.token_ids[-1:] == [e.token_id]
+        if counted or (echo is not None and echo.logprobs is not None):
+            one = Choice(token_ids=c.token_ids[-1:] if counted else [], logprobs=c.logprobs[-1:] if counted else [])
+            before = run.echo(i).text if run.echo(i) else ""  # offsets count from the start of the answer
+            lp = fmt.logprobs(tok, one, 0 if echo else len(before) + len(c.text) - len(text), echo)
+        if echo is not None:
+            text = echo.text + text
+        if text or e.finish_reason or lp or first:
+            yield fmt.chunk(rid, model, fmt.delta(i, text, c.finish_reason if e.finish_reason else None, lp, first))
+            started.add(i)
+    run.close()
+    if key is not None and not run.error:
+        await remember(server, key, run)
+    if include_usage:
+        yield fmt.usage_chunk(rid, model, run.prompts, run.choices)
+    yield "data: [DONE]\n\n"
 
-    async def replay(req: SamplingRequest, chat: bool, choices: list[Choice], usage: dict):
-        rid = envelope(chat, True)["id"]
-        for i, c in enumerate(choices):
-            yield chunk(chat, rid, i, c.text, None, _logprobs_json(server, c, chat), first=True)
-            yield chunk(chat, rid, i, "", c.finish_reason)
-        if req.stream_options and req.stream_options.include_usage:
-            yield usage_chunk(chat, rid, usage)
-        yield "data: [DONE]\n\n"
 
-    return app
+async def remember(server: Server, key: str, run: Run) -> None:
+    if all(c.finish_reason in ("stop", "length") for c in run.choices):
+        value = {"choices": [c.to_json() for c in run.choices], "prompt_logprobs": [p.logprobs for p in run.prompts]}
+        await server.cache_put(key, value)
+
+
+def cached_answer(
+    server: Server, fmt: Format, req: SamplingRequest, prompts: list[Prompt], hit: dict[str, Any], include_usage: bool
+) -> Response:
+    choices = [Choice.from_json(c) for c in hit["choices"]]
+    for p, lps in zip(prompts, hit["prompt_logprobs"], strict=True):
+        p.logprobs = None if lps is None else [(lp, [tuple(t) for t in top]) for lp, top in lps]
+    n = len(choices) // len(prompts)
+    if req.stream:
+        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, n, include_usage)
+        return StreamingResponse(iter(lines), media_type="text/event-stream")
+    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, n, {"response_cache": "hit"})
+    return Response(body, media_type="application/json")

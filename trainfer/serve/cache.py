@@ -3,13 +3,14 @@
 Key = the model's weights fingerprint + the normalized request. In process by default (an LRU bounded by
 entries and bytes); with a redis:// URL it is shared by every replica that points at the same server.
 Redis bounds its own memory (run it with maxmemory and `allkeys-lru`); entries also expire after a TTL.
+Both are async: the Redis client (redis.asyncio) never blocks the event loop that steps the engine, and
+the server treats any cache error as a miss (a cache is an optimization, never a reason to fail).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -33,8 +34,8 @@ def cache_key(fingerprint: str, endpoint: str, request: dict[str, Any]) -> str:
 
 
 class ResponseCache(Protocol):
-    def get(self, key: str) -> dict[str, Any] | None: ...
-    def put(self, key: str, value: dict[str, Any]) -> None: ...
+    async def get(self, key: str) -> dict[str, Any] | None: ...
+    async def put(self, key: str, value: dict[str, Any]) -> None: ...
 
 
 class MemoryCache:
@@ -42,44 +43,43 @@ class MemoryCache:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.entries: OrderedDict[str, bytes] = OrderedDict()
         self.nbytes = 0
-        self.lock = threading.Lock()
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        with self.lock:
-            raw = self.entries.get(key)
-            if raw is None:
-                return None
-            self.entries.move_to_end(key)
+    async def get(self, key: str) -> dict[str, Any] | None:
+        raw = self.entries.get(key)
+        if raw is None:
+            return None
+        self.entries.move_to_end(key)
         return json.loads(raw)
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
+    async def put(self, key: str, value: dict[str, Any]) -> None:
         raw = json.dumps(value).encode()
         if len(raw) > self.max_bytes:
             return
-        with self.lock:
-            if key in self.entries:
-                self.nbytes -= len(self.entries.pop(key))
-            self.entries[key] = raw
-            self.nbytes += len(raw)
-            while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
-                _, old = self.entries.popitem(last=False)
-                self.nbytes -= len(old)
+        if key in self.entries:
+            self.nbytes -= len(self.entries.pop(key))
+        self.entries[key] = raw
+        self.nbytes += len(raw)
+        while len(self.entries) > self.max_entries or self.nbytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= len(old)
 
 
 class RedisCache:
     def __init__(self, url: str, ttl_s: int = 86400, prefix: str = "trainfer:response:") -> None:
         import redis
+        import redis.asyncio
 
-        try:
-            self.client = redis.Redis.from_url(url, socket_timeout=2)
-            self.client.ping()
+        try:  # check the URL and the server once at start-up, synchronously: a typo fails `trainfer serve`
+            with redis.Redis.from_url(url, socket_timeout=2) as probe:
+                probe.ping()
+            self.client = redis.asyncio.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         except (redis.RedisError, ValueError) as e:
             raise TrainferError(f"cannot use the response cache at {url}: {e}") from None
         self.ttl_s, self.prefix = ttl_s, prefix
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        raw = self.client.get(self.prefix + key)
+    async def get(self, key: str) -> dict[str, Any] | None:
+        raw = await self.client.get(self.prefix + key)
         return json.loads(raw) if raw else None
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self.client.set(self.prefix + key, json.dumps(value), ex=self.ttl_s)
+    async def put(self, key: str, value: dict[str, Any]) -> None:
+        await self.client.set(self.prefix + key, json.dumps(value), ex=self.ttl_s)

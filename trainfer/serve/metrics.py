@@ -14,7 +14,10 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "trainfer_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+            "trainfer_requests",
+            "HTTP requests by endpoint (a served path, or 'other') and status",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter("trainfer_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("trainfer_generation_tokens", "Tokens generated", registry=r)
@@ -42,6 +45,9 @@ class Metrics:
             "trainfer_response_cache_hits", "Responses served from the response cache", registry=r
         )
         self.cache_misses = Counter("trainfer_response_cache_misses", "Cacheable requests not in the cache", registry=r)
+        self.cache_errors = Counter(
+            "trainfer_response_cache_errors", "Response cache calls that failed (served as a miss)", registry=r
+        )
 
     def observe_engine(self, stats: dict[str, float]) -> None:
         self.running.set(stats["running"])

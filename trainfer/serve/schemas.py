@@ -1,24 +1,41 @@
-"""OpenAI-compatible request bodies, validated with pydantic; responses are plain dicts in OpenAI's shape."""
+"""OpenAI-compatible request bodies, validated with pydantic; the responses are in responses.py.
+
+Unknown fields are refused with a 400 that names them (`logit_bias`, `tools`, `response_format`, ...):
+a client that relies on a feature trainfer lacks should hear so rather than get an answer that ignores it.
+Every bound comes from infer/sampling.py, so the HTTP schema and the engine agree.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainfer.infer.sampling import SamplingParams
+from trainfer.infer.sampling import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    SEED_MAX,
+    SEED_MIN,
+    SamplingParams,
+)
+
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
-    # Unknown fields are ignored, as OpenAI's own server does for forward compatibility.
-    model_config = ConfigDict(extra="ignore")
-
+class SamplingRequest(Strict):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (score the prompt, generate nothing)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -27,16 +44,19 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)  # extension
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: bool = False  # extension (as in vLLM and llama.cpp): fixed output lengths for benchmarks
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # accepted and unused (OpenAI's end-user id)
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -49,13 +69,10 @@ class SamplingRequest(BaseModel):
             seed=self.seed,
             n=self.n,
             logprobs=logprobs,
-            stop=stops,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             ignore_eos=self.ignore_eos,
+            prompt_logprobs=prompt_logprobs,
         )
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
     @property
     def deterministic(self) -> bool:
@@ -68,17 +85,29 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] = Field(..., min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    # One prompt (text or token ids) or a batch of them; choice i answers prompt i // n.
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    )
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # answer with the prompt in front (with logprobs: the prompt tokens' logprobs too)
+
+    def prompt_list(self) -> list[str] | list[list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        return [p] if isinstance(p[0], int) else p  # type: ignore[return-value]
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart]
 
@@ -89,4 +118,4 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
