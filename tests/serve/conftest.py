@@ -74,7 +74,13 @@ def smollm2_server(smollm2_path):
 
 
 @pytest.fixture(scope="session")
-def redis_url():
+def long_chat_dir(tmp_path_factory) -> Path:
+    """The same tiny model with an 8k context, for generations that run for seconds."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tinylong"), CHAT_TEMPLATE, context=8192)
+
+
+def start_redis() -> tuple[subprocess.Popen, str]:
+    """A private redis-server on a free port: (process, redis:// URL)."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed: .ci/run installs Debian's redis-server package")
@@ -89,6 +95,12 @@ def redis_url():
             break
         except redis.ConnectionError:
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    proc, url = start_redis()
+    yield url
     proc.terminate()
     proc.wait(timeout=10)

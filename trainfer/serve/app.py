@@ -21,22 +21,30 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from trainfer.errors import TrainferError
 from trainfer.infer.engine import AsyncEngine, ContextLengthError, TokenEvent
-from trainfer.infer.sampling import SamplingParams
+from trainfer.infer.sampling import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 from trainfer.llm import LLM
 from trainfer.serve.cache import ResponseCache, cache_key, model_fingerprint
 from trainfer.serve.metrics import Metrics
 from trainfer.serve.responses import CHAT, TEXT, Choice, Format, Prompt, error_body, replay, sse
-from trainfer.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from trainfer.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingRequest,
+    TokenizeRequest,
+)
 
 log = logging.getLogger("trainfer.serve")
 
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+TOKENIZER_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}  # vLLM's, as lm-evaluation-harness probes them
+
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"} | TOKENIZER_ROUTES
 MAX_LOGPROB_ENTRIES = 1 << 20  # per answer: n x (prompt if echoed + completion) x (1 + top logprobs)
 
 
@@ -212,7 +220,6 @@ class Run:
         self.index = {rid: i for i, rid in enumerate(self.rids)}
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [Choice() for _ in range(len(prompts) * self.n)]
-        self.stop_ids = set(params.stop_token_ids) | server.tokenizer.stop_token_ids
         self.start = time.perf_counter()
         self.times: dict[int, list[float]] = {}
         self.first: float | None = None
@@ -235,7 +242,7 @@ class Run:
             if e.prompt_logprobs is not None:
                 self.prompts[i // self.n].logprobs = e.prompt_logprobs
             if self.generate:
-                self.choices[i].add(e, self.stop_ids)
+                self.choices[i].add(e)
             else:  # max_tokens=0 with echo: the sampled token is not part of the answer
                 self.choices[i].finish_reason = "length" if e.finish_reason != "error" else "error"
                 self.choices[i].error = e.error
@@ -269,20 +276,47 @@ class Run:
         s.metrics.generation_tokens.inc(sum(len(c.token_ids) for c in self.choices))
 
 
-class GuardedStream(StreamingResponse):
-    """A streamed answer whose cleanup runs however the response ends: finished, client gone, or never
-    started (a generator that never ran would not run its own `finally`)."""
+class EventStream(Response):
+    """A server-sent-events answer that stops as soon as the client leaves and runs its cleanup however
+    it ends: finished, client gone, or never started.
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream")
-        self.on_close = on_close
+    Why not Starlette's StreamingResponse: under ASGI spec 2.4 it learns of a disconnect only when a
+    send fails, and uvicorn drops sends to a closed connection silently, so an abandoned stream went on
+    generating to its last token. Here a watcher reads `http.disconnect` and cancels the pump.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, lines: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(headers={"cache-control": "no-cache"})
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]  # streamed: chunked
+        self.lines, self.on_close = lines, on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for line in self.lines:
+                await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        pumping = asyncio.ensure_future(pump())
+        watching = asyncio.ensure_future(until_disconnected(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            for task in (pumping, watching):
+                task.cancel()
+            await asyncio.gather(pumping, watching, return_exceptions=True)
+            await self.lines.aclose()  # type: ignore[attr-defined]
             self.on_close()
+        if not pumping.cancelled() and pumping.exception() is not None:
+            raise pumping.exception()  # type: ignore[misc]
+
+
+async def until_disconnected(receive) -> None:
+    """Return when the client has gone (uvicorn also says so once the answer is complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class Gate:
@@ -336,7 +370,7 @@ class Gate:
     def refusal(self, scope) -> APIError | None:
         s = self.server
         headers = dict(scope["headers"])
-        if s.api_key and (scope["path"].startswith("/v1/") or scope["path"] in ("/tokenize", "/detokenize")):
+        if s.api_key and (scope["path"].startswith("/v1/") or scope["path"] in TOKENIZER_ROUTES):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {s.api_key}".encode()):
                 return APIError(401, "missing or invalid API key", kind="authentication_error", code="invalid_api_key")
@@ -368,6 +402,9 @@ def create_app(server: Server) -> Gate:
     app.get("/v1/models")(models)
     app.post("/v1/completions")(completions)
     app.post("/v1/chat/completions")(chat_completions)
+    app.post("/tokenize")(tokenize)
+    app.post("/detokenize")(detokenize)
+    app.get("/tokenizer_info")(tokenizer_info)
     return Gate(app, server)
 
 
@@ -375,17 +412,32 @@ async def api_error(request: Request, exc: APIError) -> Response:
     return exc.response()
 
 
+# What a field accepts, for fields whose type is a union (pydantic would report each member separately).
+UNION_HELP = {
+    "prompt": "a non-empty string, a list of token ids, or a list of either (a batch)",
+    "stop": f"a string or a list of at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters",
+}
+
+
 async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-    first = exc.errors()[0]
-    loc = [str(p) for p in first["loc"] if p != "body"]
-    where = ".".join(loc) or "body"
-    if first["type"] == "extra_forbidden":
+    """One 400 naming the first bad field, in words a client can act on."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = [p for p in first["loc"] if p != "body"]
+    field = str(loc[0]) if loc else None
+    where = ".".join(str(p) for p in loc) or "body"
+    part = next((e for e in errors if e["loc"][-1:] == ("type",) and "content" in e["loc"]), None)
+    if first["type"] == "json_invalid":
+        message, field = f"invalid JSON body: {first.get('ctx', {}).get('error', first['msg'])} (at {where})", None
+    elif first["type"] == "extra_forbidden":
         message = f"unsupported field '{where}': trainfer does not implement it"
-    elif first["type"] == "json_invalid":
-        message = f"invalid JSON body: {first.get('ctx', {}).get('error', first['msg'])}"
+    elif part is not None and part.get("input") != "text":
+        message = f"unsupported content part type {part.get('input')!r} in '{field}': trainfer serves text only"
+    elif field in UNION_HELP and sum(1 for e in errors if e["loc"][1:2] == (field,)) > 1:
+        message = f"invalid field '{field}': must be {UNION_HELP[field]}"
     else:
         message = f"invalid field '{where}': {first['msg']}"
-    return APIError(400, message, param=loc[0] if loc else None).response()
+    return APIError(400, message, param=field).response()
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -413,6 +465,44 @@ async def models(request: Request) -> dict[str, Any]:
         "max_model_len": server.max_model_len,
     }
     return {"object": "list", "data": [card]}
+
+
+def check_model(server: Server, model: str | None) -> None:
+    if model and model != server.model_id:
+        raise APIError(
+            404, f"model {model!r} is not served here; use {server.model_id!r}", param="model", code="model_not_found"
+        )
+
+
+async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    check_model(server, req.model)
+    try:
+        ids = await asyncio.to_thread(server.tokenizer.encode, req.prompt, None if req.add_special_tokens else False)
+    except UnicodeEncodeError:
+        raise APIError(400, "the prompt is not valid Unicode (a lone surrogate?)", param="prompt") from None
+    return {"count": len(ids), "max_model_len": server.max_model_len, "tokens": ids}
+
+
+async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    check_model(server, req.model)
+    bad = [t for t in req.tokens if t >= server.tokenizer.vocab_size]
+    if bad:
+        raise APIError(400, f"token ids out of range [0, {server.tokenizer.vocab_size}): {bad[:5]}", param="tokens")
+    return {"prompt": await asyncio.to_thread(server.tokenizer.decode, req.tokens)}
+
+
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    tok = server.tokenizer
+    return {
+        "tokenizer_class": "trainfer",
+        "bos_token": tok.token(tok.bos_token_id) if tok.bos_token_id is not None else None,
+        "eos_token": tok.token(tok.eos_token_id) if tok.eos_token_id is not None else None,
+        "chat_template": tok.chat_template,
+        "model_max_length": server.max_model_len,
+    }
 
 
 async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -446,7 +536,7 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         server.metrics.cache_misses.inc()
     run = server.start(fmt, prompts, params, generate)
     if req.stream:
-        return GuardedStream(stream(server, fmt, run, key, include_usage), run.close)
+        return EventStream(stream(server, fmt, run, key, include_usage), run.close)
     try:
         if not await finished_unless_disconnected(run, request):
             return Response(status_code=499)  # nobody is listening; the finally below frees the engine
@@ -472,11 +562,10 @@ async def finished_unless_disconnected(run: Run, request: Request) -> bool:
     """Read the run to its end, unless the client leaves first (then False): a non-streamed request
     whose client is gone must not keep generating."""
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    done_task, gone_task = asyncio.ensure_future(run.collect()), asyncio.ensure_future(disconnected())
+    done_task, gone_task = (
+        asyncio.ensure_future(run.collect()),
+        asyncio.ensure_future(until_disconnected(request.receive)),
+    )
     try:
         done, _ = await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -521,6 +610,11 @@ async def remember(server: Server, key: str, run: Run) -> None:
         await server.cache_put(key, value)
 
 
+async def aiter_of(lines: list[str]) -> AsyncIterator[str]:
+    for line in lines:
+        yield line
+
+
 def cached_answer(
     server: Server, fmt: Format, req: SamplingRequest, prompts: list[Prompt], hit: dict[str, Any], include_usage: bool
 ) -> Response:
@@ -530,6 +624,6 @@ def cached_answer(
     n = len(choices) // len(prompts)
     if req.stream:
         lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, n, include_usage)
-        return StreamingResponse(iter(lines), media_type="text/event-stream")
+        return EventStream(aiter_of(lines), lambda: None)
     body = fmt.body(server.tokenizer, server.model_id, prompts, choices, n, {"response_cache": "hit"})
     return Response(body, media_type="application/json")

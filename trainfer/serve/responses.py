@@ -43,12 +43,15 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
 
-    def add(self, e: TokenEvent, stop_ids: set[int]) -> None:
+    def add(self, e: TokenEvent) -> None:
+        """A stop token (EOS, end of turn) adds no text but is a generated token: it counts in usage and
+        has its logprob, as in vLLM and OpenAI (lm-evaluation-harness scores a continuation ending in
+        one by that logprob)."""
         self.text += e.text
         self.finish_reason = e.finish_reason or self.finish_reason
         self.error = e.error or self.error
-        if e.token_id < 0 or (e.finish_reason == "stop" and e.token_id in stop_ids):
-            return  # an error event has no token; a stop token ends the text and is not counted in it
+        if e.token_id < 0:
+            return  # an error event carries no token
         self.token_ids.append(e.token_id)
         if e.logprob is not None:
             self.logprobs.append((e.logprob, e.top_logprobs))
