@@ -54,6 +54,7 @@ def tiny_settings(**extra) -> list[str]:
         "ckpt_every": 10,
         "sample_tokens": 0,
         "progress": False,
+        "dtype": "float32",  # not auto: that picks bf16 on CPUs with avx512_bf16 or AMX, and tests compare losses
     }
     base.update(extra)
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
