@@ -261,7 +261,8 @@ def test_capacity_counts_sequences_and_holds_for_streamed_bursts(long_chat_dir):
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # 3 sequences can never fit in 2
         assert wait_for(lambda: idle(server), 5)  # the burst's two streams have closed (just after their last byte)
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as running:
-            assert running.status_code == 200 and next(running.iter_lines()).startswith("data: ")
+            lines = running.iter_lines()  # kept: a dropped iterator closes the response, and the server aborts it
+            assert running.status_code == 200 and next(lines).startswith("data: ")
             r = httpx.post(server.url + "/v1/completions", json={**LONG, "n": 2}, timeout=10)
             assert r.status_code == 429  # one sequence runs, n=2 needs two more
         assert wait_for(lambda: idle(server), 5)
