@@ -2,6 +2,10 @@
 on the same SmolLM2 weights, loaded by `trainfer bench serve` in one run. Writes JSON and a PNG.
 
     .venv/bin/python benchmarks/serve.py [--concurrency 1 --concurrency 4 --concurrency 16] [--out DIR]
+
+Before/after a change, in one run: `git worktree add /tmp/before <commit>`, then
+    .venv/bin/python benchmarks/serve.py --baseline-src /tmp/before --no-llama --rounds 2
+serves trainfer from that checkout and from this one, alternately, and prints after/before ratios.
 """
 
 from __future__ import annotations
@@ -46,10 +50,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
     raise RuntimeError(f"{url} not healthy after {timeout} s")
 
 
-def run_server(cmd: list[str], label: str, args: argparse.Namespace, tokenizer) -> dict:
+def run_server(cmd: list[str], label: str, args: argparse.Namespace, tokenizer, env: dict | None = None) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_healthy(url, proc)
         warm = {"model": MODEL, "prompt": "warm up", "max_tokens": 4}  # neither server is timed cold
@@ -69,6 +73,40 @@ def run_server(cmd: list[str], label: str, args: argparse.Namespace, tokenizer) 
         proc.wait(timeout=60)
 
 
+def trainfer_cmd(args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "trainfer.cli", "serve", MODEL, "--dtype", args.dtype, "--max-num-seqs", "16",
+            "--response-cache-size", "0"]  # fmt: skip
+
+
+def ratios(after: dict, before: dict, a: str, b: str) -> dict:
+    out = {}
+    for x, y in zip(after["levels"], before["levels"], strict=True):
+        out[x["level"]] = {
+            f"{a}_tok_s": round(x["output_token_throughput"], 1),
+            f"{b}_tok_s": round(y["output_token_throughput"], 1),
+            "throughput_ratio": round(x["output_token_throughput"] / y["output_token_throughput"], 2),
+            f"{a}_ttft_p50_ms": round(1000 * x["ttft_s"]["p50"]),
+            f"{b}_ttft_p50_ms": round(1000 * y["ttft_s"]["p50"]),
+            f"{a}_tpot_p50_ms": round(1000 * x["tpot_s"]["p50"], 1),
+            f"{b}_tpot_p50_ms": round(1000 * y["tpot_s"]["p50"], 1),
+        }
+    return out
+
+
+def before_after(args: argparse.Namespace, tokenizer) -> dict:
+    """This checkout and another one (--baseline-src), alternated for --rounds so drift hits both alike."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
+    rounds = []
+    for r in range(args.rounds):
+        before = run_server(trainfer_cmd(args), f"before-{r}", args, tokenizer, env)
+        after = run_server(trainfer_cmd(args), f"after-{r}", args, tokenizer)
+        rounds.append(ratios(after, before, "after", "before"))
+        print(json.dumps(rounds[-1]), flush=True)
+    return {"rounds": rounds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, action="append")
@@ -76,62 +114,32 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--llama-gguf", default="F32", help="which llama.cpp copy: F32, F16, Q8_0, Q4_1")
+    ap.add_argument("--baseline-src", type=Path, help="another trainfer checkout to serve as 'before'")
+    ap.add_argument("--rounds", type=int, default=1, help="before/after rounds (with --baseline-src)")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama-server (no llama.cpp build)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     args.concurrency = args.concurrency or [1, 4, 16]
     args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_checkpoint(MODEL)[2]
+    if args.baseline_src:
+        print(json.dumps(before_after(args, tokenizer)))
+    if args.no_llama:
+        return
     peers = registry.home() / "peers"
     bin_dir = llama_cpp.build(peers / "llama.cpp")
     gguf = llama_cpp.quantized_copies(bin_dir, peers)[args.llama_gguf]
-    tokenizer = load_checkpoint(MODEL)[2]
-    ours = run_server(
-        [
-            sys.executable,
-            "-m",
-            "trainfer.cli",
-            "serve",
-            MODEL,
-            "--dtype",
-            args.dtype,
-            "--max-num-seqs",
-            "16",
-            "--response-cache-size",
-            "0",
-        ],
-        f"trainfer-{args.dtype}",
-        args,
-        tokenizer,
-    )
+    ours = run_server(trainfer_cmd(args), f"trainfer-{args.dtype}", args, tokenizer)
     ctx = 16 * (args.input_len + args.output_len + 64)
     theirs = run_server(
-        [
-            str(bin_dir / "llama-server"),
-            "-m",
-            str(gguf),
-            "--parallel",
-            "16",
-            "-c",
-            str(ctx),
-            "-t",
-            "2",
-            "--host",
-            "127.0.0.1",
-        ],
+        [str(bin_dir / "llama-server"), "-m", str(gguf), "--parallel", "16", "-c", str(ctx), "-t", "2", "--host",
+         "127.0.0.1"],
         f"llama.cpp-{args.llama_gguf}",
         args,
         tokenizer,
-    )
+    )  # fmt: skip
     plot([ours, theirs], args.out / "serve.png")
-    summary = {}
-    for a, b in zip(ours["levels"], theirs["levels"], strict=True):
-        summary[a["level"]] = {
-            "trainfer_tok_s": round(a["output_token_throughput"], 1),
-            "llama_cpp_tok_s": round(b["output_token_throughput"], 1),
-            "throughput_ratio": round(a["output_token_throughput"] / b["output_token_throughput"], 2),
-            "trainfer_ttft_p50_ms": round(1000 * a["ttft_s"]["p50"]),
-            "llama_cpp_ttft_p50_ms": round(1000 * b["ttft_s"]["p50"]),
-        }
-    print(json.dumps(summary))
+    print(json.dumps(ratios(ours, theirs, "trainfer", "llama_cpp")))
 
 
 if __name__ == "__main__":

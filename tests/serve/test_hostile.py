@@ -233,6 +233,9 @@ HOSTILE: list[Hostile] = [
       code="context_length_exceeded"),
     H("prompt ids over the context", "POST", COMPLETIONS, comp(prompt=[65] * 300), None, 400,
       code="context_length_exceeded"),
+    # the first prompt is queued before the second is refused: it must be aborted, not leaked (storm checks)
+    H("batch: second prompt + max_tokens over the context", "POST", COMPLETIONS,
+      comp(prompt=["a", "x" * 60], max_tokens=10), None, 400, code="context_length_exceeded"),
     H("unknown model", "POST", COMPLETIONS, comp(model="gpt-9"), None, 404, code="model_not_found"),
     # -- transport: content types, methods, paths, headers --
     H("content-type text/plain", "POST", COMPLETIONS, json.dumps(comp()).encode(), TEXT_CT, (400, 415)),

@@ -57,6 +57,10 @@ class ContextLengthError(TrainferError):
         self.prompt_tokens, self.max_tokens, self.max_model_len = prompt_tokens, max_tokens, max_model_len
 
 
+class ForwardError(Exception):
+    """The model forward raised; no sequence state had changed yet, so the step can be retried."""
+
+
 @dataclass
 class _Output:
     detok: Detokenizer
@@ -135,14 +139,14 @@ class Engine:
             return events
         try:
             return events + self._forward(batch)
-        except Exception as e:
+        except ForwardError as e:  # nothing was committed: retry each sequence alone to find the culprit
             if len(batch) == 1:
-                return [*events, self._fail(batch[0][0], f"{type(e).__name__}: {e}")]
+                return [*events, self._fail(batch[0][0], str(e))]
         for item in batch:
             try:
                 events += self._forward([item])
-            except Exception as e:
-                events.append(self._fail(item[0], f"{type(e).__name__}: {e}"))
+            except ForwardError as e:
+                events.append(self._fail(item[0], str(e)))
         return events
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> list[TokenEvent]:
@@ -162,7 +166,10 @@ class Engine:
             if start + n == seq.num_tokens:  # the chunk reaches the end: sample after it
                 to_sample.append((seq, len(rows)))
                 rows.append(row - 1)
-        logits = self.runner.run(batch, rows)
+        try:
+            logits = self.runner.run(batch, rows)
+        except Exception as e:
+            raise ForwardError(f"{type(e).__name__}: {e}") from e
         for seq, n in batch:
             self.scheduler.computed(seq, n)
         for seq, at, count in prompt_rows:

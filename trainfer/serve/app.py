@@ -151,11 +151,12 @@ class Server:
         else:
             logprobs = req.logprobs
         try:  # max_tokens=0: the engine still samples one token (the prompt's last row is computed anyway)
-            params = req.sampling(wanted or None if wanted != 0 else 1, logprobs, logprobs if echo else None)
+            params = req.sampling(1 if wanted == 0 else wanted, logprobs, logprobs if echo else None)
         except TrainferError as e:
             raise APIError(400, str(e)) from None
         if logprobs is not None:
-            tokens = sum((len(p.ids) if echo else 0) + (wanted or self.max_model_len - len(p.ids)) for p in prompts)
+            room = [params.max_tokens or self.max_model_len - len(p.ids) for p in prompts]
+            tokens = sum((len(p.ids) if echo else 0) + r for p, r in zip(prompts, room, strict=True))
             entries = req.n * tokens * (1 + logprobs)
             if entries > MAX_LOGPROB_ENTRIES:
                 raise APIError(
@@ -207,14 +208,16 @@ class Server:
         self.metrics.cache_errors.inc()
         if not self._cache_failed:
             self._cache_failed = True
-            log.warning("response cache failed (%s: %s); serving without it until it recovers", type(e).__name__, e)
+            log.warning(
+                "response cache failed (%s: %s); such requests are served as misses (logged once)", type(e).__name__, e
+            )
 
 
 class Run:
     """An admitted request on the engine: its prompts' samples, read from one queue, closed exactly once."""
 
     def __init__(self, server: Server, prompts: list[Prompt], params: SamplingParams, generate: bool) -> None:
-        self.server, self.prompts, self.params, self.generate = server, prompts, params, generate
+        self.server, self.prompts, self.generate = server, prompts, generate
         self.n = params.n
         self.rids = [uuid.uuid4().hex for _ in prompts]
         self.index = {rid: i for i, rid in enumerate(self.rids)}
@@ -269,6 +272,8 @@ class Run:
         s = self.server
         for rid in self.rids:
             s.engine.abort(rid)
+        if not self.admitted:
+            return  # refused while queuing its prompts (context length): nothing to give back or record
         s.inflight -= self.admitted
         for token_times in self.times.values():
             s.metrics.observe_sequence(token_times, self.start)
