@@ -30,7 +30,9 @@ _SAMPLING_HELP = {
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an alias (see `trainfer models`), a .gguf file or a Hugging Face directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="weights (int8: Q8_0 blocks)"
+    )
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
 
 

@@ -54,9 +54,14 @@ class LLM:
     ) -> LLM:
         """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json.
 
+        dtype: float32, bfloat16, or int8 (weights in Q8_0-style blocks, quantized at load; activations fp32).
         engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens.
         """
-        model, tokenizer = load_model(name_or_path, dtype, device)
+        model, tokenizer = load_model(name_or_path, "float32" if dtype == "int8" else dtype, device)
+        if dtype == "int8":
+            from trainfer.quant.blocks import quantize_model
+
+            quantize_model(model)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
         return cls(model, tokenizer, str(name_or_path), **engine_args)
