@@ -119,7 +119,8 @@ def measure_engine(llm: LLM, runs: int, new_tokens: int, concurrency: tuple[int,
     prefix = prompt(1000)
     r["prefix_cold_ttft_ms"] = round(1000 * engine_ttft(llm, prefix + prompt(20)), 1)
     r["prefix_warm_ttft_ms"] = round(1000 * median(lambda: engine_ttft(llm, prefix + prompt(20)), runs), 1)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    # Bytes a decode step reads: every weight once (int8 weights are buffers; a tied head counts once).
+    weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in llm.model.state_dict().values()}.values())
     r["roofline_tok_s"] = round(bandwidth * 1e9 / weight_bytes, 1)
     r["fraction_of_roofline"] = round(r["decode_tok_s"] / r["roofline_tok_s"], 4)
     return r
@@ -176,7 +177,7 @@ def bench_decode(
                 p = registry.resolve(model)
                 kw = {"gguf_file": p.name} if p.is_file() else {}
                 hf_model = AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=torch.float32, **kw)
-            hf = hf_model.eval().to(torch.float32 if dtype == "float32" else torch.bfloat16)
+            hf = hf_model.eval().to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # int8: vs fp32
             peer = measure_transformers(hf, llm.model.cfg.vocab_size, runs, new_tokens, concurrency)
             r["transformers"] = peer
             r["decode_vs_transformers"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)

@@ -44,7 +44,7 @@ def _load(args: argparse.Namespace):
     llm = LLM.load(args.model, dtype=args.dtype, kv_cache_gb=args.kv_cache_gb)
     pool = llm.engine.pool
     print(
-        f"[loaded {args.model} ({llm.model.cfg.n_params / 1e6:.1f}M params, {args.dtype}) in "
+        f"[loaded {args.model} ({llm.model.cfg.n_params / 1e6:.1f}M params, {llm.weights}) in "
         f"{time.perf_counter() - start:.1f} s; KV cache {pool.num_blocks} blocks x {pool.block_size} tokens = "
         f"{pool.nbytes / (1 << 30):.2f} GiB]",
         file=sys.stderr,
@@ -141,6 +141,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from trainfer.io.loader import export_hf
 
     print(export_hf(args.model, Path(args.out_dir), args.dtype))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from trainfer.llm import LLM
+    from trainfer.quant.checkpoint import save_quantized
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise TrainferError(f"{out} exists and is not empty; choose a new directory")
+    llm = LLM.load(args.model, dtype=args.to, num_blocks=2)
+    print(save_quantized(llm.model, llm.tokenizer, out))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -311,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("quantize", help="write an int8 copy of a model that loads without re-quantizing")
+    p.add_argument("model", help="an alias, a .gguf file, a Hugging Face directory or a training run")
+    p.add_argument("--to", required=True, choices=["int8"], help="int8: Q8_0-style blocks of 32 with fp32 scales")
+    p.add_argument("--out", required=True, help="a new directory to write")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("convert", help="export a model to another format")
     _add_model_flags(p)
     p.add_argument("--to", required=True, choices=["hf"], help="target format (hf: config.json + safetensors)")
@@ -386,7 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = bench.add_parser("decode", help="prefill, TTFT, single-stream and batched decode (+ transformers, llama.cpp)")
     p.add_argument("model", nargs="?", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable (default both)")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float32", "bfloat16", "int8"],
+        help="repeatable (default float32, bfloat16)",
+    )
     p.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, action="append", help="repeatable (default 8, 32, 64)")

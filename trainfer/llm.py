@@ -55,13 +55,22 @@ class LLM:
         """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json.
 
         dtype: float32, bfloat16, or int8 (weights in Q8_0-style blocks, quantized at load; activations fp32).
+        A directory written by `trainfer quantize` loads as it was saved.
         engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens.
         """
-        model, tokenizer = load_model(name_or_path, "float32" if dtype == "int8" else dtype, device)
-        if dtype == "int8":
-            from trainfer.quant.blocks import quantize_model
+        from trainfer import registry
+        from trainfer.quant.checkpoint import is_quantized, load_quantized
 
-            quantize_model(model)
+        path = registry.resolve(name_or_path)
+        if is_quantized(path):  # written by `trainfer quantize`: int8 as stored, whatever dtype says
+            model, tokenizer = load_quantized(path)
+            model.to(device)
+        else:
+            model, tokenizer = load_model(path, "float32" if dtype == "int8" else dtype, device)
+            if dtype == "int8":
+                from trainfer.quant.blocks import quantize_model
+
+                quantize_model(model)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
         return cls(model, tokenizer, str(name_or_path), **engine_args)
@@ -138,3 +147,12 @@ class LLM:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+    @property
+    def weights(self) -> str:
+        """What the weights are stored as: int8, or the float dtype's name."""
+        from trainfer.quant.blocks import QLinear
+
+        if any(isinstance(m, QLinear) for m in self.model.modules()):
+            return "int8"
+        return str(self.dtype).removeprefix("torch.")

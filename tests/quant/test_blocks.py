@@ -111,3 +111,29 @@ def test_int8_smollm2_answers_and_tracks_fp32(smollm2):
     nll_b = -b[:-1].gather(1, ids[0, 1:, None]).mean()
     assert agree > 0.9, agree
     assert float(nll_b.exp() / nll_a.exp()) < 1.02  # perplexity within 2% of fp32
+
+
+def test_quantize_save_and_load_round_trip(tmp_path):
+    """`trainfer quantize` writes int8 as computed; loading it again gives the same tensors and logits."""
+    import subprocess
+    import sys
+
+    from tests.conftest import make_tiny_model_dir
+    from trainfer import LLM
+    from trainfer.quant.checkpoint import is_quantized
+
+    src = make_tiny_model_dir(tmp_path / "src", context=128)
+    out = tmp_path / "q8"
+    cmd = [sys.executable, "-m", "trainfer.cli", "quantize", str(src), "--to", "int8", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert is_quantized(out) and not is_quantized(src)
+    direct, loaded = LLM.load(src, dtype="int8", num_blocks=8), LLM.load(out, num_blocks=8)
+    assert loaded.weights == "int8"
+    a, b = direct.model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(direct.model(ids), loaded.model(ids))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr

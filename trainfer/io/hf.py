@@ -104,7 +104,8 @@ def read_config(path: Path) -> ModelConfig:
         raise TrainferError(f"{path}/config.json lacks the field {e}") from None
 
 
-def load_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, cast to dtype (None: as stored, e.g. int8 weights and their scales)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -121,7 +122,8 @@ def load_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    state[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
+                    t = f.get_tensor(key)
+                    state[key.removeprefix("model.")] = t if dtype is None else t.to(dtype)
         except FileNotFoundError:
             raise TrainferError(f"missing weight shard {file}") from None
         except Exception as e:  # safetensors raises SafetensorError for damaged headers/data
