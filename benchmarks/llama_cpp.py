@@ -33,9 +33,22 @@ def build(root: Path) -> Path:
         if not root.exists():
             src.rename(root)
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
+    flags += cpu_flags()
     subprocess.run(["cmake", "-S", str(root), "-B", str(root / "build"), *flags], check=True)
     subprocess.run(["cmake", "--build", str(root / "build"), "-j2", "--target", *TARGETS], check=True)
     return bin_dir
+
+
+def cpu_flags() -> list[str]:
+    """-march=native, except on CPUs that list AMX: VMs here advertise amx_tile without the kernel granting
+    it, and ggml's native build then dies with SIGILL on `tilezero` in every quantized matmul. There,
+    build for the vector extensions the CPU lists and leave AMX out (trainfer's kernel does not use it)."""
+    cpu = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if "amx_tile" not in cpu:
+        return []
+    wanted = {"avx": "AVX", "avx2": "AVX2", "bmi2": "BMI2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512",
+              "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16"}  # fmt: skip
+    return ["-DGGML_NATIVE=OFF"] + [f"-DGGML_{name}={'ON' if flag in cpu else 'OFF'}" for flag, name in wanted.items()]
 
 
 def quantized_copies(bin_dir: Path, out: Path) -> dict[str, Path]:

@@ -1,20 +1,20 @@
 // y = x @ dequant(q, s)^T for Q8_0-style weights: int8 values in blocks of 32 along K, one fp32 scale per
 // block. Decode (a few input rows): int8 -> fp32 in registers, multiplied with x at once. Prefill (many rows):
-// each worker dequantizes a tile of 4 output rows into an L1-resident fp32 buffer once, then takes the dot
-// products of that tile with every input row. Either way the weights stream from memory once per call (decode
-// is memory-bound: int8 weights are a quarter of the fp32 bytes). Reference: trainfer/quant/blocks.py.
+// chunks of output rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM. Either way the
+// weights stream from memory once per call as int8 (decode is memory-bound: a quarter of the fp32 bytes).
+// Reference: trainfer/quant/blocks.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kTile = 4;
 constexpr int64_t kFusedRows = 8;  // up to this many input rows, the fused path (no fp32 buffer) wins
+constexpr int64_t kChunk = 256;    // output rows dequantized at a time for the GEMM path (256 x 1536 fp32 = 1.5 MB)
 
 void dequant_row(const int8_t* q, const float* s, float* out, int64_t K) {
   for (int64_t b = 0; b < K / kBlock; ++b) {
@@ -33,20 +33,6 @@ inline float hsum(__m256 v) {
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
-}
-
-// out[r] = dot(w + r * K, x) for r < rows (rows <= kTile); K is a multiple of 32.
-inline void dot_tile(const float* w, const float* x, int64_t K, int64_t rows, float* out) {
-  __m256 acc[kTile][2];
-  for (int64_t r = 0; r < kTile; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-    for (int64_t r = 0; r < rows; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), x0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k + 8), x1, acc[r][1]);
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
 // Small batches (decode): convert and multiply in registers, no buffer. Per block, the 32 products of a row
@@ -123,18 +109,18 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
     });
     return y;
   }
-  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(kTile * K);
-    float out[kTile];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTile, rows = std::min(kTile, N - n0);
-      for (int64_t r = 0; r < rows; ++r) dequant_row(qp + (n0 + r) * K, sp + (n0 + r) * (K / kBlock), &buf[r * K], K);
-      for (int64_t m = 0; m < M; ++m) {
-        dot_tile(buf.data(), xp + m * K, K, rows, out);
-        for (int64_t r = 0; r < rows; ++r) yp[m * N + n0 + r] = out[r];
-      }
-    }
-  });
+  // Many rows (prefill, big batches): dequantize a chunk of output rows into a cache-sized fp32 buffer and let
+  // the BLAS GEMM (MKL / oneDNN in torch) multiply it with all input rows; weights are still read once as int8.
+  const int64_t chunk = std::min<int64_t>(kChunk, N);
+  auto buf = torch::empty({chunk, K}, x.options());
+  float* bp = buf.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t rows = std::min(chunk, N - n0);
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) dequant_row(qp + (n0 + r) * K, sp + (n0 + r) * (K / kBlock), bp + r * K, K);
+    });
+    y.narrow(1, n0, rows).copy_(torch::mm(x, buf.narrow(0, 0, rows).t()));
+  }
   return y;
 }
 
