@@ -137,3 +137,21 @@ def test_quantize_save_and_load_round_trip(tmp_path):
         assert torch.equal(direct.model(ids), loaded.model(ids))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_serve_int8_answers_like_the_library(tmp_path):
+    import httpx
+
+    from tests.conftest import make_tiny_model_dir
+    from tests.serve.conftest import ServerProcess
+    from trainfer import LLM
+
+    src = make_tiny_model_dir(tmp_path / "src", context=128)
+    server = ServerProcess(str(src), "--dtype", "int8")
+    try:
+        body = {"prompt": "hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        got = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    finally:
+        server.stop()
+    want = LLM.load(src, dtype="int8", num_blocks=16).generate("hello", max_tokens=12, temperature=0, ignore_eos=True)
+    assert got == want.text
