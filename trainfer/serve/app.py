@@ -589,20 +589,21 @@ async def stream(server: Server, fmt: Format, run: Run, key: str | None, include
         c, first = run.choices[i], i not in started
         if e.error:
             yield sse(error_body(f"generation failed: {e.error}", "server_error"))
-        echo = run.echo(i) if first else None  # the prompt goes in front of a sample's first chunk
+        prompt = run.echo(i)
+        echo = prompt if first else None  # an echoed prompt goes in front of a sample's first chunk
         text, lp = (e.text if run.generate else ""), None
         counted = run.generate and e.logprob is not None and c.token_ids[-1:] == [e.token_id]
         if counted or (echo is not None and echo.logprobs is not None):
             one = Choice(token_ids=c.token_ids[-1:] if counted else [], logprobs=c.logprobs[-1:] if counted else [])
-            before = run.echo(i).text if run.echo(i) else ""  # offsets count from the start of the answer
-            lp = fmt.logprobs(tok, one, 0 if echo else len(before) + len(c.text) - len(text), echo)
+            offset = len(prompt.text if prompt else "") + len(c.text) - len(text)  # from the answer's start
+            lp = fmt.logprobs(tok, one, 0 if echo else offset, echo)
         if echo is not None:
             text = echo.text + text
         if text or e.finish_reason or lp or first:
             yield fmt.chunk(rid, model, fmt.delta(i, text, c.finish_reason if e.finish_reason else None, lp, first))
             started.add(i)
     run.close()
-    if key is not None and not run.error:
+    if key is not None:
         await remember(server, key, run)
     if include_usage:
         yield fmt.usage_chunk(rid, model, run.prompts, run.choices)
@@ -610,6 +611,7 @@ async def stream(server: Server, fmt: Format, run: Run, key: str | None, include
 
 
 async def remember(server: Server, key: str, run: Run) -> None:
+    """Store a finished answer (not an aborted or failed one) for the next identical request."""
     if all(c.finish_reason in ("stop", "length") for c in run.choices):
         value = {"choices": [c.to_json() for c in run.choices], "prompt_logprobs": [p.logprobs for p in run.prompts]}
         await server.cache_put(key, value)
@@ -626,9 +628,8 @@ def cached_answer(
     choices = [Choice.from_json(c) for c in hit["choices"]]
     for p, lps in zip(prompts, hit["prompt_logprobs"], strict=True):
         p.logprobs = None if lps is None else [(lp, [tuple(t) for t in top]) for lp, top in lps]
-    n = len(choices) // len(prompts)
     if req.stream:
-        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, n, include_usage)
+        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, req.n, include_usage)
         return EventStream(aiter_of(lines), lambda: None)
-    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, n, {"response_cache": "hit"})
+    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, req.n, {"response_cache": "hit"})
     return Response(body, media_type="application/json")
