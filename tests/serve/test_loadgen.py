@@ -51,3 +51,20 @@ def test_dataset_prompts_are_drawn_from_the_file(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n\n')
     got = dataset_prompts(tmp_path / "p.jsonl", 20, seed=1)
     assert set(got) == {"a", "b"} and got == dataset_prompts(tmp_path / "p.jsonl", 20, seed=1)
+
+
+def test_poisson_arrivals_against_a_live_server(tiny_chat_dir):
+    """--request-rate: requests arrive at seeded exponential gaps instead of at a fixed concurrency."""
+    import random
+
+    server = ServerProcess(str(tiny_chat_dir))
+    try:
+        report = bench_serve(server.url, str(tiny_chat_dir), request_rate=20, num_prompts=10, input_len=8, output_len=6)
+    finally:
+        server.stop()
+    (level,) = report["levels"]
+    assert level["level"] == "rate 20/s" and level["request_rate"] == 20 and level["concurrency"] is None
+    assert level["completed"] == 10 and level["failed"] == 0
+    rng = random.Random(0)  # run_level's default seed: the last request starts after the sum of 9 gaps
+    last_arrival = sum(rng.expovariate(20) for _ in range(9))
+    assert level["wall_s"] >= last_arrival > 0.1
