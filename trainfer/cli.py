@@ -28,11 +28,13 @@ _SAMPLING_HELP = {
 }
 
 
+WEIGHT_DTYPES = ["float32", "bfloat16", "int8", "int4"]
+DTYPE_HELP = "weights: float32, bfloat16, int8 (Q8_0 blocks) or int4 (Q4_1 blocks) (default float32)"
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an alias (see `trainfer models`), a .gguf file or a Hugging Face directory")
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="weights (int8: Q8_0 blocks)"
-    )
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=DTYPE_HELP)
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
 
 
@@ -322,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("quantize", help="write an int8 copy of a model that loads without re-quantizing")
+    p = sub.add_parser("quantize", help="write an int8 / int4 copy of a model that loads without re-quantizing")
     p.add_argument("model", help="an alias, a .gguf file, a Hugging Face directory or a training run")
-    p.add_argument("--to", required=True, choices=["int8"], help="int8: Q8_0-style blocks of 32 with fp32 scales")
+    p.add_argument("--to", required=True, choices=["int8", "int4"], help="int8: Q8_0 blocks; int4: Q4_1 blocks")
     p.add_argument("--out", required=True, help="a new directory to write")
     p.set_defaults(func=cmd_quantize)
 
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passages", type=int, default=32, help="probe passages per split; 0 = no probe")
     p.add_argument("--prefix-tokens", type=int, default=32)
     p.add_argument("--continuation-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=DTYPE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, metrics, cache, auth)")
@@ -406,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         action="append",
-        choices=["float32", "bfloat16", "int8"],
+        choices=WEIGHT_DTYPES,
         help="repeatable (default float32, bfloat16)",
     )
     p.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")

@@ -20,7 +20,6 @@ import torch
 from trainfer.errors import TrainferError
 from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
-from trainfer.io.loader import load_model
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 
@@ -54,23 +53,14 @@ class LLM:
     ) -> LLM:
         """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json.
 
-        dtype: float32, bfloat16, or int8 (weights in Q8_0-style blocks, quantized at load; activations fp32).
+        dtype: float32, bfloat16, int8 or int4 (weights in llama.cpp-style Q8_0 / Q4_1 blocks, quantized at
+        load; see quant/blocks.py).
         A directory written by `trainfer quantize` loads as it was saved.
         engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens.
         """
-        from trainfer import registry
-        from trainfer.quant.checkpoint import is_quantized, load_quantized
+        from trainfer.quant.checkpoint import load
 
-        path = registry.resolve(name_or_path)
-        if is_quantized(path):  # written by `trainfer quantize`: int8 as stored, whatever dtype says
-            model, tokenizer = load_quantized(path)
-            model.to(device)
-        else:
-            model, tokenizer = load_model(path, "float32" if dtype == "int8" else dtype, device)
-            if dtype == "int8":
-                from trainfer.quant.blocks import quantize_model
-
-                quantize_model(model)
+        model, tokenizer = load(name_or_path, dtype, device)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
         return cls(model, tokenizer, str(name_or_path), **engine_args)
@@ -150,9 +140,7 @@ class LLM:
 
     @property
     def weights(self) -> str:
-        """What the weights are stored as: int8, or the float dtype's name."""
-        from trainfer.quant.blocks import QLinear
+        """What the weights are stored as: int8, int4, or the float dtype's name."""
+        from trainfer.quant.blocks import weights_kind
 
-        if any(isinstance(m, QLinear) for m in self.model.modules()):
-            return "int8"
-        return str(self.dtype).removeprefix("torch.")
+        return weights_kind(self.model) or str(self.dtype).removeprefix("torch.")

@@ -1,5 +1,5 @@
-"""Int8 (Q8_0-style) weights: the format, the native kernel against the PyTorch reference, and a
-quantized model through the engine."""
+"""Int8 (Q8_0-style) and int4 (Q4_1-style) weights: the formats, the native kernel against the PyTorch
+reference, GGUF blocks used as they are, and quantized models through the engine."""
 
 from __future__ import annotations
 
@@ -10,14 +10,24 @@ import torch
 
 from tests.conftest import make_hf_model
 from trainfer.quant import native
-from trainfer.quant.blocks import QLinear, dequantize, q8_linear, q8_linear_reference, quantize, quantize_model
+from trainfer.quant.blocks import (
+    QLinear,
+    dequantize,
+    linear_reference,
+    pack_int4,
+    qlinear,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    unpack_int4,
+)
 
 
-def test_blocks_round_within_half_a_step():
+def test_int8_blocks_round_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(40, 96) * torch.logspace(-3, 2, 96)  # blocks of very different magnitudes
     w[3, :32] = 0  # an all-zero block
-    q, scale = quantize(w)
+    q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and scale.shape == (40, 3) and int(q.abs().max()) == 127
     err = (dequantize(q, scale) - w).abs()
     assert (err <= scale.repeat_interleave(32, dim=1) / 2 + 1e-12).all()
@@ -26,38 +36,79 @@ def test_blocks_round_within_half_a_step():
     q16 = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
     q16[:, 0], q16[:, 32] = 127, -127  # each block reaches +-127, as llama.cpp's quantizer makes it
     d16 = (torch.rand(8, 2) + 0.01).half().float()
-    q2, d2 = quantize(dequantize(q16, d16))
+    q2, d2 = quantize_int8(dequantize(q16, d16))
     assert torch.equal(q2, q16) and torch.allclose(d2, d16, rtol=1e-6)
+
+
+def test_int4_blocks_pack_in_ggml_order_and_round_within_half_a_step():
+    torch.manual_seed(1)
+    values = torch.randint(0, 16, (6, 64), dtype=torch.uint8)
+    packed = pack_int4(values)
+    assert packed.shape == (6, 32) and torch.equal(unpack_int4(packed), values)
+    assert int(packed[0, 0]) == int(values[0, 0]) | int(values[0, 16]) << 4  # byte j: element j and j + 16
+    w = torch.randn(40, 96) * torch.logspace(-3, 2, 96)
+    w[5, 32:64] = 0.25  # a constant block: zero scale, every value is the min
+    q, scale, mins = quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.shape == (40, 48) and scale.shape == mins.shape == (40, 3)
+    err = (dequantize(q, scale, mins) - w).abs()
+    assert (err <= scale.repeat_interleave(32, dim=1) / 2 * (1 + 1e-5) + 1e-7).all()
+    assert scale[5, 1] == 0 and (dequantize(q, scale, mins)[5, 32:64] == 0.25).all()
+    # Q4_1 values (d * q + m with fp16 d, m) come back exactly: requantizing finds the same blocks
+    d16, m16 = (torch.rand(8, 2) + 0.01).half().float(), torch.randn(8, 2).half().float()
+    q16 = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    q16[:, 0], q16[:, 1], q16[:, 32], q16[:, 33] = 0, 15, 0, 15  # each block spans 0..15
+    q2, d2, m2 = quantize_int4(dequantize(pack_int4(q16), d16, m16))
+    assert torch.equal(unpack_int4(q2), q16) and torch.allclose(d2, d16, rtol=1e-5) and torch.equal(m2, m16)
 
 
 def test_the_native_kernel_is_built_on_x86():
     if platform.machine() != "x86_64":
         pytest.skip("the kernel is x86 (AVX2 / AVX-512) only")
-    assert native.extension() is not None, "make setup should have built trainfer/quant/_build/trainfer_q8.so"
+    assert native.extension() is not None, "make setup should have built trainfer/quant/_build/trainfer_native.so"
+
+
+def _quantized(kind, n, k):
+    w = torch.randn(n, k)
+    return (*quantize_int8(w), None) if kind == "int8" else quantize_int4(w)
 
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "fallback"])
-@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 577, 576), (2, 5, 1536), (7, 64, 96), (8, 33, 64), (9, 33, 64),
-                                   (64, 130, 576), (1, 49152, 64)])  # fmt: skip
-def test_kernel_equals_the_reference(m, n, k, use_native, monkeypatch):
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 577, 576), (2, 5, 1536), (3, 64, 96), (4, 7, 64), (5, 33, 64),
+                                   (16, 9, 64), (17, 33, 64), (64, 130, 576), (1, 49152, 64)])  # fmt: skip
+def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
+    """Every path (fused tiles for <= 16 rows, dequantize + GEMM beyond, odd N, leading dims) against
+    F.linear(x, dequantize(w)): equal up to fp32 summation order."""
     if use_native and native.extension() is None:
         pytest.skip("native kernel not built")
     if not use_native:
-        monkeypatch.setattr(native, "extension", lambda: None)
         monkeypatch.setattr("trainfer.quant.blocks.extension", lambda: None)
     torch.manual_seed(m * 1000 + n + k)
-    q, scale = quantize(torch.randn(n, k))
+    q, scale, mins = _quantized(kind, n, k)
+    bias = torch.randn(n)
     x = torch.randn(m, k)
-    got, want = q8_linear(x, q, scale), q8_linear_reference(x, q, scale)
+    got, want = qlinear(x, q, scale, mins, bias), linear_reference(x, q, scale, mins) + bias
     assert got.shape == (m, n)
-    # same products, other summation order: equal to fp32 rounding of a length-k dot product
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * (k**0.5) * float(want.abs().max()) / 10)
     x3 = torch.randn(2, 3, k)  # leading dimensions are kept
-    assert torch.allclose(q8_linear(x3, q, scale), q8_linear_reference(x3, q, scale), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(qlinear(x3, q, scale, mins), linear_reference(x3, q, scale, mins), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def tiny_int8(tmp_path_factory):
+def test_native_kernel_refuses_bad_shapes():
+    ext = native.extension()
+    if ext is None:
+        pytest.skip("native kernel not built")
+    q, scale, mins = _quantized("int4", 8, 64)
+    with pytest.raises(RuntimeError, match="x"):
+        ext.linear(torch.randn(2, 32), 2, q, scale, mins, None)
+    with pytest.raises(RuntimeError, match="mins"):
+        ext.linear(torch.randn(2, 64), 2, q, scale, scale[:, :1].contiguous(), None)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ext.linear(torch.randn(2, 48), 0, torch.randn(4, 48), None, None, None)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def tiny_quantized(tmp_path_factory, request):
     from trainfer.io.loader import load_model
 
     path = tmp_path_factory.mktemp("tiny")
@@ -65,23 +116,24 @@ def tiny_int8(tmp_path_factory):
                   tie_word_embeddings=True).save_pretrained(path)  # fmt: skip
     model, _ = load_model(path)
     reference = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return quantize_model(model), reference
+    return quantize_model(model, request.param), reference
 
 
-def test_quantize_model_swaps_linears_and_ties_the_embedding(tiny_int8):
-    model, reference = tiny_int8
+def test_quantize_model_swaps_linears_and_ties_the_embedding(tiny_quantized):
+    model, reference = tiny_quantized
     assert isinstance(model.lm_head, QLinear) and isinstance(model.layers[0].mlp.down_proj, QLinear)
+    assert model.lm_head.kind == "int8"  # the tied table stays 8-bit under int4 too
     ids = torch.tensor([[5, 17, 99]])
     rows = model.embed_tokens(ids)[0]
     assert torch.allclose(rows, reference["embed_tokens.weight"][ids[0]], atol=float(rows.abs().max()) / 100)
 
 
-def test_engine_greedy_equals_the_quantized_model_alone(tiny_int8):
+def test_engine_greedy_equals_the_quantized_model_alone(tiny_quantized):
     from tests.infer.test_engine import ByteTokenizer
     from trainfer.infer.engine import Engine
     from trainfer.infer.sampling import SamplingParams
 
-    model, _ = tiny_int8
+    model, _ = tiny_quantized
     prompts = [[5, 17, 99, 3], list(range(3, 60)), [200, 201]]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     engine = Engine(model, ByteTokenizer(), num_blocks=64, block_size=4, max_num_batched_tokens=32)
@@ -96,16 +148,20 @@ def test_engine_greedy_equals_the_quantized_model_alone(tiny_int8):
 
 
 @pytest.mark.real
-def test_int8_smollm2_answers_and_tracks_fp32(smollm2):
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_smollm2_answers_and_tracks_fp32(smollm2, kind):
     from trainfer import LLM
 
-    int8 = LLM.load("smollm2-135m-instruct", dtype="int8", kv_cache_gb=0.1)
-    answer = int8.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=20)
+    quantized = LLM.load("smollm2-135m-instruct", dtype=kind, kv_cache_gb=0.1)
+    assert quantized.weights == kind
+    answer = quantized.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=20
+    )
     assert "Paris" in answer.text
     text = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. " * 4
     ids = torch.tensor([smollm2.tokenizer.encode(text)])
     with torch.no_grad():
-        a, b = smollm2.model(ids)[0].log_softmax(-1), int8.model(ids)[0].log_softmax(-1)
+        a, b = smollm2.model(ids)[0].log_softmax(-1), quantized.model(ids)[0].log_softmax(-1)
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
     nll_a = -a[:-1].gather(1, ids[0, 1:, None]).mean()
     nll_b = -b[:-1].gather(1, ids[0, 1:, None]).mean()
@@ -113,8 +169,30 @@ def test_int8_smollm2_answers_and_tracks_fp32(smollm2):
     assert float(nll_b.exp() / nll_a.exp()) < 1.02  # perplexity within 2% of fp32
 
 
-def test_quantize_save_and_load_round_trip(tmp_path):
-    """`trainfer quantize` writes int8 as computed; loading it again gives the same tensors and logits."""
+@pytest.mark.real
+def test_gguf_blocks_are_used_as_they_are(smollm2, smollm2_path):
+    """SmolLM2's file is Q4_1 (every Linear) + Q8_0 (the tied embedding): with int4 those blocks are taken as they
+    are, so its weights equal the fp32 dequantization exactly, and so do its logits up to summation order."""
+    from trainfer import LLM
+    from trainfer.io.gguf import native_blocks
+
+    blocks = native_blocks(smollm2_path, "int4")
+    assert len(blocks) == 30 * 7 + 1 and blocks["lm_head"][2] is None  # Q8_0 head: int8, no mins
+    int4 = LLM.load(smollm2_path, dtype="int4", kv_cache_gb=0.1)
+    for name in ("layers.0.self_attn.q_proj", "layers.29.mlp.down_proj", "lm_head"):
+        mod = int4.model.get_submodule(name)
+        assert torch.equal(mod.qweight, blocks[name][0])
+        want = smollm2.model.get_submodule(name).weight
+        assert torch.equal(dequantize(mod.qweight, mod.scales, mod.mins), want), name
+    ids = torch.tensor([smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        a, b = smollm2.model(ids), int4.model(ids)
+    assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantize_save_and_load_round_trip(tmp_path, kind):
+    """`trainfer quantize` writes the blocks as computed; loading them again gives the same tensors and logits."""
     import subprocess
     import sys
 
@@ -123,13 +201,13 @@ def test_quantize_save_and_load_round_trip(tmp_path):
     from trainfer.quant.checkpoint import is_quantized
 
     src = make_tiny_model_dir(tmp_path / "src", context=128)
-    out = tmp_path / "q8"
-    cmd = [sys.executable, "-m", "trainfer.cli", "quantize", str(src), "--to", "int8", "--out", str(out)]
+    out = tmp_path / kind
+    cmd = [sys.executable, "-m", "trainfer.cli", "quantize", str(src), "--to", kind, "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert is_quantized(out) and not is_quantized(src)
-    direct, loaded = LLM.load(src, dtype="int8", num_blocks=8), LLM.load(out, num_blocks=8)
-    assert loaded.weights == "int8"
+    direct, loaded = LLM.load(src, dtype=kind, num_blocks=8), LLM.load(out, num_blocks=8)
+    assert loaded.weights == kind
     a, b = direct.model.state_dict(), loaded.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -139,7 +217,8 @@ def test_quantize_save_and_load_round_trip(tmp_path):
     assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_serve_int8_answers_like_the_library(tmp_path):
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_serve_quantized_answers_like_the_library(tmp_path, kind):
     import httpx
 
     from tests.conftest import make_tiny_model_dir
@@ -147,11 +226,11 @@ def test_serve_int8_answers_like_the_library(tmp_path):
     from trainfer import LLM
 
     src = make_tiny_model_dir(tmp_path / "src", context=128)
-    server = ServerProcess(str(src), "--dtype", "int8")
+    server = ServerProcess(str(src), "--dtype", kind)
     try:
         body = {"prompt": "hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
         got = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
     finally:
         server.stop()
-    want = LLM.load(src, dtype="int8", num_blocks=16).generate("hello", max_tokens=12, temperature=0, ignore_eos=True)
+    want = LLM.load(src, dtype=kind, num_blocks=16).generate("hello", max_tokens=12, temperature=0, ignore_eos=True)
     assert got == want.text

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainfer.infer import native_decode
 from trainfer.infer.kv_cache import BlockPool
 from trainfer.infer.sequence import Sequence
 from trainfer.model.transformer import Transformer
@@ -118,6 +119,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, pool: BlockPool) -> None:
         self.model, self.pool = model, pool
         self.device = model.embed_tokens.weight.device
+        self.decoder = native_decode.build_decoder(model)  # before the split: it fuses projections in place
         parts = torch.get_num_threads()
         # bf16 small-batch matmuls have their own GEMV path, which the split did not beat (docs/LOG.md).
         if self.device.type == "cpu" and parts > 1 and model.embed_tokens.weight.dtype == torch.float32:
@@ -126,6 +128,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> Tensor:
         """Forward the batch; return logits (len(sample_rows), vocab) in fp32 for the rows to sample."""
+        if (
+            self.decoder is not None
+            and len(batch) <= native_decode.MAX_ROWS
+            and all(n == 1 and seq.num_computed > 0 for seq, n in batch)
+        ):
+            return self._native_decode([seq for seq, _ in batch], sample_rows)
         b = self.pool.block_size
         tokens, positions, write = [], [], []
         decode_rows, decode_seqs, chunks = [], [], []
@@ -163,3 +171,21 @@ class ModelRunner:
         pos = torch.tensor([positions], device=self.device)
         hidden = self.model.hidden_states(ids, pos, ctx)[0, sample_rows]  # (R, dim)
         return self.model.lm_head(hidden).float()
+
+    def _native_decode(self, seqs: list[Sequence], sample_rows: list[int]) -> Tensor:
+        """One token for each sequence through the native Decoder (native_decode.py), same pool, same math."""
+        b = self.pool.block_size
+        lengths = [s.num_computed + 1 for s in seqs]
+        nb = max(-(-n // b) for n in lengths)
+        tables = torch.zeros(len(seqs), nb, dtype=torch.long)
+        for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            table = seq.block_table[: -(-n // b)]
+            tables[i, : len(table)] = torch.tensor(table)
+        positions = torch.tensor([[n - 1 for n in lengths]])
+        cos, sin = self.model.rope(positions, torch.float32)  # (1, D, 1, hd)
+        tokens = torch.tensor([s.token_ids[s.num_computed] for s in seqs])
+        hd = cos.shape[-1]
+        return self.decoder.step(
+            tokens, cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous(), self.pool.k, self.pool.v,
+            tables, torch.tensor(lengths), b, torch.tensor(sample_rows, dtype=torch.long),
+        )  # fmt: skip

@@ -137,6 +137,47 @@ def dequantize(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray
     return out.reshape(shape)
 
 
+def _fp16(pairs: np.ndarray) -> np.ndarray:
+    """(..., 2) bytes -> (...) fp32 values of little-endian fp16 (a block's d or m)."""
+    return pairs.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def native_blocks(path: Path, kind: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The file's own quantized blocks, for tensors already in the requested kind (Q8_0 for int8; Q4_0 / Q4_1
+    for int4; the tied embedding also as Q8_0 for int4): {parameter name: (q, scales, mins or None)} in
+    trainfer's layout (quant/blocks.py), no dequantize-requantize round trip. fp16 scales widen exactly to
+    fp32; Q4_0's values q * d - 8 d are Q4_1's with m = -8 d (exact as well)."""
+    reader = open_gguf(Path(path))
+    meta = read_metadata(reader)
+    cfg = config_from_metadata(meta, {t.name for t in reader.tensors})
+    wanted = {"int8": {Q.Q8_0}, "int4": {Q.Q4_0, Q.Q4_1}}[kind]
+    out = {}
+    for t in reader.tensors:
+        tied_embedding = kind == "int4" and t.name == "token_embd.weight" and cfg.tie_embeddings
+        if not (t.tensor_type in wanted or (tied_embedding and t.tensor_type == Q.Q8_0)):
+            continue
+        rows, cols = (int(n) for n in reversed(t.shape))
+        raw = np.asarray(t.data).reshape(rows, cols // 32, -1)
+        d = _fp16(raw[..., 0:2])
+        if t.tensor_type == Q.Q8_0:
+            q, m = raw[..., 2:].copy().view(np.int8).reshape(rows, cols), None
+        elif t.tensor_type == Q.Q4_1:
+            q, m = raw[..., 4:].reshape(rows, cols // 2), _fp16(raw[..., 2:4])
+        else:
+            q, m = raw[..., 2:].reshape(rows, cols // 2), -8 * d
+        if cfg.arch == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):  # rows permuted at convert time
+            heads = cfg.n_heads if "attn_q" in t.name else cfg.n_kv_heads
+            q, d = unpermute_rope(q, heads), unpermute_rope(d, heads)
+            m = None if m is None else unpermute_rope(m, heads)
+        name = tensor_name(t.name).removesuffix(".weight")
+        if name == "embed_tokens":  # tied: the head's blocks (an untied embedding stays a float table)
+            if not cfg.tie_embeddings:
+                continue
+            name = "lm_head"
+        out[name] = tuple(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in (q, d, m))
+    return out
+
+
 def load_gguf(
     path: Path, dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:

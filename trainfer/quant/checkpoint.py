@@ -1,9 +1,10 @@
-"""A quantized model directory: the Hugging Face layout with int8 weights and their block scales stored as
-they are computed, so it loads again without re-quantizing (`trainfer quantize MODEL --to int8 --out DIR`).
+"""A quantized model directory: the Hugging Face layout with int8 / int4 weights and their block scales stored
+as they are computed, so it loads again without re-quantizing (`trainfer quantize MODEL --to int4 --out DIR`).
 
     config.json        the model's config plus "quantization_config": {"quant_method": "trainfer", ...}
-    model.safetensors  `<module>.qweight` (int8, (out, in)) and `<module>.scales` (fp32, (out, in / 32)) for
-                       each quantized Linear; other tensors (norms, an untied embedding) as usual
+    model.safetensors  per quantized Linear: `<module>.qweight` (int8 (out, in), or int4 packed two per byte as
+                       uint8 (out, in / 2)), `<module>.scales` (fp32, (out, in / 32)) and for int4
+                       `<module>.mins` (fp32, (out, in / 32)); other tensors (norms, an untied embedding) as usual
     tokenizer.json, tokenizer_config.json
 """
 
@@ -19,9 +20,28 @@ from trainfer.errors import TrainferError
 from trainfer.io.hf import config_to_hf, load_state_dict, read_config
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer, rope_frequencies
-from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear
+from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear, quantize_model, weights_kind
 
-QUANT_CONFIG = {"quant_method": "trainfer", "format": "q8_0", "bits": 8, "block_size": BLOCK}
+FORMATS = {"int8": "q8_0", "int4": "q4_1"}
+
+
+def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Transformer, Tokenizer | None]:
+    """Any model for inference: float32 / bfloat16 as loaded, int8 / int4 quantized at load (a GGUF's tensors
+    that are already in that kind keep their own blocks), or a `trainfer quantize` directory as it was saved
+    (whatever dtype says)."""
+    from trainfer import registry
+    from trainfer.io.gguf import native_blocks
+    from trainfer.io.loader import load_model
+
+    path = registry.resolve(name_or_path)
+    if is_quantized(path):
+        model, tok = load_quantized(path)
+        return model.to(device), tok
+    if dtype not in ("int8", "int4"):
+        return load_model(path, dtype, device)
+    model, tok = load_model(path, "float32", device)
+    given = native_blocks(path, dtype) if path.is_file() and path.suffix == ".gguf" else {}
+    return quantize_model(model, dtype, given), tok
 
 
 def is_quantized(path: Path) -> bool:
@@ -43,9 +63,13 @@ def save_quantized(model: Transformer, tokenizer: Tokenizer | None, out_dir: Pat
     for name, t in model.state_dict().items():
         if name.startswith("embed_tokens.head.") or name == "inv_freq":
             continue  # a tied embedding reads the head's int8 rows; the rope table is rebuilt on load
-        tensors[name if name.startswith("lm_head") else f"model.{name}"] = t.detach().contiguous()
+        tensors[name if name.startswith("lm_head") else f"model.{name}"] = t.detach().clone()  # views: own copies
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = {**config_to_hf(model.cfg, torch.float32), "quantization_config": QUANT_CONFIG}
+    kind = weights_kind(model)
+    if kind is None:
+        raise TrainferError("the model has no quantized weights to save")
+    quant = {"quant_method": "trainfer", "format": FORMATS[kind], "bits": int(kind[3:]), "block_size": BLOCK}
+    config = {**config_to_hf(model.cfg, torch.float32), "quantization_config": quant}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save(out_dir)
@@ -62,17 +86,21 @@ def load_quantized(path: Path) -> tuple[Transformer, Tokenizer | None]:
     for name, module in list(model.named_modules()):
         if f"{name}.qweight" not in state:
             continue
-        q, scale = state.pop(f"{name}.qweight"), state.pop(f"{name}.scales")
-        if q.dtype != torch.int8 or scale.shape != (q.shape[0], q.shape[1] // BLOCK):
-            raise TrainferError(f"{path}: {name} is not int8 weights with one scale per {BLOCK} values")
-        if (q.shape[0], q.shape[1]) != (module.out_features, module.in_features):
+        q, scale, mins = state.pop(f"{name}.qweight"), state.pop(f"{name}.scales"), state.pop(f"{name}.mins", None)
+        per_byte = 1 if mins is None else 2
+        blocks = (module.out_features, module.in_features // BLOCK)
+        if q.dtype != (torch.int8 if mins is None else torch.uint8) or scale.dtype != torch.float32:
+            raise TrainferError(f"{path}: {name} is neither int8 nor packed int4 weights with fp32 scales")
+        if tuple(q.shape) != (module.out_features, module.in_features // per_byte) or scale.shape != blocks:
             raise TrainferError(f"{path}: {name} has shape {tuple(q.shape)}, the config implies another")
+        if mins is not None and (mins.dtype != torch.float32 or mins.shape != blocks):
+            raise TrainferError(f"{path}: {name}.mins must be fp32 with one value per {BLOCK} weights")
         bias = state.pop(f"{name}.bias", None)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QLinear(q, scale.float(), bias))
+        setattr(model.get_submodule(parent) if parent else model, child, QLinear(q, scale, mins, bias))
     if cfg.tie_embeddings:
         if not isinstance(model.lm_head, QLinear):
-            raise TrainferError(f"{path}: a tied model needs its int8 lm_head")
+            raise TrainferError(f"{path}: a tied model needs its quantized lm_head")
         model.embed_tokens = QEmbedding(model.lm_head)
     rest = {k: v.float() for k, v in state.items()}
     expected = {k for k, v in model.state_dict().items() if v.is_meta}

@@ -1,9 +1,10 @@
-"""The native CPU kernel for int8 (Q8_0-style) weights, built once by `make setup` with the system compiler.
+"""trainfer's native CPU kernels (csrc/kernels.cpp), built once by `make setup` with the system compiler.
 
     python -m trainfer.quant.native      # build (or rebuild) it; `make setup` runs this
 
-`q8_linear` uses the built extension when it loads, else the pure-PyTorch reference in blocks.py (same
-results up to float summation order). `TRAINFER_NATIVE=0` forces the reference (the tests cover both).
+What they do: products with fp32 / int8 / int4 weights, and one whole decode step (infer/native_decode.py).
+Without the build, the same math runs in PyTorch (quant/blocks.py, the module path of the runner; equal up
+to float summation order). `TRAINFER_NATIVE=0` forces the PyTorch path (the tests cover both).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from types import ModuleType
 
 import torch  # noqa: F401  (load libtorch before the extension that links against it)
 
-NAME = "trainfer_q8"
-SOURCE = Path(__file__).parent / "csrc" / "q8.cpp"
+NAME = "trainfer_native"
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 BUILD_DIR = Path(__file__).parent / "_build"
 # -march=native: the kernel is built on the machine that runs it (AVX2 at least; AVX-512 where present).
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]

@@ -218,7 +218,7 @@ def evaluate_model(
 ) -> EvalReport:
     """Loss, perplexity and bits per byte on both splits, plus the memorization probe (passages=0: skip)."""
     from trainfer.data.prepare import read_shard
-    from trainfer.io.loader import load_model
+    from trainfer.quant.checkpoint import load
 
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").exists():
@@ -230,7 +230,7 @@ def evaluate_model(
     ]:  # fmt: skip
         if value < least:
             raise TrainferError(f"{name} must be at least {least}, got {value}")
-    model, tok = load_model(model_path, dtype)
+    model, tok = load(model_path, dtype)
     data_tok = Tokenizer.from_dir(data_dir)
     if tok is None or tok.backend.get_vocab() != data_tok.backend.get_vocab():
         raise TrainferError(

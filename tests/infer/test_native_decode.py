@@ -1,0 +1,105 @@
+"""The native decode step (infer/native_decode.py, quant/csrc/kernels.cpp Decoder) against the module path: same
+logits for every sequence of a continuous batch, over the paged cache, for fp32 / int8 / int4 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_hf_model
+from tests.infer.test_engine import ByteTokenizer
+from trainfer.infer.engine import Engine
+from trainfer.infer.sampling import SamplingParams
+from trainfer.io.loader import load_model
+from trainfer.quant import native
+from trainfer.quant.blocks import quantize_model
+
+pytestmark = pytest.mark.skipif(native.extension() is None, reason="native kernels not built")
+
+
+def tiny_model(tmp_path, kind: str, weights: str, **overrides):
+    make_hf_model(kind, vocab_size=256, max_position_embeddings=512, **overrides).save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path)
+    return model if weights == "float32" else quantize_model(model, weights)
+
+
+def compare_both_paths(engine: Engine) -> list[float]:
+    """Run every all-decode batch twice, module path then native, from the same cache state; return the largest
+    logit difference of each (relative to the logits' scale) and keep the native result."""
+    runner, diffs = engine.runner, []
+    run = runner.run
+
+    def both(batch, rows):
+        if not all(n == 1 and seq.num_computed > 0 for seq, n in batch):
+            return run(batch, rows)
+        k, v = runner.pool.k.clone(), runner.pool.v.clone()
+        decoder, runner.decoder = runner.decoder, None
+        want = run(batch, rows)
+        runner.decoder = decoder
+        runner.pool.k.copy_(k), runner.pool.v.copy_(v)
+        got = run(batch, rows)
+        diffs.append(float((got - want).abs().max() / want.abs().max()))
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        return got
+
+    runner.run = both
+    return diffs
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("kind,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
+                                            ("qwen2", {})], ids=["llama", "tied", "qwen2-bias"])  # fmt: skip
+def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides):
+    model = tiny_model(tmp_path, kind, weights, **overrides)
+    engine = Engine(model, ByteTokenizer(), num_blocks=96, block_size=4, max_num_batched_tokens=64)
+    assert engine.runner.decoder is not None
+    diffs = compare_both_paths(engine)
+    shared = list(range(3, 40))  # 9 full blocks shared through the prefix cache by the later prompts
+    prompts = [[5, 17, 99], shared, shared + [7, 8], list(range(100, 106)), [200]]
+    prompts += [[i, i + 1] for i in range(20, 32)]  # 17 sequences: the batch shrinks past 16 as they finish
+    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0, ignore_eos=True) for i in range(len(prompts))]
+    engine.run(prompts, params)
+    assert len(diffs) >= 8 and max(diffs) < 1e-5, max(diffs)
+    engine.pool.check_idle()
+
+
+def test_projections_are_fused_into_views(tmp_path):
+    """q/k/v and gate/up become one matrix each; the modules' weights are views into it, nothing is copied."""
+    model = tiny_model(tmp_path, "llama", "int8")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    Engine(model, ByteTokenizer(), num_blocks=8, block_size=4)
+    attn = model.layers[0].self_attn
+    q, k = attn.q_proj.qweight, attn.k_proj.qweight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_without_the_build_the_module_path_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr("trainfer.infer.native_decode.extension", lambda: None)
+    model = tiny_model(tmp_path, "llama", "int8")
+    engine = Engine(model, ByteTokenizer(), num_blocks=32, block_size=4)
+    assert engine.runner.decoder is None
+    out = engine.run([[5, 6, 7]], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)])
+    assert len(out[0][0]) == 4
+
+
+def test_the_step_checks_what_it_is_given(tmp_path):
+    model = tiny_model(tmp_path, "llama", "float32")
+    engine = Engine(model, ByteTokenizer(), num_blocks=8, block_size=4)
+    pool, hd = engine.pool, model.cfg.head_dim
+    cos = sin = torch.zeros(1, hd)
+    args = dict(tokens=torch.tensor([5]), tables=torch.tensor([[0]]), lengths=torch.tensor([3]))
+
+    def step(**changes):
+        a = {**args, **changes}
+        return engine.runner.decoder.step(a["tokens"], cos, sin, pool.k, pool.v, a["tables"], a["lengths"], 4,
+                                          torch.tensor([0]))  # fmt: skip
+
+    assert step().shape == (1, 256)
+    with pytest.raises(RuntimeError, match="block id"):
+        step(tables=torch.tensor([[8]]))
+    with pytest.raises(RuntimeError, match="length"):
+        step(lengths=torch.tensor([5]))
+    with pytest.raises(RuntimeError, match="token id"):
+        step(tokens=torch.tensor([256]))

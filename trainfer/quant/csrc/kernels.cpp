@@ -1,0 +1,478 @@
+// trainfer's CPU kernels: matrix products on fp32, int8 (Q8_0-style) and int4 (Q4_1-style) weights, and one whole
+// decode step of a Llama-family model over the paged KV cache. Built by `make setup` (python -m
+// trainfer.quant.native) with -march=native; references in plain PyTorch: trainfer/quant/blocks.py (formats) and
+// trainfer/model/transformer.py with trainfer/infer/runner.py (the step). Tests: tests/quant/.
+//
+// Formats (blocks of 32 along the input dimension K, one fp32 scale s per block):
+//   int8: q int8 (N, K), w = q * s                    (llama.cpp Q8_0; its fp16 scales load exactly)
+//   int4: q uint8 (N, K/2), w = q * s + m, q in 0..15 (llama.cpp Q4_1; Q4_0 is m = -8 s). Byte j of a block holds
+//         element j in its low nibble and element j + 16 in its high nibble, as in ggml.
+//
+// Activations stay fp32 (llama.cpp rounds them to Q8_0 blocks for integer dot products; measured here that was 7-15%
+// faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). Decode is memory-bound: each weight is
+// read from memory once per step and turned into fp32 in registers, where it meets up to four input rows at a time
+// (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead. Many rows (prefill): chunks of
+// output rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRows = 4;        // output rows per tile
+constexpr int64_t kFusedRows = 16;  // up to this many input rows, the in-register path
+constexpr int64_t kChunk = 256;     // output rows dequantized at a time for the GEMM path
+enum Kind : int64_t { kF32 = 0, kQ8 = 1, kQ4 = 2 };
+
+#ifdef __AVX512F__
+constexpr int W = 16;
+using V = __m512;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vset(float f) { return _mm512_set1_ps(f); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+inline V q8_load(const int8_t* q) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+// Elements [W c, W c + W) of an int4 block as floats 0..15: c = 0 low nibbles, c = 1 high nibbles of 16 bytes.
+inline V q4_load(const uint8_t* q, int c) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  if (c) b = _mm_srli_epi16(b, 4);
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, _mm_set1_epi8(0x0F))));
+}
+#else
+constexpr int W = 8;
+using V = __m256;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vset(float f) { return _mm256_set1_ps(f); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline float vsum(V v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+inline V q8_load(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+// Elements [8 c, 8 c + 8): low nibbles of bytes 0..7 / 8..15 for c = 0 / 1, high nibbles of the same for c = 2 / 3.
+inline V q4_load(const uint8_t* q, int c) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * (c & 1)));
+  if (c >= 2) b = _mm_srli_epi16(b, 4);
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, _mm_set1_epi8(0x0F))));
+}
+#endif
+constexpr int kChunksPerBlock = kBlock / W;
+// Input rows multiplied per pass over a tile: the accumulators (kRows x kM vectors) must fit in registers.
+constexpr int kM = W == 16 ? 4 : 2;
+
+// A weight matrix y = x @ w^T (+ bias) in one of the formats, as raw pointers into tensors kept alive by `keep`.
+struct Lin {
+  int64_t kind = kF32, N = 0, K = 0;
+  const float* w = nullptr;    // fp32 (N, K)
+  const int8_t* q8 = nullptr;  // int8 (N, K)
+  const uint8_t* q4 = nullptr; // int4 (N, K / 2)
+  const float* s = nullptr;    // (N, K / 32)
+  const float* m = nullptr;    // (N, K / 32), int4 only
+  const float* bias = nullptr; // (N,) or none
+  std::vector<torch::Tensor> keep;
+};
+
+void check(const torch::Tensor& t, c10::ScalarType type, std::vector<int64_t> shape, const char* what) {
+  TORCH_CHECK(t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu(), what, ": wrong dtype, layout or device");
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), what, ": shape ", t.sizes(), " expected ", c10::IntArrayRef(shape));
+}
+
+Lin make_lin(int64_t kind, const torch::Tensor& w, const c10::optional<torch::Tensor>& s,
+             const c10::optional<torch::Tensor>& m, const c10::optional<torch::Tensor>& bias) {
+  Lin L;
+  L.kind = kind;
+  L.N = w.size(0);
+  L.K = kind == kQ4 ? w.size(1) * 2 : w.size(1);
+  TORCH_CHECK(w.dim() == 2 && L.K % kBlock == 0, "weights: (N, K) with K a multiple of 32");
+  const int64_t nb = L.K / kBlock;
+  L.keep.push_back(w);
+  if (kind == kF32) {
+    check(w, torch::kFloat32, {L.N, L.K}, "fp32 weights");
+    L.w = w.data_ptr<float>();
+  } else {
+    TORCH_CHECK(s.has_value(), "quantized weights need scales");
+    check(*s, torch::kFloat32, {L.N, nb}, "scales");
+    L.s = s->data_ptr<float>();
+    L.keep.push_back(*s);
+    if (kind == kQ8) {
+      check(w, torch::kInt8, {L.N, L.K}, "int8 weights");
+      L.q8 = w.data_ptr<int8_t>();
+    } else {
+      TORCH_CHECK(kind == kQ4 && m.has_value(), "kind must be 0 (fp32), 1 (int8) or 2 (int4, with mins)");
+      check(w, torch::kUInt8, {L.N, L.K / 2}, "int4 weights");
+      check(*m, torch::kFloat32, {L.N, nb}, "mins");
+      L.q4 = w.data_ptr<uint8_t>();
+      L.m = m->data_ptr<float>();
+      L.keep.push_back(*m);
+    }
+  }
+  if (bias.has_value()) {
+    check(*bias, torch::kFloat32, {L.N}, "bias");
+    L.bias = bias->data_ptr<float>();
+    L.keep.push_back(*bias);
+  }
+  return L;
+}
+
+// Chunk c of block b of weight row n, as fp32 (w = q * s, or q * s + m).
+template <int KIND>
+inline V wvec(const Lin& L, int64_t n, int64_t b, int c, V s, V m) {
+  if constexpr (KIND == kF32) return vload(L.w + n * L.K + b * kBlock + c * W);
+  if constexpr (KIND == kQ8) return vmul(q8_load(L.q8 + n * L.K + b * kBlock + c * W), s);
+  if constexpr (KIND == kQ4) return vfma(q4_load(L.q4 + n * (L.K / 2) + b * (kBlock / 2), c), s, m);
+}
+
+// Block b of weight row n (past the last row: prefetches never fault).
+template <int KIND>
+inline void prefetch(const Lin& L, int64_t n, int64_t b) {
+  const void* p = KIND == kF32 ? static_cast<const void*>(L.w + n * L.K + b * kBlock)
+                  : KIND == kQ8 ? static_cast<const void*>(L.q8 + n * L.K + b * kBlock)
+                                : static_cast<const void*>(L.q4 + n * (L.K / 2) + b * (kBlock / 2));
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
+// Y[i][n0 + r] (+)= sum_k X[i][k] w[n0 + r][k] for r < R, i < MB: R weight rows meet MB input rows in registers.
+template <int KIND, int R, int MB>
+inline void tile(const Lin& L, int64_t n0, const float* X, float* Y, int64_t ldy, bool add) {
+  V acc[R][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[r][i] = vzero();
+  const int64_t K = L.K, nb = K / kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    V s[R], m[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if constexpr (KIND != kF32) s[r] = vset(L.s[(n0 + r) * nb + b]);
+      if constexpr (KIND == kQ4) m[r] = vset(L.m[(n0 + r) * nb + b]);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < kChunksPerBlock; ++c) {
+      V x[MB];
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) x[i] = vload(X + i * K + b * kBlock + c * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (c == 0) prefetch<KIND>(L, n0 + r + R, b);  // the next tile's row: keeps enough loads in flight
+        const V w = wvec<KIND>(L, n0 + r, b, c, s[r], m[r]);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) acc[r][i] = vfma(w, x[i], acc[r][i]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float& y = Y[i * ldy + n0 + r];
+      y = (add ? y : 0.0f) + vsum(acc[r][i]) + bias;
+    }
+  }
+}
+
+template <int KIND, int R>
+inline void tile_rows(const Lin& L, int64_t n0, const float* X, int64_t M, float* Y, bool add) {
+  int64_t i = 0;
+  for (; i + kM <= M; i += kM) tile<KIND, R, kM>(L, n0, X + i * L.K, Y + i * L.N, L.N, add);
+  for (; i < M; ++i) tile<KIND, R, 1>(L, n0, X + i * L.K, Y + i * L.N, L.N, add);
+}
+
+// Output-row tiles [t0, t1) of Y (M, N) (+)= X (M, K) @ w^T.
+template <int KIND>
+void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * kRows;
+    if (n0 + kRows <= L.N) {
+      tile_rows<KIND, kRows>(L, n0, X, M, Y, add);
+    } else {
+      for (int64_t n = n0; n < L.N; ++n) tile_rows<KIND, 1>(L, n, X, M, Y, add);
+    }
+  }
+}
+
+void tiles_any(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1) {
+  switch (L.kind) {
+    case kF32: return tiles<kF32>(L, X, M, Y, add, t0, t1);
+    case kQ8: return tiles<kQ8>(L, X, M, Y, add, t0, t1);
+    default: return tiles<kQ4>(L, X, M, Y, add, t0, t1);
+  }
+}
+
+// Inside an OpenMP parallel region: this thread's share of the tiles, then a barrier.
+void linear_team(const Lin& L, const float* X, int64_t M, float* Y, bool add = false) {
+  const int64_t ntiles = (L.N + kRows - 1) / kRows;
+  const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+  const int64_t per = (ntiles + nt - 1) / nt;
+  tiles_any(L, X, M, Y, add, std::min(ntiles, id * per), std::min(ntiles, (id + 1) * per));
+#pragma omp barrier
+}
+
+void dequant_row(const Lin& L, int64_t n, float* out) {
+  const int64_t K = L.K, nb = K / kBlock;
+  if (L.kind == kF32) {
+    std::copy(L.w + n * K, L.w + (n + 1) * K, out);
+    return;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const V s = vset(L.s[n * nb + b]);
+    const V m = L.kind == kQ4 ? vset(L.m[n * nb + b]) : vzero();
+    for (int c = 0; c < kChunksPerBlock; ++c) {
+      const V w = L.kind == kQ8 ? wvec<kQ8>(L, n, b, c, s, m) : wvec<kQ4>(L, n, b, c, s, m);
+      vstore(out + b * kBlock + c * W, w);
+    }
+  }
+}
+
+}  // namespace
+
+// y = x @ w^T (+ bias) for x (M, K) fp32 and weights in one of the formats.
+torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, c10::optional<torch::Tensor> s,
+                     c10::optional<torch::Tensor> m, c10::optional<torch::Tensor> bias) {
+  const Lin L = make_lin(kind, w, s, m, bias);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == L.K, "x: (M, K)");
+  check(x, torch::kFloat32, {x.size(0), L.K}, "x");
+  const int64_t M = x.size(0), N = L.N;
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (M <= kFusedRows) {
+    at::parallel_for(0, (N + kRows - 1) / kRows, 8, [&](int64_t t0, int64_t t1) { tiles_any(L, xp, M, yp, false, t0, t1); });
+    return y;
+  }
+  // Many rows (prefill, big batches): dequantize a chunk of output rows into a cache-sized fp32 buffer and let
+  // torch's GEMM multiply it with all input rows; the weights are still read once per call in their format.
+  const int64_t chunk = std::min<int64_t>(kChunk, N);
+  auto buf = torch::empty({chunk, L.K}, x.options());
+  float* bp = buf.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t rows = std::min(chunk, N - n0);
+    if (kind == kF32) {
+      y.narrow(1, n0, rows).copy_(torch::mm(x, w.narrow(0, n0, rows).t()));
+    } else {
+      at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) dequant_row(L, n0 + r, bp + r * L.K);
+      });
+      y.narrow(1, n0, rows).copy_(torch::mm(x, buf.narrow(0, 0, rows).t()));
+    }
+  }
+  if (L.bias) y.add_(*bias);
+  return y;
+}
+
+torch::Tensor dequantize(int64_t kind, torch::Tensor w, c10::optional<torch::Tensor> s, c10::optional<torch::Tensor> m) {
+  const Lin L = make_lin(kind, w, s, m, c10::nullopt);
+  auto out = torch::empty({L.N, L.K}, torch::kFloat32);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, L.N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequant_row(L, r, op + r * L.K);
+  });
+  return out;
+}
+
+// ---- One decode step through the whole model, for D sequences with one new token each ----------------------------
+// The Python module path (trainfer/model/transformer.py + trainfer/infer/runner.py) runs ~25 PyTorch ops per layer;
+// at batch 1 their dispatch costs more than the weights' memory traffic. Here a layer is 4 fused matrix products
+// (QKV, O, gate|up, down) plus norms, RoPE, the paged K/V write and attention, in one OpenMP team.
+
+namespace {
+
+void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// x <- x * cos + roll(x, hd / 2) * sin, where sin already carries the sign (-sin, sin) (Transformer.rope).
+void rope(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t h = hd / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cos[i] + b * sin[i];
+    x[i + h] = b * cos[i + h] + a * sin[i + h];
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// One query head (of KV head g) attends over positions [0, len) of one sequence's paged cache; block by block, so
+// a position's slot needs no division.
+void attend_head(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t len, int64_t bs,
+                 int64_t g, int64_t KV, int64_t hd, float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t p0 = 0, j = 0; p0 < len; p0 += bs, ++j) {
+    const float* k = kp + (table[j] * bs * KV + g) * hd;
+    for (int64_t p = p0; p < std::min(len, p0 + bs); ++p, k += KV * hd) mx = std::max(mx, scores[p] = dot(q, k, hd) * scale);
+  }
+  float total = 0.0f;
+  for (int64_t p = 0; p < len; ++p) total += (scores[p] = std::exp(scores[p] - mx));
+  const float inv = 1.0f / total;
+  std::fill(out, out + hd, 0.0f);
+  for (int64_t p0 = 0, j = 0; p0 < len; p0 += bs, ++j) {
+    const float* v = vp + (table[j] * bs * KV + g) * hd;
+    for (int64_t p = p0; p < std::min(len, p0 + bs); ++p, v += KV * hd) {
+      const float wgt = scores[p] * inv;
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) out[i] += wgt * v[i];
+    }
+  }
+}
+
+}  // namespace
+
+class Decoder {
+ public:
+  // lins: qkv, o, gate|up, down per layer; norms: input and post-attention per layer, then the final one.
+  Decoder(std::vector<Lin> lins, std::vector<torch::Tensor> norms, Lin embed, Lin head, int64_t n_heads,
+          int64_t n_kv_heads, int64_t head_dim, double eps)
+      : lins_(std::move(lins)), norms_(std::move(norms)), embed_(std::move(embed)), head_(std::move(head)),
+        H_(n_heads), KV_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(lins_.size() % 4 == 0 && norms_.size() == lins_.size() / 2 + 1, "4 matrices and 2 norms per layer");
+    L_ = static_cast<int64_t>(lins_.size() / 4);
+    dim_ = embed_.K;
+    hidden_ = lins_[3].K;
+    for (int64_t l = 0; l < L_; ++l) {
+      const Lin *qkv = &lins_[4 * l], *o = qkv + 1, *gu = qkv + 2, *down = qkv + 3;
+      TORCH_CHECK(qkv->K == dim_ && qkv->N == (H_ + 2 * KV_) * hd_, "layer ", l, ": qkv shape");
+      TORCH_CHECK(o->K == H_ * hd_ && o->N == dim_, "layer ", l, ": o shape");
+      TORCH_CHECK(gu->K == dim_ && gu->N == 2 * hidden_ && down->K == hidden_ && down->N == dim_, "layer ", l, ": mlp");
+    }
+    for (const auto& n : norms_) check(n, torch::kFloat32, {dim_}, "norm weight");
+    TORCH_CHECK(head_.K == dim_, "head shape");
+  }
+
+  // tokens (D,), cos/sin (D, hd), pools (L, slots, KV, hd), tables (D, nb) block ids, lengths (D,) keys including the
+  // new token, rows: which sequences' logits to return -> (len(rows), vocab).
+  torch::Tensor step(torch::Tensor tokens, torch::Tensor cos, torch::Tensor sin, torch::Tensor kpool,
+                     torch::Tensor vpool, torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows) {
+    const int64_t D = tokens.numel(), nb = tables.size(1), R = rows.numel();
+    check(tokens, torch::kInt64, {D}, "tokens");
+    check(cos, torch::kFloat32, {D, hd_}, "cos");
+    check(sin, torch::kFloat32, {D, hd_}, "sin");
+    TORCH_CHECK(kpool.dim() == 4 && kpool.size(0) == L_ && kpool.size(2) == KV_ && kpool.size(3) == hd_, "pool shape");
+    check(kpool, torch::kFloat32, kpool.sizes().vec(), "k pool");
+    check(vpool, torch::kFloat32, kpool.sizes().vec(), "v pool");
+    check(tables, torch::kInt64, {D, nb}, "block tables");
+    check(lengths, torch::kInt64, {D}, "lengths");
+    check(rows, torch::kInt64, {R}, "rows");
+    const int64_t S = kpool.size(1);
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* tab = tables.data_ptr<int64_t>();
+    const int64_t* len = lengths.data_ptr<int64_t>();
+    const int64_t* row = rows.data_ptr<int64_t>();
+    int64_t maxlen = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      TORCH_CHECK(tok[d] >= 0 && tok[d] < embed_.N, "token id out of range");
+      TORCH_CHECK(len[d] >= 1 && len[d] <= nb * bs, "length beyond the block table");
+      for (int64_t j = 0; j < (len[d] + bs - 1) / bs; ++j)
+        TORCH_CHECK(tab[d * nb + j] >= 0 && (tab[d * nb + j] + 1) * bs <= S, "block id out of range");
+      maxlen = std::max(maxlen, len[d]);
+    }
+    TORCH_CHECK(R <= D, "more rows than sequences");
+    for (int64_t i = 0; i < R; ++i) TORCH_CHECK(row[i] >= 0 && row[i] < D, "row out of range");
+
+    const int64_t G = H_ / KV_, nqkv = (H_ + 2 * KV_) * hd_;
+    std::vector<float> x(D * dim_), h(D * std::max(dim_, H_ * hd_)), qkv(D * nqkv), att(D * H_ * hd_),
+        gu(D * 2 * hidden_), act(D * hidden_);
+    auto logits = torch::empty({R, head_.N}, torch::kFloat32);
+    float* out = logits.data_ptr<float>();
+    float* kp0 = kpool.data_ptr<float>();
+    float* vp0 = vpool.data_ptr<float>();
+    const float* cs = cos.data_ptr<float>();
+    const float* sn = sin.data_ptr<float>();
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    const int64_t per_layer = S * KV_ * hd_;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      std::vector<float> scores(maxlen);
+#pragma omp for
+      for (int64_t d = 0; d < D; ++d) dequant_row(embed_, tok[d], x.data() + d * dim_);
+      for (int64_t l = 0; l < L_; ++l) {
+        const Lin* lin = &lins_[4 * l];
+        float *kp = kp0 + l * per_layer, *vp = vp0 + l * per_layer;
+#pragma omp for
+        for (int64_t d = 0; d < D; ++d)
+          rmsnorm(x.data() + d * dim_, norms_[2 * l].data_ptr<float>(), eps_, dim_, h.data() + d * dim_);
+        linear_team(lin[0], h.data(), D, qkv.data());
+#pragma omp for
+        for (int64_t d = 0; d < D; ++d) {  // RoPE on q and k, then the new K/V into the sequence's slot
+          float* r = qkv.data() + d * nqkv;
+          for (int64_t j = 0; j < H_ + KV_; ++j) rope(r + j * hd_, cs + d * hd_, sn + d * hd_, hd_);
+          const int64_t p = len[d] - 1, slot = tab[d * nb + p / bs] * bs + p % bs;
+          std::copy(r + H_ * hd_, r + (H_ + KV_) * hd_, kp + slot * KV_ * hd_);
+          std::copy(r + (H_ + KV_) * hd_, r + nqkv, vp + slot * KV_ * hd_);
+        }
+#pragma omp for
+        for (int64_t dh = 0; dh < D * H_; ++dh) {
+          const int64_t d = dh / H_, head = dh % H_;
+          attend_head(qkv.data() + d * nqkv + head * hd_, kp, vp, tab + d * nb, len[d], bs, head / G, KV_, hd_, scale,
+                      scores.data(), att.data() + d * H_ * hd_ + head * hd_);
+        }
+        linear_team(lin[1], att.data(), D, x.data(), true);
+#pragma omp for
+        for (int64_t d = 0; d < D; ++d)
+          rmsnorm(x.data() + d * dim_, norms_[2 * l + 1].data_ptr<float>(), eps_, dim_, h.data() + d * dim_);
+        linear_team(lin[2], h.data(), D, gu.data());
+#pragma omp for
+        for (int64_t d = 0; d < D; ++d) {
+          const float* gate = gu.data() + d * 2 * hidden_;
+          const float* up = gate + hidden_;
+          float* a = act.data() + d * hidden_;
+          for (int64_t j = 0; j < hidden_; ++j) a[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];
+        }
+        linear_team(lin[3], act.data(), D, x.data(), true);
+      }
+#pragma omp for
+      for (int64_t i = 0; i < R; ++i)
+        rmsnorm(x.data() + row[i] * dim_, norms_.back().data_ptr<float>(), eps_, dim_, h.data() + i * dim_);
+      linear_team(head_, h.data(), R, out);
+    }
+    return logits;
+  }
+
+ private:
+  std::vector<Lin> lins_;
+  std::vector<torch::Tensor> norms_;
+  Lin embed_, head_;
+  int64_t H_, KV_, hd_, L_ = 0, dim_ = 0, hidden_ = 0;
+  float eps_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Lin>(m, "Lin").def(pybind11::init(&make_lin), "kind (0 fp32, 1 int8, 2 int4), weights, scales, mins, bias");
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<std::vector<Lin>, std::vector<torch::Tensor>, Lin, Lin, int64_t, int64_t, int64_t, double>())
+      .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("linear", &linear, "x @ w^T (+ bias) for fp32 / int8 / int4 weights",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("dequantize", &dequantize, "int8 / int4 blocks -> fp32 (N, K)");
+}
