@@ -10,6 +10,7 @@ pushed to +-inf by extreme penalties are clamped before the draw.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,10 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float, 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from a (vocab,) row of (already penalized) logits."""
     logits = logits.float()
+    if params.greedy:  # one pass in the common case: argmax lands on a NaN if there is one, then look closer
+        best = int(logits.argmax())
+        if math.isfinite(float(logits[best])):
+            return best
     if torch.isnan(logits).all() or torch.isneginf(logits).all():
         raise TrainferError("the model produced no finite logits for this sequence")
     if params.greedy:
