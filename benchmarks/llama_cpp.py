@@ -1,5 +1,5 @@
-"""Build llama.cpp's peer tools from the PyPI source package of llama-cpp-python, and make F32/F16/Q8_0
-copies of the SmolLM2 GGUF with its quantize tool. Idempotent; ~5 minutes of compiling on 2 cores.
+"""Build llama.cpp's peer tools from the PyPI source package of llama-cpp-python, and make F32/F16/Q8_0/Q4_0
+copies of the SmolLM2 GGUF (itself Q4_1) with its quantize tool. Idempotent; ~5 minutes of compiling on 2 cores.
 
     .venv/bin/python benchmarks/llama_cpp.py        # prints the paths as JSON
 """
@@ -54,7 +54,7 @@ def cpu_flags() -> list[str]:
 def quantized_copies(bin_dir: Path, out: Path) -> dict[str, Path]:
     source = registry.pull("smollm2-135m-instruct")
     paths = {"Q4_1": source}
-    for kind in ("F32", "F16", "Q8_0"):
+    for kind in ("F32", "F16", "Q8_0", "Q4_0"):
         target = out / f"smollm2-135m-instruct.{kind}.gguf"
         if not target.exists():
             cmd = [str(bin_dir / "llama-quantize"), "--allow-requantize", str(source), str(target), kind]

@@ -140,6 +140,10 @@ def measure_transformers(hf, vocab: int, runs: int, new_tokens: int, concurrency
     return peer
 
 
+# The llama.cpp file each trainfer weight format is measured against (same weights, same bits).
+PEERS = {"float32": ("F32",), "bfloat16": ("F16",), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
+
+
 def bench_decode(
     model: str = "smollm2-135m-instruct",
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
@@ -193,9 +197,27 @@ def bench_decode(
         lc = {name: llama_bench(llama_bench_binary, path, threads) for name, path in llama_ggufs.items()}
         result["llama.cpp"] = lc
         for name, v in lc.items():
+            v["roofline_tok_s"] = round(bandwidth * 1e9 / llama_ggufs[name].stat().st_size, 1)  # the file ~ weights
+            v["fraction_of_roofline"] = round(v["decode_tok_s"] / v["roofline_tok_s"], 4)
             rows.append(
-                (f"llama.cpp {name}", f"prefill 512: {v['prefill_512_tok_s']} tok/s, decode {v['decode_tok_s']} tok/s")
+                (
+                    f"llama.cpp {name}",
+                    f"prefill 512: {v['prefill_512_tok_s']} tok/s, decode {v['decode_tok_s']} tok/s "
+                    f"({100 * v['fraction_of_roofline']:.0f}% of roofline)",
+                )
             )
+        for dtype in dtypes:
+            for name in PEERS.get(dtype, ()):
+                if name in lc and dtype in result:
+                    r, v = result[dtype], lc[name]
+                    ratio = {k: round(r[k] / v[k], 2) for k in ("decode_tok_s", "prefill_512_tok_s")}
+                    result[dtype][f"vs_llama_cpp_{name}"] = ratio
+                    rows.append(
+                        (
+                            f"trainfer {dtype} / llama.cpp {name}",
+                            f"decode {ratio['decode_tok_s']}x, prefill 512 {ratio['prefill_512_tok_s']}x",
+                        )
+                    )
     width = max(len(k) for k, _ in rows)
     print(f"\n== trainfer bench decode: {model} ==")
     for k, v in rows:

@@ -32,10 +32,21 @@ WEIGHT_DTYPES = ["float32", "bfloat16", "int8", "int4"]
 DTYPE_HELP = "weights: float32, bfloat16, int8 (Q8_0 blocks) or int4 (Q4_1 blocks) (default float32)"
 
 
+THREADS_HELP = (
+    "CPU threads for matmuls and the decode step (default: one per core); on a busy machine fewer threads "
+    "than cores avoid waiting on a worker the OS has parked"
+)
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an alias (see `trainfer models`), a .gguf file or a Hugging Face directory")
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=DTYPE_HELP)
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
+    _add_threads_flag(p)
+
+
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
 def _load(args: argparse.Namespace):
@@ -149,6 +160,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from trainfer.llm import LLM
     from trainfer.quant.checkpoint import save_quantized
 
+    if args.report:
+        from trainfer.quant.quality import format_report, quality_report
+
+        weights = ("float32", args.to) if args.to else ("float32", "int8", "int4")
+        print(format_report(args.model, quality_report(args.model, weights, positions=args.positions)))
+        if not args.out:
+            return
+    if not (args.to and args.out):
+        raise TrainferError("quantize needs --to and --out (or --report alone for the quality table)")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise TrainferError(f"{out} exists and is not empty; choose a new directory")
@@ -326,8 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write an int8 / int4 copy of a model that loads without re-quantizing")
     p.add_argument("model", help="an alias, a .gguf file, a Hugging Face directory or a training run")
-    p.add_argument("--to", required=True, choices=["int8", "int4"], help="int8: Q8_0 blocks; int4: Q4_1 blocks")
-    p.add_argument("--out", required=True, help="a new directory to write")
+    p.add_argument("--to", choices=["int8", "int4"], help="int8: Q8_0 blocks; int4: Q4_1 blocks")
+    p.add_argument("--out", help="a new directory to write")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print perplexity, top-1 and greedy agreement against fp32 on held-out Shakespeare and HumanEval "
+        "(for --to, or for int8 and int4)",
+    )
+    p.add_argument("--positions", type=int, default=4096, help="tokens scored per corpus for --report")
+    _add_threads_flag(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("convert", help="export a model to another format")
@@ -380,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-tokens", type=int, default=32)
     p.add_argument("--continuation-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=DTYPE_HELP)
+    _add_threads_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, metrics, cache, auth)")
@@ -417,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip transformers")
     p.add_argument("--llama-bench", help="path to llama.cpp's llama-bench binary")
     p.add_argument("--llama-gguf", action="append", default=[], help="NAME=PATH of a GGUF for llama-bench (repeatable)")
+    _add_threads_flag(p)
     p.set_defaults(func=cmd_bench_decode)
 
     p = bench.add_parser("serve", help="load-test any OpenAI-compatible server (vLLM's metric definitions)")
@@ -443,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise TrainferError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.func(args)
     except TrainferError as e:
         print(f"error: {e}", file=sys.stderr)

