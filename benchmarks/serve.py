@@ -2,6 +2,7 @@
 on the same SmolLM2 weights, loaded by `trainfer bench serve` in one run. Writes JSON and a PNG.
 
     .venv/bin/python benchmarks/serve.py [--concurrency 1 --concurrency 4 --concurrency 16] [--out DIR]
+    .venv/bin/python benchmarks/serve.py --dtype int8 --llama-gguf Q8_0     # the same bits on both sides
 
 Before/after a change, in one run: `git worktree add /tmp/before <commit>`, then
     .venv/bin/python benchmarks/serve.py --baseline-src /tmp/before --no-llama --rounds 2
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp  # noqa: E402
@@ -112,8 +114,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, action="append")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--llama-gguf", default="F32", help="which llama.cpp copy: F32, F16, Q8_0, Q4_1")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "int4"])
+    ap.add_argument("--llama-gguf", default="F32", help="which llama.cpp copy: F32, F16, Q8_0, Q4_0, Q4_1")
     ap.add_argument("--baseline-src", type=Path, help="another trainfer checkout to serve as 'before'")
     ap.add_argument("--rounds", type=int, default=1, help="before/after rounds (with --baseline-src)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server (no llama.cpp build)")
@@ -132,8 +134,8 @@ def main() -> None:
     ours = run_server(trainfer_cmd(args), f"trainfer-{args.dtype}", args, tokenizer)
     ctx = 16 * (args.input_len + args.output_len + 64)
     theirs = run_server(
-        [str(bin_dir / "llama-server"), "-m", str(gguf), "--parallel", "16", "-c", str(ctx), "-t", "2", "--host",
-         "127.0.0.1"],
+        [str(bin_dir / "llama-server"), "-m", str(gguf), "--parallel", "16", "-c", str(ctx), "-t",
+         str(torch.get_num_threads()), "--host", "127.0.0.1"],
         f"llama.cpp-{args.llama_gguf}",
         args,
         tokenizer,

@@ -23,19 +23,20 @@ def tiny_model(tmp_path, kind: str, weights: str, **overrides):
     return model if weights == "float32" else quantize_model(model, weights)
 
 
-def compare_both_paths(engine: Engine) -> list[float]:
-    """Run every all-decode batch twice, module path then native, from the same cache state; return the largest
-    logit difference of each (relative to the logits' scale) and keep the native result."""
-    runner, diffs = engine.runner, []
+def compare_both_paths(engine: Engine) -> tuple[list[float], set[str]]:
+    """Run every batch with decoding sequences twice, all through the modules then as the runner does (native
+    step, or native step + modules for a mixed batch), from the same cache state; return the largest logit
+    difference of each (relative to the logits' scale) and keep the runner's result."""
+    runner, diffs, kinds = engine.runner, [], set()
     run = runner.run
 
     def both(batch, rows):
-        if not all(n == 1 and seq.num_computed > 0 for seq, n in batch):
+        if not any(n == 1 and seq.num_computed > 0 for seq, n in batch):
             return run(batch, rows)
+        kinds.add("all decode" if all(n == 1 and seq.num_computed > 0 for seq, n in batch) else "mixed")
         k, v = runner.pool.k.clone(), runner.pool.v.clone()
-        decoder, runner.decoder = runner.decoder, None
-        want = run(batch, rows)
-        runner.decoder = decoder
+        with torch.inference_mode():
+            want = runner._module(batch, rows)
         runner.pool.k.copy_(k), runner.pool.v.copy_(v)
         got = run(batch, rows)
         diffs.append(float((got - want).abs().max() / want.abs().max()))
@@ -43,7 +44,7 @@ def compare_both_paths(engine: Engine) -> list[float]:
         return got
 
     runner.run = both
-    return diffs
+    return diffs, kinds
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8", "int4"])
@@ -53,12 +54,13 @@ def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides):
     model = tiny_model(tmp_path, kind, weights, **overrides)
     engine = Engine(model, ByteTokenizer(), num_blocks=96, block_size=4, max_num_batched_tokens=64)
     assert engine.runner.decoder is not None
-    diffs = compare_both_paths(engine)
+    diffs, kinds = compare_both_paths(engine)
     shared = list(range(3, 40))  # 9 full blocks shared through the prefix cache by the later prompts
     prompts = [[5, 17, 99], shared, shared + [7, 8], list(range(100, 106)), [200]]
     prompts += [[i, i + 1] for i in range(20, 32)]  # 17 sequences: the batch shrinks past 16 as they finish
     params = [SamplingParams(max_tokens=6 + i % 5, temperature=0, ignore_eos=True) for i in range(len(prompts))]
     engine.run(prompts, params)
+    assert kinds == {"all decode", "mixed"}  # max_num_batched_tokens makes later prompts join running decodes
     assert len(diffs) >= 8 and max(diffs) < 1e-5, max(diffs)
     engine.pool.check_idle()
 

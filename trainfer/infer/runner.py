@@ -127,13 +127,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> Tensor:
-        """Forward the batch; return logits (len(sample_rows), vocab) in fp32 for the rows to sample."""
-        if (
-            self.decoder is not None
-            and len(batch) <= native_decode.MAX_ROWS
-            and all(n == 1 and seq.num_computed > 0 for seq, n in batch)
-        ):
+        """Forward the batch; return logits (len(sample_rows), vocab) in fp32 for the rows to sample.
+
+        With the native Decoder, decoding sequences (one token each, up to MAX_ROWS of them) take the native
+        step and the rest of the batch (prefill chunks) the module path: a new arrival's prefill does not move
+        every running sequence to the slower path for that step."""
+        decoding = [i for i, (seq, n) in enumerate(batch) if n == 1 and seq.num_computed > 0]
+        if self.decoder is None or not decoding or len(decoding) > native_decode.MAX_ROWS:
+            return self._module(batch, sample_rows)
+        if len(decoding) == len(batch):
             return self._native_decode([seq for seq, _ in batch], sample_rows)
+        return self._split(batch, sample_rows, set(decoding))
+
+    def _split(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], decoding: set[int]) -> Tensor:
+        """Decoding sequences through the native step, the others through the module path, logits in order."""
+        where: list[tuple[bool, int]] = []  # per flattened row: (native?, its row in that part)
+        counts = [0, 0]
+        for i, (_, n) in enumerate(batch):
+            native = i in decoding
+            where += [(native, counts[native] + j) for j in range(n)]
+            counts[native] += n
+        rest = [item for i, item in enumerate(batch) if i not in decoding]
+        module_rows = [where[r][1] for r in sample_rows if not where[r][0]]
+        native_rows = [where[r][1] for r in sample_rows if where[r][0]]
+        parts = {
+            False: iter(self._module(rest, module_rows)),  # runs even without rows to sample: it writes K/V
+            True: iter(self._native_decode([batch[i][0] for i in sorted(decoding)], native_rows)),
+        }
+        return torch.stack([next(parts[where[r][0]]) for r in sample_rows])
+
+    def _module(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> Tensor:
+        """The model's modules over the flattened batch (prefill chunks and decode tokens together)."""
         b = self.pool.block_size
         tokens, positions, write = [], [], []
         decode_rows, decode_seqs, chunks = [], [], []
