@@ -224,6 +224,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def cmd_cost(args: argparse.Namespace) -> None:
+    from trainfer.cost import report
+    from trainfer.cost.hardware import load_table
+
+    if args.what == "train":
+        table = load_table(args.prices)
+        report.train(args.run, args.flops, args.wall_s, args.hardware, table, args.mfu, args.full, args.json)
+    elif args.what == "serve":
+        report.serve(args.bench, args.price_per_hour, args.slo_ttft_ms, args.slo_tpot_ms, args.requests_per_day,
+                     args.tokens_per_request, args.peak_to_average, args.json)  # fmt: skip
+    elif args.what == "lifetime":
+        report.lifetime(args.training, args.serving_per_month, args.months, args.tuning, args.per_request_large,
+                        args.per_request_small, args.json)  # fmt: skip
+    else:
+        report.edge_vs_cloud(args.bench, args.cloud_per_million, args.cloud_ttft_ms, args.cloud_tpot_ms, args.tokens,
+                             args.tokens_per_user_month, args.device_price, args.device_months, args.rtt_ms,
+                             args.json)  # fmt: skip
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from trainfer.quickstart import quickstart
 
@@ -428,6 +447,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=4, help="largest request body in MiB; larger get 413 (4)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    cost = sub.add_parser("cost", help="what training and serving cost, from measured figures").add_subparsers(
+        dest="what", required=True
+    )
+    p = cost.add_parser("train", help="a run's compute and dollars, and the same job on other hardware")
+    p.add_argument("run", nargs="?", type=Path, help="a training run directory (its metrics.jsonl)")
+    p.add_argument("--flops", type=float, help="total training FLOPs instead of a run")
+    p.add_argument("--wall-s", type=float, help="with --flops: how long it took")
+    p.add_argument("--hardware", default="cpu-2vcpu", help="price-table row it ran on (default cpu-2vcpu)")
+    p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed on other hardware (default 0.4)")
+    p.add_argument("--full", action="store_true", help="also the full budget by the seed's cost shares")
+    p.add_argument("--prices", type=Path, help="a TOML price table whose rows replace the shipped ones")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+    p = cost.add_parser("serve", help="$ per 1M tokens and per request from a `bench serve --json` report")
+    p.add_argument("bench", type=Path, help="the JSON written by trainfer bench serve --json")
+    p.add_argument("--price-per-hour", type=float, required=True, help="what the serving machine costs per hour")
+    p.add_argument("--slo-ttft-ms", type=float, default=1000)
+    p.add_argument("--slo-tpot-ms", type=float, default=100)
+    p.add_argument("--requests-per-day", type=float, help="size a fleet for this load")
+    p.add_argument("--tokens-per-request", type=float, default=128)
+    p.add_argument("--peak-to-average", type=float, default=2.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+    p = cost.add_parser("lifetime", help="training once + months of serving: totals and the inference share")
+    p.add_argument("--training", type=float, required=True, help="training (or fine-tuning) cost, $")
+    p.add_argument("--serving-per-month", type=float, required=True, help="serving cost per month, $")
+    p.add_argument("--months", type=int, default=12)
+    p.add_argument("--tuning", type=float, help="fine-tuning cost, $, for the break-even vs a larger model")
+    p.add_argument("--per-request-large", type=float, help="$ per request prompting the larger model")
+    p.add_argument("--per-request-small", type=float, help="$ per request serving the tuned small model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+    p = cost.add_parser("edge-vs-cloud", help="latency and cost per user: this machine vs a cloud endpoint")
+    p.add_argument("bench", type=Path, help="a `bench serve --json` report measured on the edge machine")
+    p.add_argument("--cloud-per-million", type=float, required=True, help="cloud $ per 1M output tokens")
+    p.add_argument("--cloud-ttft-ms", type=float, default=150)
+    p.add_argument("--cloud-tpot-ms", type=float, default=10)
+    p.add_argument("--rtt-ms", type=float, default=50, help="network round trip to the cloud")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per answer")
+    p.add_argument("--tokens-per-user-month", type=float, default=100_000)
+    p.add_argument("--device-price", type=float, default=800, help="the edge device, $")
+    p.add_argument("--device-months", type=int, default=36, help="months to amortize it over")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
 
     bench = sub.add_parser("bench", help="measure trainfer next to its peers").add_subparsers(
         dest="what", required=True
