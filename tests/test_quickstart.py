@@ -14,9 +14,11 @@ from trainfer.quickstart import quickstart
 def test_quickstart_end_to_end(tmp_path):
     done = quickstart(tmp_path / "qs", steps=60)
     report = done.report.read_text()
-    for heading in ("## Data", "## Training", "## Generalization vs memorization", "## Inference", "## Next"):
+    for heading in ("## Data", "## Training", "## Generalization vs memorization", "## Inference", "## What this cost",
+                    "## Next"):  # fmt: skip
         assert heading in report
     assert "bits per byte" in report and "Memorization probe" in report and "MFU" in report
+    assert "$0.0" in report and "h100-sxm" in report  # the run's cost on the CPU row, projected onto an H100
     assert (done.out_dir / "loss.png").stat().st_size > 10_000
     # 60 steps already beat the uniform guess over the 4,096-token vocabulary by a wide margin
     rows = [r for r in done.train.out_dir.joinpath("metrics.jsonl").read_text().splitlines() if '"val_loss"' in r]

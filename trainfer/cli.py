@@ -233,14 +233,14 @@ def cmd_cost(args: argparse.Namespace) -> None:
         report.train(args.run, args.flops, args.wall_s, args.hardware, table, args.mfu, args.full, args.json)
     elif args.what == "serve":
         report.serve(args.bench, args.price_per_hour, args.slo_ttft_ms, args.slo_tpot_ms, args.requests_per_day,
-                     args.tokens_per_request, args.peak_to_average, args.json)  # fmt: skip
+                     args.tokens_per_request, args.peak_to_average, args.json, args.plot)  # fmt: skip
     elif args.what == "lifetime":
         report.lifetime(args.training, args.serving_per_month, args.months, args.tuning, args.per_request_large,
-                        args.per_request_small, args.json)  # fmt: skip
+                        args.per_request_small, args.json, args.plot)  # fmt: skip
     else:
         report.edge_vs_cloud(args.bench, args.cloud_per_million, args.cloud_ttft_ms, args.cloud_tpot_ms, args.tokens,
                              args.tokens_per_user_month, args.device_price, args.device_months, args.rtt_ms,
-                             args.json)  # fmt: skip
+                             args.json, args.plot)  # fmt: skip
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-request", type=float, default=128)
     p.add_argument("--peak-to-average", type=float, default=2.0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", type=Path, help="also write a PNG chart here")
     p.set_defaults(func=cmd_cost)
     p = cost.add_parser("lifetime", help="training once + months of serving: totals and the inference share")
     p.add_argument("--training", type=float, required=True, help="training (or fine-tuning) cost, $")
@@ -479,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-request-large", type=float, help="$ per request prompting the larger model")
     p.add_argument("--per-request-small", type=float, help="$ per request serving the tuned small model")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", type=Path, help="also write a PNG chart here")
     p.set_defaults(func=cmd_cost)
     p = cost.add_parser("edge-vs-cloud", help="latency and cost per user: this machine vs a cloud endpoint")
     p.add_argument("bench", type=Path, help="a `bench serve --json` report measured on the edge machine")
@@ -491,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-price", type=float, default=800, help="the edge device, $")
     p.add_argument("--device-months", type=int, default=36, help="months to amortize it over")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", type=Path, help="also write a PNG chart here")
     p.set_defaults(func=cmd_cost)
 
     bench = sub.add_parser("bench", help="measure trainfer next to its peers").add_subparsers(

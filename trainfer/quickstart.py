@@ -94,6 +94,26 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 1000, vocab_siz
     return QuickstartResult(out, report, result, answers)
 
 
+def _cost_lines(flops: float, wall_s: float) -> list[str]:
+    """What this run cost at the price table's 2-vCPU row, and the same FLOPs on a rented H100 (docs/cost.md)."""
+    from trainfer.cost import estimate
+    from trainfer.cost.hardware import load_table
+
+    table = load_table()
+    cpu, h100 = table.get("cpu-2vcpu"), table.get("h100-sxm")
+    here = estimate.train_dollars(wall_s, cpu.price_per_hour)
+    there = estimate.project(flops, h100, 0.4)
+    return [
+        "## What this cost",
+        f"- {wall_s:.0f} s of training on a {cpu.description} at ${cpu.price_per_hour}/hour ({cpu.source}, "
+        f"{cpu.as_of}): **${here:.4f}**.",
+        f"- The same {flops:.3g} FLOPs on an {h100.name} at ${h100.price_per_hour}/hour and an assumed 40% MFU: "
+        f"{there.hours * 3600:.2f} s, ${there.dollars:.6f} (the run is far too small to keep a GPU busy).",
+        "- Serving it costs more than training it within hours: `trainfer cost serve` on a `trainfer bench "
+        "serve --json` report of this model.",
+    ]
+
+
 def _report(meta, cfg, result: TrainResult, probe: ProbeResult, answers, rows, total_s: float) -> str:
     start = rows[0]
     n_params, tokens = start["params"], result.tokens
@@ -141,6 +161,7 @@ def _report(meta, cfg, result: TrainResult, probe: ProbeResult, answers, rows, t
     for prompt, text, ttft, rate in answers:
         lines.append(f"- `{prompt}` -> {(prompt + text).replace(chr(10), ' / ')}  ")
         lines.append(f"  TTFT {ttft * 1000:.0f} ms, {rate:.0f} tokens/s")
+    lines += ["", *_cost_lines(start["flops_per_token"] * tokens, result.elapsed_s)]
     lines += [
         "",
         "## Next",

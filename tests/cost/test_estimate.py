@@ -160,8 +160,11 @@ def test_cli_serve_json_and_errors(tmp_path):
         data["cheapest"]["dollars_per_million"], 1e6 / 300 / 1000
     )
     assert data["fleet"]["replicas"] == 1  # peak 2 req/s vs 3 per replica
-    text = run_cli("serve", str(bench), "--price-per-hour", "3.6")
+    text = run_cli("serve", str(bench), "--price-per-hour", "3.6", "--plot", str(tmp_path / "cost.png"))
     assert text.returncode == 0 and "cheapest point meeting the SLO: concurrency 4" in text.stdout
+    assert (tmp_path / "cost.png").stat().st_size > 10_000
+    edge = run_cli("edge-vs-cloud", str(bench), "--cloud-per-million", "2", "--plot", str(tmp_path / "edge.png"))
+    assert edge.returncode == 0 and "hybrid" in edge.stdout and (tmp_path / "edge.png").exists()
     for broken, message in [
         ("missing.json", "no such benchmark JSON"),
         ("garbage", "invalid JSON"),

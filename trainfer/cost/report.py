@@ -37,6 +37,53 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _figure(path: Path, draw) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_serve(points: list[est.ServePoint], path: Path) -> None:
+    """$ per 1M tokens at each level, against the level's TTFT p90 (the trade a deployment picks from)."""
+
+    def draw(ax):
+        ax.plot([p.ttft_ms for p in points], [p.dollars_per_million for p in points], "o-")
+        for p in points:
+            ax.annotate(f"{p.level}{'' if p.meets_slo else ' (breaks SLO)'}", (p.ttft_ms, p.dollars_per_million))
+        ax.set(xlabel="TTFT p90 (ms)", ylabel="$ per 1M output tokens", title="serving cost vs latency")
+
+    _figure(path, draw)
+
+
+def plot_lifetime(training: float, serving_per_month: float, months: int, path: Path) -> None:
+    def draw(ax):
+        ms = list(range(months + 1))
+        ax.stackplot(ms, [training] * len(ms), [serving_per_month * m for m in ms], labels=["training", "inference"])
+        ax.set(xlabel="months", ylabel="cumulative $", title="lifetime cost")
+        ax.legend(loc="upper left")
+
+    _figure(path, draw)
+
+
+def plot_placements(places: list[est.Placement], path: Path) -> None:
+    def draw(ax):
+        names = [p.where.split(" (")[0] for p in places]
+        ax.bar(names, [p.dollars_per_user_month for p in places])
+        for i, p in enumerate(places):
+            ax.annotate(f"{p.latency_ms:.0f} ms", (i, p.dollars_per_user_month), ha="center", va="bottom")
+        ax.set(ylabel="$ per user per month", title="edge vs cloud (labels: time to a whole answer)")
+
+    _figure(path, draw)
+
+
 def train(run: Path | None, flops: float | None, wall_s: float | None, hardware: str, table: PriceTable,
           mfu: float, full: bool, as_json: bool) -> None:  # fmt: skip
     if run is not None:
@@ -67,8 +114,11 @@ def train(run: Path | None, flops: float | None, wall_s: float | None, hardware:
 
 
 def serve(bench: Path, price_per_hour: float, slo_ttft_ms: float, slo_tpot_ms: float, requests_per_day: float | None,
-          tokens_per_request: float, peak_to_average: float, as_json: bool) -> None:  # fmt: skip
+          tokens_per_request: float, peak_to_average: float, as_json: bool,
+          plot: Path | None = None) -> None:  # fmt: skip
     points = est.serve_points(est.read_bench(bench), price_per_hour, slo_ttft_ms, slo_tpot_ms)
+    if plot:
+        plot_serve(points, plot)
     best = est.cheapest(points)
     rows = [[p.level, p.output_tok_s, p.dollars_per_million, p.dollars_per_request, p.ttft_ms, p.tpot_ms,
              "yes" if p.meets_slo else "no"] for p in points]  # fmt: skip
@@ -92,8 +142,11 @@ def serve(bench: Path, price_per_hour: float, slo_ttft_ms: float, slo_tpot_ms: f
 
 
 def lifetime(training: float, serving_per_month: float, months: int, tuning: float | None,
-             per_request_large: float | None, per_request_small: float | None, as_json: bool) -> None:  # fmt: skip
+             per_request_large: float | None, per_request_small: float | None, as_json: bool,
+             plot: Path | None = None) -> None:  # fmt: skip
     life = est.lifetime(training, serving_per_month, months)
+    if plot:
+        plot_lifetime(training, serving_per_month, months, plot)
     rows = [[m, training, serving_per_month * m, training + serving_per_month * m,
              f"{serving_per_month * m / (training + serving_per_month * m):.2%}"]
             for m in sorted({1, 3, 6, 12, months}) if m <= months]  # fmt: skip
@@ -111,12 +164,14 @@ def lifetime(training: float, serving_per_month: float, months: int, tuning: flo
 
 def edge_vs_cloud(bench: Path, cloud_dollars_per_million: float, cloud_ttft_ms: float, cloud_tpot_ms: float,
                   tokens: int, tokens_per_user_month: float, device_price: float, device_months: int,
-                  rtt_ms: float, as_json: bool) -> None:  # fmt: skip
+                  rtt_ms: float, as_json: bool, plot: Path | None = None) -> None:  # fmt: skip
     levels = est.read_bench(bench)
     one = min(levels, key=lambda lv: lv.get("concurrency") or 1)  # the lone-user figure
     places = est.edge_vs_cloud(1000 * one["ttft_s"]["p50"], 1000 * one["tpot_s"]["p50"], cloud_ttft_ms,
                                cloud_tpot_ms, cloud_dollars_per_million, tokens, tokens_per_user_month,
                                device_price, device_months, rtt_ms=rtt_ms)  # fmt: skip
+    if plot:
+        plot_placements(places, plot)
     rows = [[p.where, p.first_token_ms, p.latency_ms, p.dollars_per_user_month, p.notes] for p in places]
     notes = [f"edge figures measured in {bench} ({one['level']}); cloud figures stated; {tokens}-token answers, "
              f"{tokens_per_user_month:,.0f} tokens per user per month, device ${device_price:,.0f} over "
