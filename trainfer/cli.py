@@ -237,6 +237,14 @@ def cmd_cost(args: argparse.Namespace) -> None:
     elif args.what == "lifetime":
         report.lifetime(args.training, args.serving_per_month, args.months, args.tuning, args.per_request_large,
                         args.per_request_small, args.json, args.plot)  # fmt: skip
+    elif args.what == "advise":
+        import dataclasses
+        import json
+
+        from trainfer.cost.advise import advise
+
+        advice = advise(args.model, args.data, load_table(args.prices), args.hardware, args.epochs, args.max_tokens)
+        print(json.dumps(dataclasses.asdict(advice), indent=2) if args.json else "\n".join(advice.reasons))
     else:
         report.edge_vs_cloud(args.bench, args.cloud_per_million, args.cloud_ttft_ms, args.cloud_tpot_ms, args.tokens,
                              args.tokens_per_user_month, args.device_price, args.device_months, args.rtt_ms,
@@ -481,6 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-request-small", type=float, help="$ per request serving the tuned small model")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", type=Path, help="also write a PNG chart here")
+    p.set_defaults(func=cmd_cost)
+    p = cost.add_parser("advise", help="do you need to train? the model on your text, with the costs of each way")
+    p.add_argument("model", help="the base model (alias, .gguf, directory, run)")
+    p.add_argument("--data", action="append", required=True, help="your text: file, directory, glob, FILE.jsonl:FIELD")
+    p.add_argument("--hardware", default="cpu-2vcpu", help="price-table row for the fine-tuning estimate")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs to cost (default 3)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens of your text scored (default 8192)")
+    p.add_argument("--prices", type=Path, help="a TOML price table whose rows replace the shipped ones")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cost)
     p = cost.add_parser("edge-vs-cloud", help="latency and cost per user: this machine vs a cloud endpoint")
     p.add_argument("bench", type=Path, help="a `bench serve --json` report measured on the edge machine")
