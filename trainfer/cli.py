@@ -29,6 +29,7 @@ _SAMPLING_HELP = {
 
 
 WEIGHT_DTYPES = ["float32", "bfloat16", "int8", "int4"]
+REASON_STRATEGIES = ["greedy", "cot", "self-consistency", "adaptive", "best-of-n", "self-correction"]
 DTYPE_HELP = "weights: float32, bfloat16, int8 (Q8_0 blocks) or int4 (Q4_1 blocks) (default float32)"
 
 
@@ -251,6 +252,27 @@ def cmd_cost(args: argparse.Namespace) -> None:
                              args.json, args.plot)  # fmt: skip
 
 
+def cmd_reason(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    llm = _load(args)
+    result = llm.reason(args.question, args.strategy, n=args.n, kind=args.kind, temperature=args.temperature,
+                        max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    c = result.compute
+    print(f"answer: {result.answer}")
+    if result.votes:
+        print("votes: " + ", ".join(f"{a}: {v:g}" for a, v in sorted(result.votes.items(), key=lambda kv: -kv[1])))
+    print(
+        f"compute: {c.samples} samples, {c.generated_tokens} generated tokens, {c.processed_tokens} tokens processed "
+        f"({c.cached_prompt_tokens} prompt tokens from the prefix cache), {c.flops:.3g} FLOPs",
+        file=sys.stderr,
+    )
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from trainfer.quickstart import quickstart
 
@@ -370,6 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("reason", help="answer with test-time compute: CoT, self-consistency, best-of-N, ...")
+    _add_model_flags(p)
+    p.add_argument("question")
+    p.add_argument("--strategy", default="self-consistency", choices=REASON_STRATEGIES)
+    p.add_argument("-n", type=int, default=8, help="samples (the budget for adaptive)")
+    p.add_argument("--kind", default="number", choices=["number", "option", "line"], help="what the answer is")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reason)
 
     p = sub.add_parser("quantize", help="write an int8 / int4 copy of a model that loads without re-quantizing")
     p.add_argument("model", help="an alias, a .gguf file, a Hugging Face directory or a training run")

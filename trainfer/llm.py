@@ -134,6 +134,13 @@ class LLM:
             [e.logprob for e in evs if e.logprob is not None],
         )
 
+    def reason(self, question: str, strategy: str = "self-consistency", **options: Any):
+        """Answer with test-time compute (trainfer/reason): greedy, cot, self-consistency, adaptive, best-of-n
+        or self-correction; returns the answer, candidates, votes or scores and the compute spent."""
+        from trainfer.reason.strategies import reason
+
+        return reason(self, question, strategy, **options)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype

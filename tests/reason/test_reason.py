@@ -1,0 +1,99 @@
+"""Test-time compute: answer extraction, the vote, shared prefill, the compute account, adaptive stopping."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import make_tiny_model_dir
+from trainfer.errors import TrainferError
+from trainfer.reason.extract import last_line, number, option
+from trainfer.reason.strategies import COT, flops, reason, vote
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [("7 + 5 = 12. The answer is 12.", "12"), ("The answer is **1,000.50** dollars", "1000.5"),
+     ("first 3 then 4, so 9", "9"), ("answer: -2", "-2"), ("no digits", None), ("The answer is 0.0", "0"),
+     ("12 apples; the answer is: about 40 (not 12)", "40")],
+)  # fmt: skip
+def test_number(text, want):
+    assert number(text) == want
+
+
+@pytest.mark.parametrize("text,want", [("I think (B). The answer is C.", "C"), ("A or B? B", "B"), ("none", None)])
+def test_option(text, want):
+    assert option(text) == want
+
+
+def test_last_line():
+    assert last_line("work\n\n  42  \n") == "42" and last_line("  ") is None
+
+
+def test_vote_majority_ties_and_abstentions():
+    assert vote(["3", "4", "3", None], [-1, -1, -1, -9]) == ("3", {"3": 2, "4": 1})
+    best, votes = vote(["3", "4"], [-5.0, -1.0])  # a tie: the more likely sample's answer wins
+    assert best == "4" and votes == {"3": 1, "4": 1}
+    assert vote([None, None], [0, 0]) == (None, {})
+    best, votes = vote(["3", "4", "4"], [0.0, -10.0, -10.0], weighted=True)  # one confident sample outweighs two
+    assert best == "3"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from trainfer import LLM
+
+    return LLM.load(make_tiny_model_dir(tmp_path_factory.mktemp("tiny"), context=512), num_blocks=256)
+
+
+def test_samples_share_one_prefill_and_the_account_adds_up(tiny):
+    r = reason(tiny, "2+2?", "self-consistency", n=6, kind="line", max_tokens=10, chat=False, temperature=1.0)
+    c = r.compute
+    prompt = len(tiny.tokenizer.encode(COT["line"].format(question="2+2?")))
+    assert len(r.candidates) == 6 and c.samples == 6 and c.generated_tokens == 60
+    # the prompt is computed once for all six samples; each sample's tokens but its last are fed back
+    assert c.processed_tokens == prompt + 6 * (10 - 1)
+    cfg = tiny.model.cfg
+    assert c.flops == pytest.approx(
+        flops(cfg, c.processed_tokens, 60, (prompt * prompt / 2 + 54 * (prompt + 10 / 2)) / c.processed_tokens)
+    )
+    # a second call serves the prompt from the prefix cache (all but its last partial block)
+    again = reason(tiny, "2+2?", "self-consistency", n=2, kind="line", max_tokens=4, chat=False)
+    assert again.compute.cached_prompt_tokens >= 16
+
+
+def test_flops_by_hand(tiny):
+    cfg = tiny.model.cfg  # tiny llama: 2 layers, 4 heads x 16, dim 64, vocab 256, untied
+    head, body = 256 * 64, cfg.n_params - 2 * 256 * 64
+    assert flops(cfg, 10, 3, 20.0) == 2 * body * 10 + 2 * head * 3 + 4 * 2 * 4 * 16 * 20.0 * 10
+
+
+def test_adaptive_stops_early_when_unanimous_and_not_when_split(tiny):
+    unanimous = reason(tiny, "q", "adaptive", n=8, wave=2, kind="line", max_tokens=6, chat=False, temperature=0.0)
+    assert unanimous.compute.samples == 4 and len(set(unanimous.answers)) == 1  # 4/4 >= 0.6 after two waves
+    split = reason(tiny, "q", "adaptive", n=8, wave=2, kind="line", max_tokens=6, chat=False, temperature=5.0)
+    assert split.compute.samples == 8  # random bytes: no answer ever leads
+
+
+def test_best_of_n_with_a_verifier_and_bad_settings(tiny):
+    r = reason(tiny, "q", "best-of-n", n=4, kind="line", max_tokens=5, chat=False, temperature=5.0,
+               verifier=lambda a: a == "never")  # fmt: skip
+    assert r.scores == [0.0] * 4
+    for bad in [dict(strategy="magic"), dict(n=0), dict(n=65), dict(kind="poem"), dict(wave=9, n=4)]:
+        with pytest.raises(TrainferError):
+            reason(tiny, "q", **{"strategy": "self-consistency", "chat": False, **bad})
+
+
+def test_cli_reason(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model = make_tiny_model_dir(tmp_path / "m", context=512)
+    cmd = [sys.executable, "-m", "trainfer.cli", "reason", str(model), "2+2?", "-n", "3", "--kind", "line",
+           "--max-tokens", "5", "--json", "--kv-cache-gb", "0.01"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["strategy"] == "self-consistency" and len(out["candidates"]) == 3 and out["compute"]["samples"] == 3
+    bad = subprocess.run(cmd[:-3] + ["-n", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "n must be" in bad.stderr and "Traceback" not in bad.stderr
