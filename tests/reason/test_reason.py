@@ -46,8 +46,10 @@ def tiny(tmp_path_factory):
 
 
 def test_samples_share_one_prefill_and_the_account_adds_up(tiny):
+    before = tiny.engine.scheduler.num_computed_tokens
     r = reason(tiny, "2+2?", "self-consistency", n=6, kind="line", max_tokens=10, chat=False, temperature=1.0)
     c = r.compute
+    assert c.processed_tokens == tiny.engine.scheduler.num_computed_tokens - before  # the engine's own count
     prompt = len(tiny.tokenizer.encode(COT["line"].format(question="2+2?")))
     assert len(r.candidates) == 6 and c.samples == 6 and c.generated_tokens == 60
     # the prompt is computed once for all six samples; each sample's tokens but its last are fed back
@@ -57,8 +59,10 @@ def test_samples_share_one_prefill_and_the_account_adds_up(tiny):
         flops(cfg, c.processed_tokens, 60, (prompt * prompt / 2 + 54 * (prompt + 10 / 2)) / c.processed_tokens)
     )
     # a second call serves the prompt from the prefix cache (all but its last partial block)
-    again = reason(tiny, "2+2?", "self-consistency", n=2, kind="line", max_tokens=4, chat=False)
+    before = tiny.engine.scheduler.num_computed_tokens
+    again = reason(tiny, "2+2?", "adaptive", n=4, wave=2, kind="line", max_tokens=4, chat=False, temperature=5.0)
     assert again.compute.cached_prompt_tokens >= 16
+    assert again.compute.processed_tokens == tiny.engine.scheduler.num_computed_tokens - before
 
 
 def test_flops_by_hand(tiny):

@@ -3,13 +3,15 @@ self-correction, each returning the answer, the candidates, the votes or scores,
 
 The engine knows nothing of this module. Samples of one question are one request with `n` samples, so the
 prompt is prefilled once (the engine forks the computed blocks); later waves and rounds reuse it through the
-prefix cache. Compute is read from the engine's own counter of processed tokens, not estimated.
+prefix cache. A strategy is a generator of such draws (`plan`), so the same code runs on an Engine
+(`reason`) and on the server's AsyncEngine; its compute is counted from the draws' events, exactly what the
+engine processed (tests/reason compares it with the engine's own counter).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from trainfer.errors import TrainferError
@@ -32,6 +34,7 @@ class Compute:
     attention: 4 x layers x heads x head_dim x context per processed token)."""
 
     processed_tokens: int = 0
+    prompt_tokens: int = 0  # over all draws, computed or served from the cache
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
     flops: float = 0.0
@@ -59,31 +62,59 @@ def flops(cfg, processed: int, sampled: int, context: float) -> float:
     )
 
 
-def generate(llm, prompt: list[int], n: int, temperature: float, max_tokens: int, seed: int | None,
-             compute: Compute) -> list[tuple[str, float]]:  # fmt: skip
-    """n samples of one prompt in one request (one prefill): (text, summed logprob) each; compute updated."""
-    engine = llm.engine
-    before = engine.scheduler.num_computed_tokens
-    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed, logprobs=0)
-    samples = engine.run([prompt], [params])[0]
-    processed = engine.scheduler.num_computed_tokens - before
+@dataclass
+class Draw:
+    """One engine request of a strategy: n samples of one prompt (one prefill for all of them)."""
+
+    prompt: list[int]
+    n: int
+    temperature: float
+    max_tokens: int
+    seed: int | None
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(n=self.n, temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed,
+                              logprobs=0)  # fmt: skip
+
+
+@dataclass
+class Sample:
+    text: str
+    logprob: float  # summed over its tokens
+    tokens: int
+    cached_prompt_tokens: int
+
+
+def samples_of(per_sample_events: list[list]) -> list[Sample]:
     out = []
-    for events in samples:
+    for events in per_sample_events:
         tokens = [e for e in events if e.token_id >= 0]
-        text = "".join(e.text for e in events)
-        out.append((text, sum(e.logprob or 0.0 for e in tokens)))
-        compute.generated_tokens += len(tokens)
-        compute.cached_prompt_tokens += events[0].cached_prompt_tokens if events else 0
-    generated = sum(len([e for e in ev if e.token_id >= 0]) for ev in samples)
-    compute.processed_tokens += processed
-    compute.samples += n
-    # keys attended, averaged: a prompt token sees half the prompt, a sample token the prompt + half its sample
-    prompt_rows = max(0, processed - (generated - n))
-    context = (prompt_rows * len(prompt) / 2 + (processed - prompt_rows) * (len(prompt) + generated / n / 2)) / max(
-        1, processed
-    )
-    compute.flops += flops(llm.model.cfg, processed, generated, context)
+        cached = events[0].cached_prompt_tokens if events else 0
+        out.append(Sample("".join(e.text for e in events), sum(e.logprob or 0.0 for e in tokens), len(tokens), cached))
     return out
+
+
+def account(compute: Compute, cfg, draw: Draw, samples: list[Sample]) -> None:
+    """The draw's processed tokens: the prompt once (minus what the prefix cache served; the n samples fork the
+    computed blocks), then each sample's tokens but its last fed back (tests check this against the engine)."""
+    generated = sum(s.tokens for s in samples)
+    prompt_rows = len(draw.prompt) - min((s.cached_prompt_tokens for s in samples), default=0)
+    fed_back = max(0, generated - len(samples))
+    processed = prompt_rows + fed_back
+    compute.processed_tokens += processed
+    compute.prompt_tokens += len(draw.prompt)
+    compute.cached_prompt_tokens += len(draw.prompt) - prompt_rows
+    compute.generated_tokens += generated
+    compute.samples += draw.n
+    # keys attended, averaged: a prompt row sees half the prompt, a fed-back token the prompt + half its sample
+    per_sample = generated / max(1, len(samples))
+    context = (prompt_rows * len(draw.prompt) / 2 + fed_back * (len(draw.prompt) + per_sample / 2)) / max(1, processed)
+    compute.flops += flops(cfg, processed, generated, context)
+
+
+def draw_on(engine, draw: Draw) -> list[Sample]:
+    """The synchronous driver: the draw as one request on an Engine, run to completion."""
+    return samples_of(engine.run([draw.prompt], [draw.params()])[0])
 
 
 def vote(answers: list[str | None], logprobs: list[float], weighted: bool = False) -> tuple[str | None, dict]:
@@ -104,76 +135,101 @@ def vote(answers: list[str | None], logprobs: list[float], weighted: bool = Fals
     return best, dict(tally)
 
 
-def reason(llm, question: str, strategy: str = "self-consistency", n: int = 8, kind: str = "number",
-           temperature: float = 0.7, max_tokens: int = 256, seed: int | None = 0, threshold: float = 0.6,
-           wave: int = 2, verifier: Callable[[str], bool] | None = None, rounds: int = 2,
-           chat: bool | None = None) -> Result:  # fmt: skip
-    """Answer `question` with a test-time strategy; see the module docstring. `kind` picks the extractor;
-    `chat` wraps prompts in the model's chat template (default: when it has one)."""
-    if chat is None:
-        chat = bool(getattr(llm.tokenizer, "chat_template", None))
+def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consistency", n: int = 8,
+         kind: str = "number", temperature: float = 0.7, max_tokens: int = 256, seed: int | None = 0,
+         threshold: float = 0.6, wave: int = 2, verifier: Callable[[str], bool] | None = None, rounds: int = 2,
+         chat: bool | None = None) -> Generator[Draw, list[Sample], Result]:  # fmt: skip
+    """A strategy as a generator: it yields the draws it needs, one at a time, receives their samples, and
+    returns the Result. Drivers run the draws (reason: an Engine; serve/: the AsyncEngine)."""
     if strategy not in STRATEGIES:
         raise TrainferError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if kind not in EXTRACTORS:
         raise TrainferError(f"unknown answer kind {kind!r}; choose one of {', '.join(EXTRACTORS)}")
     if not 1 <= n <= MAX_SAMPLES or not 1 <= wave <= n or rounds < 0 or max_tokens < 1:
         raise TrainferError(f"n must be 1..{MAX_SAMPLES}, wave 1..n, rounds >= 0, max_tokens >= 1")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None)) or not isinstance(question, str)
     extract = EXTRACTORS[kind]
-    text = question if strategy == "greedy" else COT[kind].format(question=question)
-    prompt = llm.chat_prompt([{"role": "user", "content": text}]) if chat else llm.tokenizer.encode(text)
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else [dict(m) for m in question]
+    if not messages or messages[-1]["role"] != "user":
+        raise TrainferError("the conversation must end with a user message to reason about")
+    asked = messages[-1]["content"]
+    if strategy != "greedy":
+        messages[-1]["content"] = COT[kind].format(question=asked)
+
+    def encode(msgs: list[dict]) -> list[int]:
+        if chat:
+            return tokenizer.encode(tokenizer.apply_chat_template(msgs), add_bos=False)
+        return tokenizer.encode(msgs[-1]["content"])
+
+    prompt = encode(messages)
     compute = Compute()
+
+    def draw(p: list[int], k: int, temp: float, s: int | None):
+        d = Draw(p, k, temp, max_tokens, s)
+        out = yield d
+        account(compute, cfg, d, out)
+        return out
+
     if strategy in ("greedy", "cot"):
-        (out,) = generate(llm, prompt, 1, 0.0, max_tokens, seed, compute)
-        a = extract(out[0])
-        return Result(a, strategy, [out[0]], [a], compute=compute)
-    if strategy == "self-consistency":
-        outs = generate(llm, prompt, n, temperature, max_tokens, seed, compute)
-        answers = [extract(t) for t, _ in outs]
-        best, votes = vote(answers, [lp for _, lp in outs])
-        return Result(best, strategy, [t for t, _ in outs], answers, votes, compute=compute)
-    if strategy == "adaptive":
-        outs: list[tuple[str, float]] = []
+        (out,) = yield from draw(prompt, 1, 0.0, seed)
+        a = extract(out.text)
+        return Result(a, strategy, [out.text], [a], compute=compute)
+    if strategy in ("self-consistency", "adaptive"):
+        outs: list[Sample] = []
         while len(outs) < n:
-            k = min(wave, n - len(outs))
-            outs += generate(llm, prompt, k, temperature, max_tokens, None if seed is None else seed + len(outs),
-                             compute)  # fmt: skip
-            answers = [extract(t) for t, _ in outs]
-            counts = Counter(a for a in answers if a is not None).most_common(2)
-            if counts:
-                lead = counts[0][1] - (counts[1][1] if len(counts) > 1 else 0)
-                if lead > n - len(outs) or (len(outs) >= 2 * wave and counts[0][1] / len(outs) >= threshold):
-                    break  # the leader cannot be overtaken, or holds the threshold share
-        answers = [extract(t) for t, _ in outs]
-        best, votes = vote(answers, [lp for _, lp in outs])
-        return Result(best, strategy, [t for t, _ in outs], answers, votes, compute=compute)
+            k = n - len(outs) if strategy == "self-consistency" else min(wave, n - len(outs))
+            outs += yield from draw(prompt, k, temperature, None if seed is None else seed + len(outs))
+            if strategy == "adaptive":
+                counts = Counter(a for a in (extract(o.text) for o in outs) if a is not None).most_common(2)
+                if counts:
+                    lead = counts[0][1] - (counts[1][1] if len(counts) > 1 else 0)
+                    if lead > n - len(outs) or (len(outs) >= 2 * wave and counts[0][1] / len(outs) >= threshold):
+                        break  # the leader cannot be overtaken, or holds the threshold share
+        answers = [extract(o.text) for o in outs]
+        best, votes = vote(answers, [o.logprob for o in outs])
+        return Result(best, strategy, [o.text for o in outs], answers, votes, compute=compute)
     if strategy == "best-of-n":
-        outs = generate(llm, prompt, n, temperature, max_tokens, seed, compute)
-        answers = [extract(t) for t, _ in outs]
+        outs = yield from draw(prompt, n, temperature, seed)
+        answers = [extract(o.text) for o in outs]
         if verifier is not None:
             scores = [1.0 if a is not None and verifier(a) else 0.0 for a in answers]
         else:  # mean token logprob: the model's own confidence in each whole sample
-            lengths = [max(1, len(llm.tokenizer.encode(t, add_bos=False))) for t, _ in outs]
-            scores = [lp / k for (_, lp), k in zip(outs, lengths, strict=True)]
+            scores = [o.logprob / max(1, o.tokens) for o in outs]
         i = max(range(len(outs)), key=lambda j: scores[j])
-        return Result(answers[i], strategy, [t for t, _ in outs], answers, scores=scores, compute=compute)
+        return Result(answers[i], strategy, [o.text for o in outs], answers, scores=scores, compute=compute)
     # self-correction: answer -> critique -> revise, until the critique finds nothing or the answer holds
-    (first,) = generate(llm, prompt, 1, 0.0, max_tokens, seed, compute)
-    texts, answers = [first[0]], [extract(first[0])]
+    (first,) = yield from draw(prompt, 1, 0.0, seed)
+    texts, answers = [first.text], [extract(first.text)]
+    task = messages[-1]["content"]
     for _ in range(rounds):
-        critique_q = (
-            f"{text}\nA proposed solution:\n{texts[-1]}\nIs it correct? Point out any mistake, or say 'No mistakes.'"
-        )
-        (crit,) = generate(llm, _prompt(llm, critique_q, chat), 1, 0.0, max_tokens, seed, compute)
-        if "no mistake" in crit[0].lower():
+        ask = f"{task}\nA proposed solution:\n{texts[-1]}\nIs it correct? Point out any mistake, or say 'No mistakes.'"
+        (crit,) = yield from draw(encode(messages[:-1] + [{"role": "user", "content": ask}]), 1, 0.0, seed)
+        if "no mistake" in crit.text.lower():
             break
-        revise_q = f"{text}\nA proposed solution:\n{texts[-1]}\nA critique:\n{crit[0]}\nWrite a corrected solution."
-        (rev,) = generate(llm, _prompt(llm, revise_q, chat), 1, 0.0, max_tokens, seed, compute)
-        texts.append(rev[0])
-        answers.append(extract(rev[0]))
+        fix = f"{task}\nA proposed solution:\n{texts[-1]}\nA critique:\n{crit.text}\nWrite a corrected solution."
+        (rev,) = yield from draw(encode(messages[:-1] + [{"role": "user", "content": fix}]), 1, 0.0, seed)
+        texts.append(rev.text)
+        answers.append(extract(rev.text))
         if answers[-1] == answers[-2]:
             break
     return Result(answers[-1], strategy, texts, answers, compute=compute)
 
 
-def _prompt(llm, text: str, chat: bool) -> list[int]:
-    return llm.chat_prompt([{"role": "user", "content": text}]) if chat else llm.tokenizer.encode(text)
+def reason(llm, question: str | list[dict], strategy: str = "self-consistency", **options) -> Result:
+    """Answer with a test-time strategy on the LLM's engine (options as in `plan`)."""
+    steps = plan(llm.tokenizer, llm.model.cfg, question, strategy, **options)
+    try:
+        d = next(steps)
+        while True:
+            d = steps.send(draw_on(llm.engine, d))
+    except StopIteration as done:
+        return done.value
+
+
+def chosen_text(result: Result) -> str:
+    """The candidate that carries the result's answer (the first with it), else the last candidate."""
+    for text, a in zip(result.candidates, result.answers, strict=True):
+        if result.answer is not None and a == result.answer:
+            return text
+    return result.candidates[-1] if result.candidates else ""

@@ -29,6 +29,7 @@ from trainfer.errors import TrainferError
 from trainfer.infer.engine import AsyncEngine, ContextLengthError, TokenEvent
 from trainfer.infer.sampling import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 from trainfer.llm import LLM
+from trainfer.serve import reasoning
 from trainfer.serve.cache import ResponseCache, cache_key, model_fingerprint
 from trainfer.serve.metrics import Metrics
 from trainfer.serve.responses import CHAT, TEXT, Choice, Format, Prompt, error_body, replay, sse
@@ -103,9 +104,7 @@ class Server:
         limit = self.max_model_len * max(1, self.max_token_bytes)
         try:
             if isinstance(req, ChatCompletionRequest):
-                messages = [
-                    {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-                ]
+                messages = chat_messages(req)
                 if sum(len(m["content"].encode()) for m in messages) > limit:
                     raise self.too_long(fmt)
                 try:
@@ -518,6 +517,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     return await serve(CHAT, req, request)
 
 
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+
+
 async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response:
     server: Server = request.app.state.server
     if req.model and req.model != server.model_id:
@@ -528,6 +531,8 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
             code="model_not_found",
         )
     prompts = await asyncio.to_thread(server.tokenize, fmt, req)
+    if isinstance(req, ChatCompletionRequest) and req.test_time is not None:
+        return await reasoning.answer(server, req, request, chat_messages(req))  # extension: test-time compute
     params, generate = server.sampling(fmt, req, prompts)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     key = None

@@ -115,8 +115,21 @@ class ChatMessage(Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class TestTime(Strict):
+    """Extension: answer with test-time compute (trainfer/reason). The response is a normal chat completion
+    (the chosen sample as the message) plus a `test_time` object; `usage` counts every token spent."""
+
+    strategy: Literal["cot", "self_consistency", "adaptive", "best_of_n", "self_correction"] = "self_consistency"
+    n: int = Field(8, ge=1, le=MAX_N)
+    kind: Literal["number", "option", "line"] = "number"
+    wave: int = Field(2, ge=1, le=MAX_N)
+    threshold: float = Field(0.6, gt=0, le=1)
+    rounds: int = Field(2, ge=0, le=4)
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    test_time: TestTime | None = None  # extension, see TestTime
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
