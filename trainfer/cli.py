@@ -273,6 +273,24 @@ def cmd_reason(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_reason_eval(args: argparse.Namespace) -> None:
+    from trainfer.reason.tasks import evaluate, plot
+
+    llm = _load(args)
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    if not budgets or min(budgets) < 1:
+        raise TrainferError(f"--budgets must be positive integers, got {args.budgets!r}")
+    rows = evaluate(llm, args.task, args.strategy or ["greedy", "cot", "self-consistency"], budgets, args.count,
+                    args.seed, args.digits, args.max_tokens, args.temperature)  # fmt: skip
+    print(f"{'strategy':<18} {'budget':>6} {'accuracy':>9} {'samples':>8} {'tokens':>9} {'FLOPs':>10}  (per problem)")
+    for r in rows:
+        print(f"{r.strategy:<18} {r.budget:>6} {r.accuracy:>9.1%} {r.samples_per_problem:>8.1f} "
+              f"{r.tokens_per_problem:>9.0f} {r.flops_per_problem:>10.3g}")  # fmt: skip
+    if args.plot:
+        plot(rows, args.plot, f"{args.model}: {args.task}, {args.count} problems")
+        print(f"plot: {args.plot}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from trainfer.quickstart import quickstart
 
@@ -404,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reason)
+
+    p = sub.add_parser("reason-eval", help="accuracy vs compute of test-time strategies on verifiable tasks")
+    _add_model_flags(p)
+    p.add_argument("--task", default="add", choices=["add", "chain-sum", "mul", "compare"])
+    p.add_argument("--strategy", action="append", choices=REASON_STRATEGIES,
+                   help="repeatable (default greedy, cot, self-consistency)")  # fmt: skip
+    p.add_argument("--budgets", default="1,2,4,8", help="samples per problem, comma-separated (default 1,2,4,8)")
+    p.add_argument("--count", type=int, default=20, help="problems (default 20)")
+    p.add_argument("--digits", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--plot", type=Path, help="accuracy vs FLOPs PNG")
+    p.set_defaults(func=cmd_reason_eval)
 
     p = sub.add_parser("quantize", help="write an int8 / int4 copy of a model that loads without re-quantizing")
     p.add_argument("model", help="an alias, a .gguf file, a Hugging Face directory or a training run")

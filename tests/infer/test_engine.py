@@ -82,6 +82,10 @@ def test_warm_prefix_cache_gives_the_same_tokens_and_skips_work(tiny):
     assert all(r[0][0].cached_prompt_tokens >= 48 for r in warm_results)
     assert eng.stats()["computed_tokens"] - computed < computed  # the second pass did less work
     assert eng.stats()["prefix_cache_hit_rate"] > 0.4
+    eng.pool.forget_prefixes()  # cold again: nothing is found, the tokens are the same
+    again = eng.run(batch, [GREEDY] * 6)
+    assert tokens(again) == cold and again[0][0][0].cached_prompt_tokens == 0  # later ones share within the run
+    assert sum(r[0][0].cached_prompt_tokens for r in again) < sum(r[0][0].cached_prompt_tokens for r in warm_results)
     eng.pool.check_idle()
 
 

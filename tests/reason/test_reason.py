@@ -101,3 +101,27 @@ def test_cli_reason(tmp_path):
     assert out["strategy"] == "self-consistency" and len(out["candidates"]) == 3 and out["compute"]["samples"] == 3
     bad = subprocess.run(cmd[:-3] + ["-n", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "n must be" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tasks_are_deterministic_and_their_answers_right():
+    from trainfer.reason.tasks import TASKS, make
+
+    for task in TASKS:
+        a, b = make(task, 5, seed=1), make(task, 5, seed=1)
+        assert a == b and a != make(task, 5, seed=2)
+    for p in make("add", 20, digits=3) + make("chain-sum", 20) + make("mul", 20):
+        assert str(eval(p.question.removeprefix("What is ").rstrip("?"))) == p.answer  # the generator's own sum
+    for p in make("compare", 20):
+        x, y = (int(t) for t in p.question.replace("A:", "").replace("B:", "").split()[-2:])
+        assert p.answer == ("A" if x > y else "B") and p.kind == "option"
+    with pytest.raises(TrainferError, match="unknown task"):
+        make("poetry", 1)
+
+
+def test_evaluate_accuracy_and_compute_per_budget(tiny):
+    from trainfer.reason.tasks import evaluate
+
+    rows = evaluate(tiny, "add", ["greedy", "self-consistency"], [1, 3], count=3, max_tokens=6)
+    assert [(r.strategy, r.budget) for r in rows] == [("greedy", 1), ("self-consistency", 1), ("self-consistency", 3)]
+    assert all(0 <= r.accuracy <= 1 for r in rows)
+    assert rows[2].samples_per_problem == 3 and rows[2].flops_per_problem > rows[1].flops_per_problem

@@ -103,6 +103,15 @@ class BlockPool:
             self.prefix_hits += 1
         return block_id
 
+    def forget_prefixes(self) -> None:
+        """Make every idle cached block unfindable (live blocks keep their hash): measurements that compare
+        runs (test-time budgets) start each one from the same cold cache."""
+        for block_id in self.free:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = None
+
     def register(self, block_id: int, h: bytes) -> None:
         """Make a full, computed block findable by its hash (the first block with a hash keeps it)."""
         block = self.blocks[block_id]
