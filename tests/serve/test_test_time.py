@@ -57,3 +57,15 @@ def test_stream_sends_the_decided_answer(server):
 def test_bad_settings_are_400s(server, extra, param):
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES, **extra}, timeout=60)
     assert r.status_code == 400 and param in r.text
+
+
+def test_test_time_samples_count_against_capacity(tiny_chat_dir):
+    small = ServerProcess(str(tiny_chat_dir), "--max-num-seqs", "2", "--max-queue", "1")  # capacity 3 sequences
+    try:
+        body = {"messages": MESSAGES, "max_tokens": 4, "test_time": {"n": 4, "kind": "line"}}
+        r = httpx.post(small.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "capacity" in r.text and "test_time.n" in r.text
+        body["test_time"]["n"] = 3
+        assert httpx.post(small.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    finally:
+        small.stop()

@@ -167,17 +167,21 @@ class Server:
         return params, wanted != 0
 
     # ---- admission ----
-    def start(self, fmt: Format, prompts: list[Prompt], params: SamplingParams, generate: bool) -> Run:
-        """Admit a request (429 when full) and queue its prompts on the engine, all or none."""
-        seqs = len(prompts) * params.n
+    def check_capacity(self, seqs: int, param: str) -> None:
+        """400 if `seqs` sequences could never fit, 429 if they do not fit now (the caller then admits them)."""
         if seqs > self.capacity:
             raise APIError(
-                400, f"{seqs} sequences (prompts x n) exceed this server's capacity of {self.capacity}", param="n"
+                400, f"{seqs} sequences (prompts x n) exceed this server's capacity of {self.capacity}", param=param
             )
         if self.inflight + seqs > self.capacity:
             raise APIError(
                 429, "the server is at capacity; retry shortly", kind="rate_limit_error", headers={"Retry-After": "1"}
             )
+
+    def start(self, fmt: Format, prompts: list[Prompt], params: SamplingParams, generate: bool) -> Run:
+        """Admit a request (429 when full) and queue its prompts on the engine, all or none."""
+        seqs = len(prompts) * params.n
+        self.check_capacity(seqs, "n")
         run = Run(self, prompts, params, generate)
         try:
             for rid, p in zip(run.rids, prompts, strict=True):

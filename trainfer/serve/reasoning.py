@@ -43,6 +43,8 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
         steps = plan(server.tokenizer, server.llm.model.cfg, messages, tt.strategy.replace("_", "-"), **options)
     except TrainferError as e:
         raise APIError(400, str(e), param="test_time") from None
+    server.check_capacity(tt.n, "test_time.n")  # a draw never holds more than n sequences at once
+    server.inflight += tt.n
     start = time.perf_counter()
     work = asyncio.ensure_future(drive(server, steps))
     gone = asyncio.ensure_future(until_disconnected(request.receive))
@@ -51,6 +53,7 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
     finally:
         for task in (work, gone):
             task.cancel()  # a cancelled draw aborts its request (AsyncEngine.events cleans up)
+        server.inflight -= tt.n
     if work not in done:
         return Response(status_code=499)
     try:
