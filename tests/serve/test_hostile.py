@@ -248,7 +248,9 @@ HOSTILE: list[Hostile] = [
     H("unknown path", "POST", "/v1/engines/davinci/completions", comp(), None, 404),
     H("unknown sub-path", "GET", CHAT + "/extra", None, None, 404),
     H("encoded path traversal", "GET", "/%2e%2e/%2e%2e/etc/passwd", None, None, 404),
-    H("64 KiB header", "POST", COMPLETIONS, comp(), {"X-Junk": "a" * 65536}, (200, 431)),
+    # uvicorn answers 431 past its header limit and closes; a client still sending its body may then read a
+    # TCP reset instead (seen once in a fresh-clone run): a refusal either way, as long as the server lives on.
+    H("64 KiB header", "POST", COMPLETIONS, comp(), {"X-Junk": "a" * 65536}, (200, 431), protocol=True),
     H("1 MiB header", "POST", COMPLETIONS, comp(), {"X-Junk": "a" * (1 << 20)}, (400, 431), protocol=True),
     H("non-ASCII header bytes", "POST", CHAT, chat(), {"X-Junk": b"\xff\xfe\x80"}, 200),
     H("bogus bearer token (no key set)", "POST", COMPLETIONS, comp(), {"Authorization": "Bearer \x01\x02"}, 200),
