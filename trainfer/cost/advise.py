@@ -48,15 +48,12 @@ def choose(ratio: float) -> str:
     return "serve" if ratio <= SERVE_BELOW else "fine-tune" if ratio <= FINETUNE_BELOW else "pretrain"
 
 
-@torch.no_grad()
 def bits_per_byte(model, ids: list[int], n_bytes: int, window: int) -> float:
-    x = torch.tensor(ids)
-    total = 0.0
-    for s in range(0, len(ids) - 1, window):
-        chunk = x[s : s + window + 1]
-        logits = model(chunk[None, :-1])[0].float()
-        total += float(F.cross_entropy(logits, chunk[1:], reduction="sum"))
-    return total / math.log(2) / n_bytes * (len(ids) - 1) / len(ids)
+    """The mean next-token loss over the text (quant/quality.score's windows), in bits per byte of it."""
+    from trainfer.quant.quality import score
+
+    nll, _ = score(model, ids, window)
+    return nll * (len(ids) - 1) / math.log(2) / n_bytes
 
 
 def training_tokens_per_s(model, ids: list[int], seq_len: int = 256) -> float:

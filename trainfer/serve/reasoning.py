@@ -70,8 +70,7 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
     extension = test_time_json(result)
     if req.stream:
         lines = replay(CHAT, server.tokenizer, server.model_id, prompts, choices, 1, include_usage=False)[:-1]
-        rid = "chatcmpl-" + uuid.uuid4().hex
-        tail = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": server.model_id}
+        tail = CHAT.envelope(CHAT.new_id(), server.model_id, chunk=True)
         lines.append(sse({**tail, "choices": [], "test_time": extension, "usage": usage}))
         lines.append("data: [DONE]\n\n")
         return EventStream(aiter_of(lines), lambda: None)
