@@ -324,11 +324,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_body_mb <= 0:
         raise TrainferError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     max_body = int(args.max_body_mb * (1 << 20))
-    server = Server(llm, args.served_model_name or args.model, api_key, args.max_queue, cache, max_body)
+    model_id = args.served_model_name or args.model
+    server = Server(llm, model_id, api_key, args.max_queue, cache, max_body, log_requests=args.log_requests)
     print(
         f"[serving {server.model_id} on http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})]",
         file=sys.stderr,
     )
+    if args.log_requests:
+        print(f"[logging prompts and answers in plain text to {args.log_requests}/]", file=sys.stderr)
     uvicorn.run(
         create_app(server),
         host=args.host,
@@ -336,6 +339,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         timeout_graceful_shutdown=args.drain_timeout,
     )
+
+
+def cmd_dataset_from_logs(args: argparse.Namespace) -> None:
+    from trainfer.data.from_logs import Filters, dataset_from_logs
+
+    filters = Filters(
+        finish_reasons=tuple(args.finish_reason or Filters.finish_reasons),
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        only_rated_up=args.only_rated_up,
+        keep_rated_down=args.keep_rated_down,
+    )
+    report = dataset_from_logs(args.dir, args.out, filters, args.force)
+    print(report.summary())
+    print(f"wrote {report.kept} examples to {args.out}")
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -520,7 +538,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=int, default=60, help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--max-body-mb", type=float, default=4, help="largest request body in MiB; larger get 413 (4)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-requests",
+        type=Path,
+        metavar="DIR",
+        help="append each finished request (prompts and answers, in plain text) to DIR/requests-*.jsonl (off)",
+    )
     p.set_defaults(func=cmd_serve)
+
+    from trainfer.data.from_logs import Filters
+
+    dataset = sub.add_parser("dataset", help="build fine-tuning data").add_subparsers(dest="what", required=True)
+    p = dataset.add_parser("from-logs", help="a fine-tuning JSONL from `serve --log-requests` (filtered, redacted)")
+    p.add_argument("dir", type=Path, help="the directory given to --log-requests")
+    p.add_argument("--out", type=Path, required=True, help="the JSONL to write (messages / prompt+completion lines)")
+    p.add_argument("--finish-reason", action="append", help="keep answers that ended so (repeatable; default stop)")
+    p.add_argument(
+        "--min-chars", type=int, default=Filters.min_chars, help="shortest answer kept in characters (%(default)s)"
+    )
+    p.add_argument(
+        "--max-chars", type=int, default=Filters.max_chars, help="longest answer kept in characters (%(default)s)"
+    )
+    p.add_argument("--only-rated-up", action="store_true", help="keep only answers rated up via /v1/feedback")
+    p.add_argument("--keep-rated-down", action="store_true", help="keep answers rated down (dropped by default)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_dataset_from_logs)
 
     cost = sub.add_parser("cost", help="what training and serving cost, from measured figures").add_subparsers(
         dest="what", required=True

@@ -4,7 +4,8 @@ limits and auth. `trainfer serve MODEL` runs it under uvicorn.
 A request's path, in reading order: `Gate` (auth, body cap, one count per answer) -> route -> `prepare`
 (tokenize in a worker thread, sampling params, bounds) -> response cache -> `Server.start` (capacity in
 sequences, the engine's context check) -> a `Run` read to the end, as JSON or as server-sent events ->
-`Run.close` (abort what is left, give the capacity back) exactly once, whatever happened to the client.
+`Run.close` (abort what is left, give the capacity back) exactly once, whatever happened to the client
+-> with `--log-requests`, the finished answer handed to the request log (`Server.log_request`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,11 +34,13 @@ from trainfer.llm import LLM
 from trainfer.serve import reasoning
 from trainfer.serve.cache import ResponseCache, cache_key, model_fingerprint
 from trainfer.serve.metrics import Metrics
-from trainfer.serve.responses import CHAT, TEXT, Choice, Format, Prompt, error_body, replay, sse
+from trainfer.serve.request_log import DEFAULT_MAX_BYTES, RequestLog, feedback_record, request_record
+from trainfer.serve.responses import CHAT, TEXT, Choice, Format, Prompt, error_body, replay, sse, usage
 from trainfer.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    FeedbackRequest,
     SamplingRequest,
     TokenizeRequest,
 )
@@ -45,7 +49,8 @@ log = logging.getLogger("trainfer.serve")
 
 TOKENIZER_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}  # vLLM's, as lm-evaluation-harness probes them
 
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"} | TOKENIZER_ROUTES
+ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/feedback"}
+ROUTES |= TOKENIZER_ROUTES
 MAX_LOGPROB_ENTRIES = 1 << 20  # per answer: n x (prompt if echoed + completion) x (1 + top logprobs)
 
 
@@ -82,6 +87,8 @@ class Server:
         max_queue: int = 256,
         cache: ResponseCache | None = None,
         max_body_bytes: int = 4 << 20,
+        log_requests: Path | None = None,
+        log_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.llm, self.model_id, self.api_key, self.cache = llm, model_id, api_key, cache
         self.tokenizer = llm.tokenizer
@@ -97,6 +104,9 @@ class Server:
         # such prompts are refused before they cost any tokenization.
         self.max_token_bytes = max(len(self.tokenizer.decode([i]).encode()) for i in range(self.tokenizer.vocab_size))
         self._cache_failed = False
+        self.request_log: RequestLog | None = None  # opt-in: prompts and answers on disk (see request_log.py)
+        if log_requests is not None:
+            self.request_log = RequestLog(log_requests, log_max_bytes, lambda e: self.metrics.request_log_errors.inc())
 
     # ---- request -> prompts and sampling ----
     def tokenize(self, fmt: Format, req: SamplingRequest) -> list[Prompt]:
@@ -214,6 +224,13 @@ class Server:
             log.warning(
                 "response cache failed (%s: %s); such requests are served as misses (logged once)", type(e).__name__, e
             )
+
+    def log_request(
+        self, fmt: Format, rid: str, req: SamplingRequest, choices: list[Choice], used: dict, timings: dict
+    ) -> None:
+        """Hand a finished answer to the request log, if on (the writer thread does the disk I/O)."""
+        if self.request_log is not None:
+            self.request_log.append(request_record(fmt.object, rid, self.model_id, req, choices, used, timings))
 
 
 class Run:
@@ -399,6 +416,8 @@ def create_app(server: Server) -> Gate:
     async def lifespan(app: FastAPI):
         yield
         server.engine.shutdown()
+        if server.request_log is not None:
+            await asyncio.to_thread(server.request_log.close)  # what is queued reaches the disk
 
     app = FastAPI(title="trainfer", lifespan=lifespan)
     app.state.server = server
@@ -413,6 +432,7 @@ def create_app(server: Server) -> Gate:
     app.post("/tokenize")(tokenize)
     app.post("/detokenize")(detokenize)
     app.get("/tokenizer_info")(tokenizer_info)
+    app.post("/v1/feedback")(feedback)
     return Gate(app, server)
 
 
@@ -513,6 +533,15 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
     }
 
 
+async def feedback(req: FeedbackRequest, request: Request) -> dict[str, Any]:
+    """Extension: a rating of an earlier answer, appended to the request log (see FeedbackRequest)."""
+    server: Server = request.app.state.server
+    if server.request_log is None:
+        raise APIError(400, "this server keeps no request log (start it with --log-requests DIR)", code="log_off")
+    server.request_log.append(feedback_record(req.id, req.rating, req.index, req.comment))
+    return {"id": req.id, "object": "feedback", "rating": req.rating}
+
+
 async def completions(req: CompletionRequest, request: Request) -> Response:
     return await serve(TEXT, req, request)
 
@@ -550,7 +579,7 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         server.metrics.cache_misses.inc()
     run = server.start(fmt, prompts, params, generate)
     if req.stream:
-        return EventStream(stream(server, fmt, run, key, include_usage), run.close)
+        return EventStream(stream(server, fmt, req, run, key, include_usage), run.close)
     try:
         if not await finished_unless_disconnected(run, request):
             return Response(status_code=499)  # nobody is listening; the finally below frees the engine
@@ -566,8 +595,10 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         "total_ms": round(1000 * (time.perf_counter() - run.start), 2),
         "cached_prompt_tokens": run.cached_prompt_tokens,
     }
+    rid = fmt.new_id()
+    server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), timings)
     body = await asyncio.to_thread(
-        fmt.body, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, timings
+        fmt.body, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, timings, rid
     )
     return Response(body, media_type="application/json")
 
@@ -591,7 +622,9 @@ async def finished_unless_disconnected(run: Run, request: Request) -> bool:
     return False
 
 
-async def stream(server: Server, fmt: Format, run: Run, key: str | None, include_usage: bool) -> AsyncIterator[str]:
+async def stream(
+    server: Server, fmt: Format, req: SamplingRequest, run: Run, key: str | None, include_usage: bool
+) -> AsyncIterator[str]:
     rid, model, tok = fmt.new_id(), server.model_id, server.tokenizer
     started: set[int] = set()
     async for i, e in run.events():
@@ -614,6 +647,13 @@ async def stream(server: Server, fmt: Format, run: Run, key: str | None, include
     run.close()
     if key is not None:
         await remember(server, key, run)
+    if not run.error:  # a client gone mid-stream never gets here: only finished answers are logged
+        timings = {
+            "response_cache": "miss" if key else "off",
+            "ttft_ms": round(1000 * ((run.first or run.start) - run.start), 2),
+            "total_ms": round(1000 * (time.perf_counter() - run.start), 2),
+        }
+        server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), timings)
     if include_usage:
         yield fmt.usage_chunk(rid, model, run.prompts, run.choices)
     yield "data: [DONE]\n\n"
@@ -637,8 +677,10 @@ def cached_answer(
     choices = [Choice.from_json(c) for c in hit["choices"]]
     for p, lps in zip(prompts, hit["prompt_logprobs"], strict=True):
         p.logprobs = None if lps is None else [(lp, [tuple(t) for t in top]) for lp, top in lps]
+    rid, timings = fmt.new_id(), {"response_cache": "hit"}
+    server.log_request(fmt, rid, req, choices, usage(prompts, choices), timings)
     if req.stream:
-        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, req.n, include_usage)
+        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, req.n, include_usage, rid)
         return EventStream(aiter_of(lines), lambda: None)
-    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, req.n, {"response_cache": "hit"})
+    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, req.n, timings, rid)
     return Response(body, media_type="application/json")

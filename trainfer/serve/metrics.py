@@ -48,6 +48,9 @@ class Metrics:
         self.cache_errors = Counter(
             "trainfer_response_cache_errors", "Response cache calls that failed (served as a miss)", registry=r
         )
+        self.request_log_errors = Counter(
+            "trainfer_request_log_errors", "Request log lines not written (disk error or full queue)", registry=r
+        )
 
     def observe_engine(self, stats: dict[str, float]) -> None:
         self.running.set(stats["running"])

@@ -68,15 +68,17 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
              "total_tokens": c.prompt_tokens + c.generated_tokens,
              "prompt_tokens_details": {"cached_tokens": c.cached_prompt_tokens}}  # fmt: skip
     extension = test_time_json(result)
+    rid, timings = CHAT.new_id(), {"total_ms": round(1000 * (time.perf_counter() - start), 2)}
+    server.log_request(CHAT, rid, req, choices, usage, timings)
     if req.stream:
-        lines = replay(CHAT, server.tokenizer, server.model_id, prompts, choices, 1, include_usage=False)[:-1]
-        tail = CHAT.envelope(CHAT.new_id(), server.model_id, chunk=True)
+        lines = replay(CHAT, server.tokenizer, server.model_id, prompts, choices, 1, False, rid)[:-1]
+        tail = CHAT.envelope(rid, server.model_id, chunk=True)
         lines.append(sse({**tail, "choices": [], "test_time": extension, "usage": usage}))
         lines.append("data: [DONE]\n\n")
         return EventStream(aiter_of(lines), lambda: None)
-    body = json.loads(CHAT.body(server.tokenizer, server.model_id, prompts, choices, 1, {}))
+    body = json.loads(CHAT.body(server.tokenizer, server.model_id, prompts, choices, 1, {}, rid))
     body["usage"] = usage
-    body["timings"] = {"total_ms": round(1000 * (time.perf_counter() - start), 2)}
+    body["timings"] = timings
     body["test_time"] = extension
     return Response(json.dumps(body), media_type="application/json")
 

@@ -101,12 +101,19 @@ class Format:
         raise NotImplementedError
 
     def body(
-        self, tok: Tokenizer, model: str, prompts: list[Prompt], choices: list[Choice], n: int, timings: dict[str, Any]
+        self,
+        tok: Tokenizer,
+        model: str,
+        prompts: list[Prompt],
+        choices: list[Choice],
+        n: int,
+        timings: dict[str, Any],
+        rid: str | None = None,
     ) -> bytes:
         """The whole JSON answer (choice i belongs to prompt i // n); echo adds each prompt in front."""
         echo = echoed(prompts, n)
         out = {
-            **self.envelope(self.new_id(), model, chunk=False),
+            **self.envelope(rid or self.new_id(), model, chunk=False),
             "choices": [self.choice(tok, i, c, echo[i]) for i, c in enumerate(choices)],
             "usage": usage(prompts, choices),
             "timings": timings,
@@ -199,10 +206,17 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 
 def replay(
-    fmt: Format, tok: Tokenizer, model: str, prompts: list[Prompt], choices: list[Choice], n: int, include_usage: bool
+    fmt: Format,
+    tok: Tokenizer,
+    model: str,
+    prompts: list[Prompt],
+    choices: list[Choice],
+    n: int,
+    include_usage: bool,
+    rid: str | None = None,
 ) -> list[str]:
     """A finished (e.g. cached) answer as server-sent events: each choice whole in one chunk, then its end."""
-    rid, lines = fmt.new_id(), []
+    rid, lines = rid or fmt.new_id(), []
     for i, (c, echo) in enumerate(zip(choices, echoed(prompts, n), strict=True)):
         text = (echo.text if echo else "") + c.text
         lines.append(fmt.chunk(rid, model, fmt.delta(i, text, None, fmt.logprobs(tok, c, 0, echo), first=True)))

@@ -145,3 +145,14 @@ class TokenizeRequest(Strict):
 class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[TokenId]
+
+
+class FeedbackRequest(Strict):
+    """Extension: a client's rating of an answer it got, by the answer's `id`, for the request log
+    (`serve --log-requests`). A separate call rather than a request field, because a user rates an answer
+    after reading it; `dataset from-logs` joins the two by id (the last rating wins)."""
+
+    id: str = Field(..., pattern=r"^(chatcmpl|cmpl)-[0-9a-f]{32}$")
+    rating: Literal["up", "down"]
+    index: int | None = Field(None, ge=0)  # one choice of an n > 1 answer; None rates them all
+    comment: str | None = Field(None, max_length=4096)
