@@ -104,14 +104,14 @@ def test_exact_resume_after_sigkill(tiny_data, tmp_path):
 
 KILL_DURING_SAVE = """
 import os, sys, time
-from trainfer.train import checkpoint
-real = checkpoint.save_hf
+from trainfer.train import trainer
+real = trainer.save_hf
 def slow_save(out_dir, *a, **k):
     real(out_dir, *a, **k)
     if "step-00000020" in str(out_dir):  # half-written: weights there, trainer.pt and state.json not yet
         open(os.environ["SAVING_FLAG"], "w").close()
         time.sleep(600)
-checkpoint.save_hf = slow_save
+trainer.save_hf = slow_save
 from trainfer.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -14,13 +14,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainfer.errors import TrainferError
-from trainfer.io.hf import save_hf
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.config import ModelConfig
 
@@ -78,20 +78,20 @@ def _fsync_tree(path: Path) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    cfg: ModelConfig,
-    model_state: dict[str, torch.Tensor],
+    write_model: Callable[[Path], None],
     tokenizer: Tokenizer,
     trainer_state: dict[str, Any],
     state: dict[str, Any],
 ) -> Path:
-    """Write step-N atomically; trainer_state holds tensors (optimizer, RNG), state plain JSON values."""
+    """Write step-N atomically: write_model(dir) puts the weights (a model, or a LoRA adapter), trainer_state
+    holds tensors (optimizer, RNG), state plain JSON values."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_hf(tmp, cfg, model_state, torch.float32)
+        write_model(tmp)
         tokenizer.save(tmp)
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))

@@ -62,7 +62,18 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        checks = {
+        checks = self.checks()
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise TrainferError(f"invalid value for {bad[0]}: {getattr(self, bad[0])!r}")
+        for key, allowed in self.choices().items():
+            if getattr(self, key) not in allowed:
+                raise TrainferError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.preset not in PRESETS:
+            raise TrainferError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+
+    def checks(self) -> dict[str, bool]:
+        return {
             "seq_len": self.seq_len > 1,
             "batch_size": self.batch_size > 0,
             "grad_accum": self.grad_accum > 0,
@@ -86,19 +97,13 @@ class TrainConfig:
             "sample_tokens": self.sample_tokens >= 0,
             "sample_every": self.sample_every >= 0,
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise TrainferError(f"invalid value for {bad[0]}: {getattr(self, bad[0])!r}")
-        choices = {
+
+    def choices(self) -> dict[str, tuple[str, ...]]:
+        return {
             "schedule": ("cosine", "wsd", "constant"),
             "dtype": ("auto", "float32", "bfloat16"),
             "device": ("auto", "cpu", "cuda"),
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise TrainferError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.preset not in PRESETS:
-            raise TrainferError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
 
     def model_config(self, vocab_size: int, bos: int | None, eos: int | None) -> ModelConfig:
         """The preset's shape with this run's overrides, sized to the data's vocabulary and sequence length."""
@@ -169,9 +174,15 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None, **values: Any
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    base: dict[str, Any] | None = None,
+    cls: type[TrainConfig] | None = None,
+    **values: Any,
 ) -> TrainConfig:
     """Preset's run defaults < base (a resumed run's config) < file < keyword values < `key=value` overrides.
+
+    cls: TrainConfig (pretraining, with presets) or a subclass with its own defaults (FineTuneConfig).
 
     Unknown keys are errors that name the closest valid key.
     """
@@ -190,7 +201,8 @@ def load_config(
             raise TrainferError(f"--set expects key=value, got {item!r}")
         settings[key.strip()] = _parse_value(text.strip())
 
-    run_keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    cls = cls or TrainConfig
+    run_keys = [f.name for f in dataclasses.fields(cls) if f.name != "model"]
     # vocab size and special token ids come from the data's tokenizer; arch is what the model is
     fixed = ("vocab_size", "arch", "bos_token_id", "eos_token_id")
     model_keys = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in fixed]
@@ -207,12 +219,13 @@ def load_config(
             run[key] = value
         else:
             raise TrainferError(f"unknown config key {key!r}{_closest(key, run_keys)}")
-    preset = run.get("preset", TrainConfig.preset)
+    preset = run.get("preset", cls.preset)
     if preset not in RUN_PRESETS:
         raise TrainferError(f"unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}")
-    merged = {**RUN_PRESETS[preset], **run}  # a resumed run's base already holds every key
+    presets = RUN_PRESETS[preset] if cls is TrainConfig else {}  # a fine-tune's shape is its base model's
+    merged = {**presets, **run}  # a resumed run's base already holds every key
     for key, value in merged.items():
-        default = getattr(TrainConfig, key, None)
+        default = getattr(cls, key, None)
         if isinstance(default, str) and not isinstance(value, str):
             raise TrainferError(f"{key} must be text, got {value!r}")
         if isinstance(default, bool) and not isinstance(value, bool):
@@ -224,4 +237,6 @@ def load_config(
                 if not value.is_integer():
                     raise TrainferError(f"{key} must be a whole number, got {value!r}")
                 merged[key] = int(value)
-    return TrainConfig(**merged, model=model)
+    if model and cls is not TrainConfig:
+        raise TrainferError("model.* settings shape a model trained from scratch; a fine-tune keeps its base's shape")
+    return cls(**merged, model=model)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from trainfer.data.prepare import read_shard
 from trainfer.errors import TrainferError
-from trainfer.io.hf import load_state_dict, read_config
+from trainfer.io.hf import load_state_dict, read_config, save_hf
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 from trainfer.train import checkpoint as ckpt
@@ -91,14 +91,12 @@ class Trainer:
                 "or choose another --out"
             )
         self.resume_from = existing[-1] if resume else None
-        if not cfg.data:
-            raise TrainferError("no training data: pass --data DIR (a directory written by `trainfer prepare`)")
-        self.data_dir = Path(cfg.data).resolve()
-        cfg.data = str(self.data_dir)  # checkpoints record where the data is, wherever a resume runs from
-        if not (self.data_dir / "meta.json").exists():
-            raise TrainferError(
-                f"{self.data_dir} is not a prepared data directory (no meta.json); run trainfer prepare"
-            )
+        self._setup_device()
+        self._load_data()
+        self._build()
+
+    def _setup_device(self) -> None:
+        cfg = self.cfg
         kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         if kind == "cuda" and not torch.cuda.is_available():
             raise TrainferError("device cuda was asked for but CUDA is not available")
@@ -111,6 +109,17 @@ class Trainer:
         )
         self.amp_dtype = torch.bfloat16 if want_bf16 else torch.float32
 
+    def _load_data(self) -> None:
+        """Token shards from `trainfer prepare`, the tokenizer they were made with, and the model shape."""
+        cfg = self.cfg
+        if not cfg.data:
+            raise TrainferError("no training data: pass --data DIR (a directory written by `trainfer prepare`)")
+        self.data_dir = Path(cfg.data).resolve()
+        cfg.data = str(self.data_dir)  # checkpoints record where the data is, wherever a resume runs from
+        if not (self.data_dir / "meta.json").exists():
+            raise TrainferError(
+                f"{self.data_dir} is not a prepared data directory (no meta.json); run trainfer prepare"
+            )
         self.tokenizer = Tokenizer.from_dir(self.data_dir)
         self.train_data, self.val_data = read_shard(self.data_dir, "train"), read_shard(self.data_dir, "val")
         if len(self.train_data) == 0:
@@ -125,14 +134,13 @@ class Trainer:
                 f"{cfg.seq_len + 1}; lower seq_len or hold out more text"
             )
         self.val_bytes_per_token = bytes_per_token(self.data_dir, "val", self.tokenizer) if len(self.val_data) else None
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len)
 
-        self._build()
-
-    def _build(self) -> None:
+    def _make_model(self) -> Transformer:
+        """Fresh weights, or the resumed checkpoint's (on the CPU; _build moves them)."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        self.raw = Transformer(self.model_cfg)
-        self.raw.init_weights(cfg.seed)
+        model = Transformer(self.model_cfg)
+        model.init_weights(cfg.seed)
         if self.resume_from is not None:
             saved = read_config(self.resume_from)
             if saved.to_dict() != self.model_cfg.to_dict():
@@ -143,7 +151,13 @@ class Trainer:
             state = load_state_dict(self.resume_from, torch.float32)
             if self.model_cfg.tie_embeddings:
                 state.pop("lm_head.weight", None)  # the tied head is the embedding
-            self.raw.load_state_dict(state, strict=False)
+            model.load_state_dict(state, strict=False)
+        return model
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.raw = self._make_model()
         self.raw.to(self.device).train()
         if cfg.fsdp:
             if self.dist.world == 1:
@@ -153,19 +167,21 @@ class Trainer:
             for block in self.raw.layers:
                 fully_shard(block)
             fully_shard(self.raw)
-        decay = [p for p in self.raw.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.raw.parameters() if p.dim() < 2]
+        trained = [p for p in self.raw.parameters() if p.requires_grad]  # LoRA freezes the base
+        decay = [p for p in trained if p.dim() >= 2]
+        no_decay = [p for p in trained if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused kernels where PyTorch has them for plain tensors; FSDP's DTensors take the foreach path
         self.optimizer = torch.optim.AdamW(
             groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=not cfg.fsdp, foreach=True if cfg.fsdp else None
         )
-        self.model: torch.nn.Module = self.raw
+        self.model: torch.nn.Module = self.forward_module()
         self.ddp = None
         if self.dist.world > 1 and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.ddp = DDP(self.raw, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.forward_module(), device_ids=ids)
             self.model = self.ddp
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -206,8 +222,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.out,
                 self.step,
-                self.model_cfg,
-                model_state,
+                lambda d: self.write_model(d, model_state),
                 self.tokenizer,
                 {"optimizer": optim_state, "rng": rng},
                 state,
@@ -295,13 +310,38 @@ class Trainer:
             )
         return out
 
+    def forward_module(self) -> torch.nn.Module:
+        """What DDP wraps and the step calls: the model itself here, a loss module for fine-tuning."""
+        return self.raw
+
+    def micro_batches(self, first: int) -> list[Any]:
+        """This rank's grad_accum micro-batches of the step whose first global window is `first`."""
+        cfg = self.cfg
+        starts = self.sampler.starts(first, cfg.batch_size * cfg.grad_accum)
+        return [
+            windows(self.train_data, starts[m * cfg.batch_size : (m + 1) * cfg.batch_size], cfg.seq_len, self.device)
+            for m in range(cfg.grad_accum)
+        ]
+
+    def micro_loss(self, item: Any, items: list[Any]) -> torch.Tensor:
+        """One micro-batch's share of the step's mean loss."""
+        x, y = item
+        return lm_loss(self.model, x, y) / len(items)
+
+    def sample_text(self) -> str:
+        cfg = self.cfg
+        return sample(self.raw, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed, device=self.device)
+
+    def write_model(self, directory: Path, model_state: dict[str, torch.Tensor]) -> None:
+        save_hf(directory, self.model_cfg, model_state, torch.float32)
+
     def train(self) -> TrainResult:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resume_from is not None:
                 self._drop_metrics_after_checkpoint()
-        flops_tok = flops_per_token(self.model_cfg, cfg.seq_len)
+        flops_tok = self.flops_per_token
         peak = measure_peak_flops(self.device, self.amp_dtype) * world
         tokens_per_step = self.global_windows * cfg.seq_len
         if self.dist.main and self.step == 0:
@@ -334,22 +374,16 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             first = self.step * self.global_windows + rank * cfg.batch_size * cfg.grad_accum
-            starts = self.sampler.starts(first, cfg.batch_size * cfg.grad_accum)
+            items = self.micro_batches(first)
             loss_sum = torch.zeros((), device=self.device)
-            for micro in range(cfg.grad_accum):
-                x, y = windows(
-                    self.train_data,
-                    starts[micro * cfg.batch_size : (micro + 1) * cfg.batch_size],
-                    cfg.seq_len,
-                    self.device,
-                )
+            for micro, item in enumerate(items):
                 # Gradients are reduced across ranks once per step, after the last micro-batch.
                 sync = micro == cfg.grad_accum - 1
                 if cfg.fsdp:
                     self.raw.set_requires_gradient_sync(sync)
                 skip = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
                 with skip, self.autocast():
-                    loss = lm_loss(self.model, x, y) / cfg.grad_accum
+                    loss = self.micro_loss(item, items)
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip or float("inf"))
@@ -392,14 +426,7 @@ class Trainer:
                 last_eval = self._agree(self.evaluate())
                 sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
                 if sample_due and cfg.sample_tokens > 0:
-                    last_eval["sample"] = sample(
-                        self.raw,
-                        self.tokenizer,
-                        cfg.sample_prompt,
-                        cfg.sample_tokens,
-                        seed=cfg.seed,
-                        device=self.device,
-                    )
+                    last_eval["sample"] = self.sample_text()
                 val = last_eval.get("val_loss")
                 if val is not None:
                     if val < self.best_val - cfg.early_stop_min_delta:
