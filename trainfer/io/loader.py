@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from trainfer import registry
 from trainfer.errors import TrainferError
+from trainfer.io import peft
 from trainfer.io.gguf import load_gguf
 from trainfer.io.hf import load_state_dict, read_config, save_hf
 from trainfer.io.tokenizer import Tokenizer
@@ -87,10 +88,23 @@ def _convert_gguf(path: Path) -> Path:
 
 
 def load_checkpoint(
-    name_or_path: str | os.PathLike[str], dtype: str | torch.dtype = "float32"
+    name_or_path: str | os.PathLike[str], dtype: str | torch.dtype = "float32", base: str | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """Config, weights and tokenizer of any model; a LoRA adapter (a PEFT directory or a LoRA fine-tune's run)
+    loads as its base with the adapter merged in (`base` overrides the base the adapter names)."""
     dtype = parse_dtype(dtype)
     path = registry.resolve(name_or_path)
+    if peft.is_adapter(path):
+        base = base or peft.read_settings(path)["base"]
+        if not base:
+            raise TrainferError(f"{path} is a LoRA adapter that does not name its base model; give the base")
+        if peft.is_adapter(registry.resolve(base)):
+            raise TrainferError(f"the base of {path} is itself an adapter ({base}); merge that one first")
+        cfg, state, tok = load_checkpoint(base, torch.float32)
+        state = peft.merge_into(state, path)
+        return cfg, {k: v.to(dtype) for k, v in state.items()}, tok
+    if base is not None:
+        raise TrainferError(f"{path} is not a LoRA adapter (no adapter_config.json); a base applies to adapters only")
     if path.is_file():
         if path.suffix != ".gguf":
             raise TrainferError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
@@ -108,13 +122,16 @@ def load_model(
     return build_model(cfg, state, device), tok
 
 
-def export_hf(name_or_path: str | os.PathLike[str], out_dir: Path, dtype: str | torch.dtype = "float32") -> Path:
-    """Write any loadable model as a Hugging Face directory that `transformers` (and vLLM) can load."""
+def export_hf(
+    name_or_path: str | os.PathLike[str], out_dir: Path, dtype: str | torch.dtype = "float32", base: str | None = None
+) -> Path:
+    """Write any loadable model as a Hugging Face directory that `transformers` (and vLLM) can load; an adapter
+    is written merged into its base (`trainfer merge`)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise TrainferError(f"{out_dir} exists and is not empty; choose a new directory")
     dtype = parse_dtype(dtype)
-    cfg, state, tok = load_checkpoint(name_or_path, dtype)
+    cfg, state, tok = load_checkpoint(name_or_path, dtype, base)
     save_hf(out_dir, cfg, state, dtype)
     if tok is not None:
         tok.save(out_dir)

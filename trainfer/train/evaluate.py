@@ -257,3 +257,86 @@ def evaluate_model(
         min(n, len(spread_starts(len(val), seq_len, n))) * seq_len,
         probe,
     )
+
+
+@dataclass
+class ChatEvalReport:
+    model: str
+    data: str
+    examples: int
+    targets: int  # assistant tokens scored
+    loss: float  # nats per assistant token
+    fact_rate: float | None  # share of greedy answers containing the expected text (or the reference answer)
+    equal_rate: float | None  # share equal to the reference answer (whitespace and case folded)
+    samples: list[dict[str, str]]
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.examples} conversations, {self.targets:,} assistant tokens: loss {self.loss:.4f} nats/token "
+            f"(perplexity {math.exp(min(self.loss, 50)):.2f})"
+        ]
+        if self.fact_rate is not None:
+            lines.append(
+                f"greedy answers: {self.fact_rate:.1%} contain the expected answer, {self.equal_rate:.1%} equal it"
+            )
+            for s in self.samples:
+                lines.append(f"  Q: {s['question']}\n     expected: {s['expected']}\n     answered: {s['answer']}")
+        return "\n".join(lines)
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def evaluate_chat(
+    model_path: str,
+    data: str | Path,
+    exact: bool = False,
+    dtype: str = "float32",
+    batch_size: int = 8,
+    seq_len: int = 1024,
+    max_new_tokens: int = 64,
+    samples: int = 3,
+) -> ChatEvalReport:
+    """Assistant-token loss on held-out conversations, and with `exact` the greedy answer to each one's last
+    user turn checked against its reference (or the line's "expected" text): base vs tuned on the same set."""
+    from trainfer.llm import LLM
+    from trainfer.train import chat_data
+
+    llm = LLM.load(model_path, dtype)
+    records = chat_data.read_jsonl(data)
+    examples = [chat_data.render(r, llm.tokenizer, where) for where, r in records]
+    pad = llm.tokenizer.eos_token_id if llm.tokenizer.eos_token_id is not None else 0
+    packed = chat_data.pack(examples, min(seq_len, llm.model.cfg.max_seq_len), pad, seed=None)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(packed), batch_size):
+            batch = chat_data.batch_tensors(packed, np.arange(lo, min(len(packed), lo + batch_size)), "cpu")
+            s, c = chat_data.masked_loss_sum(llm.model, batch)
+            total, count = total + s.item(), count + c
+    fact = equal = None
+    shown: list[dict[str, str]] = []
+    if exact:
+        prompts, refs, wants, questions = [], [], [], []
+        for _, r in records:
+            if "messages" in r:
+                msgs = r["messages"]
+                last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+                prompts.append(llm.chat_prompt([{"role": m["role"], "content": m["content"]} for m in msgs[:last]]))
+                refs.append(msgs[last]["content"])
+                questions.append(next((m["content"] for m in reversed(msgs[:last]) if m["role"] == "user"), ""))
+            else:
+                prompts.append(llm.tokenizer.encode(r["prompt"]))
+                refs.append(r["completion"])
+                questions.append(r["prompt"])
+            expected = r.get("expected", refs[-1])
+            wants.append([expected] if isinstance(expected, str) else list(expected))
+        done = llm.complete(prompts, max_tokens=max_new_tokens, temperature=0.0)
+        hits = [all(_fold(w) in _fold(d.text) for w in want) for d, want in zip(done, wants, strict=True)]
+        same = [_fold(d.text) == _fold(ref) for d, ref in zip(done, refs, strict=True)]
+        fact, equal = sum(hits) / len(hits), sum(same) / len(same)
+        shown = [
+            {"question": q, "expected": " / ".join(w), "answer": d.text.strip()}
+            for q, w, d in list(zip(questions, wants, done, strict=True))[:samples]
+        ]
+    return ChatEvalReport(str(model_path), str(data), len(records), count, total / max(1, count), fact, equal, shown)

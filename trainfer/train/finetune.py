@@ -1,0 +1,372 @@
+"""`trainfer finetune`: adapt a pre-trained model to a user's conversations, fully or with LoRA, resumably.
+
+    trainfer finetune smollm2-135m-instruct --data faq.jsonl --out runs/faq --lora
+    trainfer finetune smollm2-135m-instruct --data faq.jsonl --out runs/faq-full --set lr=3e-5
+
+The pretraining loop (train/trainer.py) with other data and weights: rows of packed conversations whose loss
+covers assistant tokens only (train/chat_data.py), the base model's weights (frozen under LoRA,
+train/lora.py), and checkpoints that hold a PEFT adapter or a full model. The data order is a pure function
+of (seed, cursor), so a resumed fine-tune continues bit for bit. Design: docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trainfer.errors import TrainferError
+from trainfer.io import peft
+from trainfer.model.transformer import Transformer
+from trainfer.train import chat_data, lora
+from trainfer.train.config import TrainConfig, load_config
+from trainfer.train.metrics import flops_per_token
+from trainfer.train.trainer import Trainer, TrainResult
+
+AUTO_LR = {True: 1e-3, False: 5e-5}  # LoRA, full: see docs/finetune.md for how these were chosen
+
+
+@dataclass
+class FineTuneConfig(TrainConfig):
+    base_model: str = ""  # the model to adapt: an alias, a .gguf, a Hugging Face directory or a run
+    val_data: str = ""  # held-out conversations (JSONL); empty: hold out val_fraction of data
+    val_fraction: float = 0.1
+    epochs: float = 3.0  # used when max_steps is 0
+    max_steps: int = 0
+    lr: float = 0.0  # 0: 1e-3 with LoRA, 5e-5 full
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "all"  # all | attention | mlp | a comma-separated list of q_proj, ..., down_proj
+    rslora: bool = False
+    general_data: str = ""  # a `trainfer prepare` directory in the base's tokenizer: general text to replay
+    general_share: float = 0.0  # share of rows that are general text (keeps full fine-tuning from forgetting)
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 2
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    sample_tokens: int = 32
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            **super().checks(),
+            "max_steps": self.max_steps >= 0,
+            "lr": self.lr >= 0,
+            "epochs": self.epochs > 0,
+            "val_fraction": 0 <= self.val_fraction < 1,
+            "general_share": 0 <= self.general_share < 1,
+            "lora_r": self.lora_r >= 1,
+            "lora_alpha": self.lora_alpha > 0,
+            "lora_dropout": 0 <= self.lora_dropout < 1,
+        }
+
+    def lora_config(self) -> lora.LoRAConfig:
+        return lora.LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, self.rslora)
+
+
+class MaskedLM(nn.Module):
+    """The step's forward as a module (what DDP wraps): summed loss over assistant targets and their count."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        return chat_data.masked_loss_sum(self.model, batch)
+
+
+class FineTuner(Trainer):
+    cfg: FineTuneConfig
+
+    def _load_data(self) -> None:
+        from trainfer.io.hf import read_config
+        from trainfer.io.loader import load_checkpoint
+        from trainfer.registry import ALIASES, resolve
+
+        cfg = self.cfg
+        if not cfg.base_model:
+            raise TrainferError("no base model: name one (an alias, a .gguf or a model directory)")
+        if not cfg.data:
+            raise TrainferError("no training data: pass --data FILE.jsonl")
+        cfg.data = str(Path(cfg.data).resolve())
+        if cfg.val_data:
+            cfg.val_data = str(Path(cfg.val_data).resolve())
+        if cfg.general_share and not cfg.general_data:
+            raise TrainferError("general_share needs general_data: a `trainfer prepare` directory of general text")
+        base_path = resolve(cfg.base_model)
+        if cfg.base_model not in ALIASES:  # the adapter names its base; make that work from any directory
+            cfg.base_model = str(Path(cfg.base_model).resolve())
+        if peft.is_adapter(base_path):
+            raise TrainferError(f"{cfg.base_model} is a LoRA adapter; fine-tune its base, or merge it first")
+        self.base_cfg, self.base_state, tokenizer = load_checkpoint(base_path, torch.float32)
+        if tokenizer is None:
+            raise TrainferError(f"{cfg.base_model} has no tokenizer.json; trainfer needs the base model's tokenizer")
+        resumed_full = self.resume_from is not None and not peft.is_adapter(self.resume_from)
+        if resumed_full and read_config(self.resume_from).to_dict() != self.base_cfg.to_dict():
+            raise TrainferError(f"{self.resume_from} holds another model than {cfg.base_model}")
+        self.tokenizer, self.model_cfg = tokenizer, self.base_cfg
+        train = chat_data.load_examples(cfg.data, tokenizer)
+        if cfg.val_data:
+            val = chat_data.load_examples(cfg.val_data, tokenizer)
+        else:
+            train, val = chat_data.split(train, cfg.val_fraction, cfg.seed)
+        if not train:
+            raise TrainferError(f"{cfg.data}: no example has an assistant token to learn from")
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.train_rows = chat_data.pack(train, cfg.seq_len, pad, seed=cfg.seed)
+        self.val_rows = chat_data.pack(val, cfg.seq_len, pad, seed=None) if val else None
+        self.examples = (len(train), len(val))
+        self.general = self._general_text(tokenizer)
+        if not cfg.lr:
+            cfg.lr = AUTO_LR[cfg.lora]
+        if not cfg.max_steps:
+            cfg.max_steps = max(1, math.ceil(cfg.epochs * self.epoch_rows / self.global_windows))
+        self.val_bytes_per_token = _bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
+        # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
+        self.flops_per_token = flops_per_token(self.base_cfg, cfg.seq_len) * (4 / 6 if cfg.lora else 1)
+
+    def _general_text(self, tokenizer) -> np.ndarray | None:
+        cfg = self.cfg
+        if not cfg.general_share:
+            return None
+        from trainfer.data.prepare import read_shard
+        from trainfer.io.tokenizer import Tokenizer
+
+        path = Path(cfg.general_data)
+        if not (path / "meta.json").exists():
+            raise TrainferError(f"{path} is not a prepared data directory (no meta.json); run trainfer prepare")
+        if Tokenizer.from_dir(path).backend.get_vocab() != tokenizer.backend.get_vocab():
+            raise TrainferError(
+                f"{path} was tokenized with another tokenizer than {cfg.base_model}'s; "
+                f"prepare it with --tokenizer {cfg.base_model}"
+            )
+        data = read_shard(path, "train")
+        if len(data) <= cfg.seq_len:
+            raise TrainferError(f"{path} has fewer than {cfg.seq_len + 1} training tokens")
+        return data
+
+    @property
+    def general_rows(self) -> int:
+        share = self.cfg.general_share
+        return round(len(self.train_rows) * share / (1 - share)) if self.general is not None else 0
+
+    @property
+    def epoch_rows(self) -> int:
+        return len(self.train_rows) + self.general_rows
+
+    def _make_model(self) -> Transformer:
+        from trainfer.io.hf import load_state_dict
+        from trainfer.io.loader import build_model
+
+        cfg = self.cfg
+        resumed_full = self.resume_from is not None and not cfg.lora
+        state = load_state_dict(self.resume_from, torch.float32) if resumed_full else self.base_state
+        model = build_model(self.base_cfg, state).train()
+        del self.base_state  # the model holds the weights now
+        if cfg.lora:
+            lora.apply_lora(model, cfg.lora_config(), seed=cfg.seed)
+            if self.resume_from is not None:
+                if not peft.is_adapter(self.resume_from):
+                    raise TrainferError(f"{self.resume_from} is a full fine-tune checkpoint; resume it without lora")
+                lora.load_adapter(model, self.resume_from)
+        elif self.resume_from is not None and peft.is_adapter(self.resume_from):
+            raise TrainferError(f"{self.resume_from} is a LoRA checkpoint; resume it with lora = true")
+        return model
+
+    def forward_module(self) -> nn.Module:
+        if not hasattr(self, "_loss_module"):
+            self._loss_module = MaskedLM(self.raw)
+        return self._loss_module
+
+    # ---- data order ------------------------------------------------------------------------------------
+
+    def row(self, g: int) -> dict[str, np.ndarray]:
+        """Global row g of the stream: epoch g // n in its own seeded order, general-text windows mixed in."""
+        n = self.epoch_rows
+        epoch, i = divmod(g, n)
+        j = int(np.random.default_rng([self.cfg.seed, epoch]).permutation(n)[i])
+        if j < len(self.train_rows):
+            p = self.train_rows
+            return {k: getattr(p, k)[j] for k in ("inputs", "targets", "loss", "positions", "docs")}
+        T = self.cfg.seq_len
+        start = int(np.random.default_rng([self.cfg.seed, epoch, j]).integers(0, len(self.general) - T))
+        window = self.general[start : start + T + 1].astype(np.int64)
+        return {
+            "inputs": window[:-1], "targets": window[1:], "loss": np.ones(T, bool),
+            "positions": np.arange(T), "docs": np.zeros(T, np.int64),
+        }  # fmt: skip
+
+    def micro_batches(self, first: int) -> list[dict[str, Tensor]]:
+        cfg = self.cfg
+        out = []
+        for m in range(cfg.grad_accum):
+            rows = [self.row(first + m * cfg.batch_size + b) for b in range(cfg.batch_size)]
+            batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])).to(self.device) for k in rows[0]}
+            out.append(batch)
+        return out
+
+    def micro_loss(self, item: dict[str, Tensor], items: list[dict[str, Tensor]]) -> Tensor:
+        """Summed loss over this micro-batch / targets in the whole step: the step's mean per target token."""
+        total = sum(int(b["loss"].sum()) for b in items)
+        loss, _ = self.model(item)
+        return loss / max(1, total)
+
+    # ---- evaluation and checkpoints ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _rows_loss(self, packed: chat_data.Packed) -> float:
+        n = min(len(packed), self.cfg.eval_batches * self.cfg.batch_size)
+        was = self.raw.training
+        self.raw.eval()
+        total, count = 0.0, 0
+        for lo in range(0, n, self.cfg.batch_size):
+            rows = np.arange(lo, min(n, lo + self.cfg.batch_size))
+            batch = chat_data.batch_tensors(packed, rows, self.device)
+            with self.autocast():
+                s, c = chat_data.masked_loss_sum(self.raw, batch)
+            total, count = total + s.item(), count + c
+        self.raw.train(was)
+        return total / max(1, count)
+
+    def evaluate(self) -> dict[str, Any]:
+        from trainfer.train.evaluate import bits_per_byte
+
+        out: dict[str, Any] = {"step": self.step, "train_eval_loss": self._rows_loss(self.train_rows)}
+        if self.val_rows is not None:
+            val = self._rows_loss(self.val_rows)
+            out.update(
+                val_loss=val,
+                val_ppl=math.exp(min(val, 50)),
+                val_bpb=bits_per_byte(val, self.val_bytes_per_token),
+                gap=val - out["train_eval_loss"],
+            )
+        return out
+
+    def sample_text(self) -> str:
+        """The greedy answer to the first held-out (else training) conversation, without a KV cache."""
+        packed = self.val_rows if self.val_rows is not None else self.train_rows
+        doc = packed.docs[0]
+        first = doc[0]
+        where = (doc == first) & packed.loss[0]
+        upto = int(np.argmax(where)) if where.any() else int((doc == first).sum())
+        prompt = packed.inputs[0, : upto + 1].tolist()  # through the first position whose target is trained
+        return greedy(self.raw, self.tokenizer, prompt, self.cfg.sample_tokens, self.device, self.autocast())
+
+    def write_model(self, directory: Path, model_state: dict[str, Tensor]) -> None:
+        if not self.cfg.lora:
+            return super().write_model(directory, model_state)
+        lora.save_adapter(directory, self.raw, self.cfg.lora_config(), self.cfg.base_model)
+
+
+def greedy(
+    model: Transformer,
+    tokenizer,
+    prompt: list[int],
+    max_tokens: int,
+    device: torch.device | str = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> str:
+    """Greedy decoding by full forwards: for a model mid-training (the engine's fast path rewires weights)."""
+    was = model.training
+    model.eval()
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            x = torch.tensor([(prompt + out)[-model.cfg.max_seq_len :]], device=device)
+            with autocast or contextlib.nullcontext():
+                nxt = int(model(x)[0, -1].argmax())
+            if nxt in tokenizer.stop_token_ids:
+                break
+            out.append(nxt)
+    model.train(was)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def _bytes_per_target(packed: chat_data.Packed, tokenizer) -> float:
+    ids = packed.targets[packed.loss].tolist()
+    return max(1, len(tokenizer.decode(ids).encode())) / max(1, len(ids))
+
+
+@dataclass
+class FineTuneResult:
+    train: TrainResult
+    examples: tuple[int, int]  # train, held out
+    truncated: int
+    trainable: int
+    total_params: int
+    before: dict[str, Any] | None  # held-out evaluation of the base model (a fresh run only)
+    card: str | None  # report.md's text (rank 0)
+
+
+def finetune(cfg: FineTuneConfig, resume: bool = False) -> FineTuneResult:
+    """Fine-tune (or continue), evaluating the base first so the report card says what tuning changed."""
+    import torch.distributed as dist
+
+    try:
+        tuner = FineTuner(cfg, resume)
+        before = tuner._agree(tuner.evaluate()) if not resume and tuner.val_rows is not None else None
+        result = tuner.train()
+        info = lora.describe(tuner.raw)
+        out = FineTuneResult(result, tuner.examples, tuner.train_rows.truncated, info["trainable"], info["total"],
+                             before, None)  # fmt: skip
+        if tuner.dist.main:
+            out.card = report_card(tuner, out)
+            (tuner.out / "report.md").write_text(out.card + "\n")
+        return out
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def report_card(tuner: FineTuner, r: FineTuneResult) -> str:
+    cfg, t = tuner.cfg, r.train
+    mode = (
+        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g}{' (rsLoRA)' if cfg.rslora else ''} on {cfg.lora_targets}"
+        if cfg.lora
+        else "full fine-tuning"
+    )
+    lines = [
+        f"# Fine-tune of {cfg.base_model}",
+        "",
+        f"- mode: {mode}; trainable {r.trainable:,} of {r.total_params:,} parameters "
+        f"({r.trainable / r.total_params:.2%})",
+        f"- data: {r.examples[0]} training conversations ({r.truncated} truncated to {cfg.seq_len} tokens), "
+        f"{r.examples[1]} held out; {len(tuner.train_rows)} packed rows, {tuner.train_rows.targets_total:,} "
+        f"assistant tokens per epoch",
+        f"- {t.steps} steps ({t.steps * tuner.global_windows / max(1, tuner.epoch_rows):.1f} epochs), lr {cfg.lr:g}, "
+        f"{t.elapsed_s:.0f} s, {t.tokens_per_s:,.0f} tokens/s (packed positions), MFU {t.mfu:.1%}, "
+        f"{str(tuner.amp_dtype).removeprefix('torch.')}",
+    ]
+    if t.best_checkpoint is not None:
+        files = [f for f in t.best_checkpoint.iterdir() if f.suffix in (".safetensors", ".json") and
+                 f.name not in ("tokenizer.json", "tokenizer_config.json", "state.json")]  # fmt: skip
+        size = sum(f.stat().st_size for f in files)
+        base = tuner.base_cfg.n_params * 4
+        lines.append(f"- saved: {t.best_checkpoint} ({size / 1e6:.1f} MB; the fp32 base is {base / 1e6:.0f} MB)")
+    if r.before is not None and t.val_loss is not None:
+        lines.append(
+            f"- held-out assistant-token loss: {r.before['val_loss']:.4f} (base) -> {t.val_loss:.4f} nats/token"
+        )
+    lines.append(
+        f"\nUse it anywhere a model goes: `trainfer chat {tuner.out}`, `trainfer serve {tuner.out}`, "
+        f"`trainfer eval {tuner.out} --chat-data HELDOUT.jsonl --exact`"
+        + (f", `trainfer merge {tuner.out} --out DIR`" if cfg.lora else "")
+    )
+    return "\n".join(lines)
+
+
+def load_finetune_config(
+    path: str | None, overrides: list[str], base: dict[str, Any] | None = None, **values: Any
+) -> FineTuneConfig:
+    return load_config(path, overrides, base=base, cls=FineTuneConfig, **values)
