@@ -215,9 +215,38 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from trainfer.train.evaluate import evaluate_model
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from trainfer.train.checkpoint import list_checkpoints, read_state
+    from trainfer.train.finetune import finetune, load_finetune_config
 
+    base: dict[str, Any] = {}
+    if args.resume and args.out:
+        found = list_checkpoints(Path(args.out))
+        if found:
+            base = read_state(found[-1])["config"]
+    values = {"base_model": args.model, "data": args.data, "val_data": args.val, "out_dir": args.out}
+    if args.lora:
+        values["lora"] = True
+    cfg = load_finetune_config(args.config, args.set, base=base, seed=args.seed, **values)
+    result = finetune(cfg, resume=args.resume)
+    if result.card is not None:
+        print(result.card)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from trainfer.io.loader import export_hf
+
+    print(export_hf(args.adapter, Path(args.out), args.dtype, base=args.base))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from trainfer.train.evaluate import evaluate_chat, evaluate_model
+
+    if bool(args.data) == bool(args.chat_data):
+        raise TrainferError("eval needs --data DIR (text) or --chat-data FILE.jsonl (conversations), one of them")
+    if args.chat_data:
+        print(evaluate_chat(args.model, args.chat_data, args.exact, args.dtype).summary())
+        return
     report = evaluate_model(
         args.model, args.data, args.max_tokens, args.seq_len, passages=args.passages,
         prefix_tokens=args.prefix_tokens, continuation_tokens=args.continuation_tokens, dtype=args.dtype,
@@ -510,9 +539,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000, ~3 minutes on 2 cores)")
     p.set_defaults(func=cmd_quickstart)
 
+    p = sub.add_parser("finetune", help="adapt a pre-trained model to your conversations (full or LoRA; resumable)")
+    p.add_argument("model", help="the base: an alias, a .gguf, a Hugging Face directory or a run")
+    p.add_argument("--data", help="JSONL of {'messages': [...]} or {'prompt', 'completion'} lines")
+    p.add_argument("--val", help="held-out JSONL (default: hold out val_fraction of --data)")
+    p.add_argument("--out", help="the run directory: checkpoints/, metrics.jsonl, loss.png, report.md")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (PEFT format) on the frozen base")
+    p.add_argument("--config", help="a TOML file of settings (see docs/finetune.md)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain Hugging Face model directory")
+    p.add_argument("base", nargs="?", help="the base model (default: the one the adapter names)")
+    p.add_argument("adapter", help="a PEFT adapter directory or a LoRA fine-tune's run directory")
+    p.add_argument("--out", required=True, help="the new model directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte and a memorization probe")
     p.add_argument("model", help="a training run directory, a checkpoint, an alias or a Hugging Face directory")
-    p.add_argument("--data", required=True, help="a prepared directory tokenized with the model's tokenizer")
+    p.add_argument("--data", help="a prepared directory tokenized with the model's tokenizer")
+    p.add_argument("--chat-data", help="JSONL conversations: assistant-token loss on them (fine-tuning's measure)")
+    p.add_argument("--exact", action="store_true", help="with --chat-data: greedy answers vs the references")
     p.add_argument("--max-tokens", type=int, default=32768, help="tokens scored per split (default 32768)")
     p.add_argument("--seq-len", type=int, help="window length (default: 256, capped by the model's context)")
     p.add_argument("--passages", type=int, default=32, help="probe passages per split; 0 = no probe")

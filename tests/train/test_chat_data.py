@@ -59,7 +59,8 @@ def test_a_prompt_completion_pair_trains_the_completion_and_end_of_text(model_an
 
 def test_packed_rows_give_each_example_its_own_logits(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    convs = [CONVERSATION, CONVERSATION[:3], [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "So."}]]
+    short = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "So."}]
+    convs = [CONVERSATION, CONVERSATION[:3], short]
     examples = [chat_data.render_chat(c, tok) for c in convs]
     packed = chat_data.pack(examples, seq_len=200, pad_id=0, seed=None)
     assert len(packed) == 1  # all three share one row
