@@ -32,3 +32,12 @@ def test_quickstart_end_to_end(tmp_path):
     with pytest.raises(TrainferError, match="not written by quickstart"):
         quickstart(tmp_path / "mine", steps=10)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_the_report_says_where_the_mfu_peak_came_from():
+    from trainfer.quickstart import _peak_origin
+
+    assert _peak_origin({}) == "measured at start-up"  # a run from before the peak had a source
+    assert _peak_origin({"peak_source": "stated", "peak_detail": "TRAINFER_PEAK_FLOPS"}).startswith("stated (TRAINFER")
+    cached = _peak_origin({"peak_source": "cached", "peak_detail": "peak_flops.json, measured 2026-12-03"})
+    assert "cached" in cached and "2026-12-03" in cached

@@ -114,6 +114,16 @@ def _cost_lines(flops: float, wall_s: float) -> list[str]:
     ]
 
 
+def _peak_origin(start: dict) -> str:
+    """Where the run's MFU denominator came from (metrics.jsonl's start record; older runs always measured)."""
+    source, detail = start.get("peak_source", "measured"), start.get("peak_detail", "")
+    if source == "stated":
+        return f"stated ({detail}), not measured"
+    if source == "cached":
+        return f"cached from an earlier measurement on this machine ({detail})"
+    return f"measured at start-up ({detail})" if detail else "measured at start-up"
+
+
 def _report(meta, cfg, result: TrainResult, probe: ProbeResult, answers, rows, total_s: float) -> str:
     start = rows[0]
     n_params, tokens = start["params"], result.tokens
@@ -137,8 +147,8 @@ def _report(meta, cfg, result: TrainResult, probe: ProbeResult, answers, rows, t
         f"- {result.steps} steps, {tokens:,} tokens ({tokens / meta['train_tokens']:.2f} epochs) in "
         f"{result.elapsed_s:.0f} s: {result.tokens_per_s:,.0f} tokens/s.",
         f"- Compute: 6ND = {6 * n_params * tokens:.3g} FLOPs (with attention: "
-        f"{start['flops_per_token'] * tokens:.3g}); MFU {result.mfu:.1%} of the {start['peak_flops'] / 1e9:.0f} "
-        "GFLOP/s matmul peak measured at start-up.",
+        f"{start['flops_per_token'] * tokens:.3g}); MFU {result.mfu:.1%} of a {start['peak_flops'] / 1e9:.0f} "
+        f"GFLOP/s matmul peak, {_peak_origin(start)}.",
         f"- Final loss: training batch {result.final_loss:.3f}; held-out {ev['val_loss']:.3f} nats/token = "
         f"perplexity {ev['val_ppl']:.1f} = **{ev['val_bpb']:.3f} bits per byte**.",
         "",

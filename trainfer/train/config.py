@@ -48,6 +48,9 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False  # shard parameters/optimizer over ranks (torch.distributed.fsdp.fully_shard)
     device: str = "auto"  # auto | cpu | cuda
+    # MFU's denominator, FLOP/s per process (e.g. 989e12 for an H100's dense bf16). 0 = $TRAINFER_PEAK_FLOPS,
+    # else the cached or measured matmul peak of this machine (trainfer.train.metrics.matmul_peak)
+    peak_flops: float = 0.0
     seed: int = 0
     eval_every: int = 250
     eval_batches: int = 20
@@ -96,6 +99,7 @@ class TrainConfig:
             "early_stop_min_delta": self.early_stop_min_delta >= 0,
             "sample_tokens": self.sample_tokens >= 0,
             "sample_every": self.sample_every >= 0,
+            "peak_flops": self.peak_flops >= 0,
         }
 
     def choices(self) -> dict[str, tuple[str, ...]]:

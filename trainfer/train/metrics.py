@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import math
 import os
+import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainfer.errors import TrainferError
 from trainfer.model.config import ModelConfig
 
 
@@ -19,34 +25,188 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, budget_s: float = 0.05) -> float:
-    """Best square-matmul FLOP/s this process gets at start-up: the denominator of MFU on this machine.
+SOURCES = ("stated", "cached", "measured")
+PEAK_ENV = "TRAINFER_PEAK_FLOPS"  # a stated peak for every run on this machine (FLOP/s per process)
+CACHE_MAX_AGE_DAYS = 30  # then measure again, keeping the faster
+MIN_CPU_SHARE = 0.75  # a probe that got less of its threads' CPU time than this ran on a busy machine
 
-    The size doubles from 256 until one product takes budget_s (or 2048 / 8192 on CUDA), so a dtype the
-    hardware only emulates (bf16 on AVX2: ~0.3 GFLOP/s, a minute per 2048^3 product) costs milliseconds.
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """The denominator of MFU for one process, and where it came from."""
+
+    flops: float  # FLOP/s
+    source: str  # stated (config key or TRAINFER_PEAK_FLOPS) | cached (an earlier measurement here) | measured
+    detail: str  # which setting, which cache file and date, or how the measurement went
+
+    def __post_init__(self) -> None:
+        assert self.source in SOURCES and self.flops > 0, self
+
+
+def probe_shapes(device: torch.device, cfg: ModelConfig | None = None, tokens: int = 0) -> list[tuple[int, int, int]]:
+    """(m, k, n) products to time, fewest FLOPs first: squares up to 2048 (8192 on CUDA) and the run's own.
+
+    The run's are its micro-batch's (tokens x dim) @ (dim x out) for the attention, MLP and head projections;
+    tokens is capped so no product costs more FLOPs than the largest square.
     """
+    squares = (1024, 2048, 4096, 8192) if device.type == "cuda" else (256, 512, 1024, 2048)
+    shapes = {(n, n, n) for n in squares}
+    if cfg is not None and tokens > 0:
+        for k, n in [
+            (cfg.dim, cfg.n_heads * cfg.head_dim),  # query projection
+            (cfg.dim, cfg.hidden_dim),  # MLP gate / up
+            (cfg.hidden_dim, cfg.dim),  # MLP down
+            (cfg.dim, cfg.vocab_size),  # LM head
+        ]:
+            m = max(1, min(tokens, squares[-1] ** 3 // (k * n)))
+            shapes.add((m, k, n))
+    return sorted(shapes, key=lambda s: (s[0] * s[1] * s[2], s))
+
+
+def measure_peak_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    cfg: ModelConfig | None = None,
+    tokens: int = 0,
+    budget_s: float = 0.8,
+    min_rounds: int = 3,
+) -> tuple[float, float]:
+    """Fastest matmul FLOP/s this process gets over probe_shapes, and the share of CPU time its threads got.
+
+    Every shape is warmed up once (thread pool, allocator, packed kernels), then timed in rounds over all shapes
+    until budget_s has passed (at least min_rounds, within 2 x budget_s). One short trial is noise on a shared
+    machine; rounds spread each shape's trials over the whole budget, so a quiet moment is seen if there is one.
+    A shape predicted to take over budget_s / 4 is skipped, so a dtype the hardware only emulates (bf16 on AVX2:
+    ~0.3 GFLOP/s) stops at the small sizes instead of stalling start-up for minutes.
+
+    CPU share = process CPU seconds / (wall seconds x torch threads) over the whole probe: ~1 when the probe's
+    threads had the cores, ~0.5 when other processes' threads held half of them. Per product it would be noise:
+    other threads' CPU time is only counted at scheduler ticks (4 ms), longer than a small product. 1.0 on CUDA.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def rate(flops: int, a: torch.Tensor, b: torch.Tensor) -> float:
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        return flops / (time.perf_counter() - t)
+
     gen = torch.Generator().manual_seed(0)  # the global RNG belongs to the run being resumed
-    cap = 8192 if device.type == "cuda" else 2048
-    n, best = 128, 0.0
-    while n < cap:
-        n *= 2
-        a = torch.randn(n, n, generator=gen).to(device, dtype)
-        b = torch.randn(n, n, generator=gen).to(device, dtype)
-        times = []
-        for _ in range(4):  # the first is a warm-up (thread pool, allocator, kernels)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            if times[-1] > budget_s * 4:
-                break
-        best = max(best, 2 * n**3 / min(times[1:] or times))
-        if min(times) > budget_s:
-            break
-    return best
+    start, cpu, best, products = time.perf_counter(), time.process_time(), 0.0, []
+    shapes = probe_shapes(device, cfg, tokens)
+    # The smallest square always runs: a tiny product's rate is mostly overhead (or one scheduler tick when the
+    # cores are busy: 0.1 GFLOP/s seen here) and would predict every larger shape too slow to try.
+    always = 2 * min(n for m, k, n in shapes if m == k == n) ** 3
+    for m, k, n in shapes:
+        flops = 2 * m * k * n
+        if flops > always and flops / best > budget_s / 4:
+            continue
+        a = torch.randn(m, k, generator=gen).to(device, dtype)
+        b = torch.randn(k, n, generator=gen).to(device, dtype)
+        rate(flops, a, b)  # warm-up, not counted
+        best = max(best, rate(flops, a, b))
+        products.append((flops, a, b))
+    rounds = 1
+    while (elapsed := time.perf_counter() - start) < budget_s or (rounds < min_rounds and elapsed < 2 * budget_s):
+        best = max(best, *(rate(*product) for product in products))
+        rounds += 1
+    if device.type == "cuda":
+        return best, 1.0
+    return best, (time.process_time() - cpu) / (time.perf_counter() - start) / torch.get_num_threads()
+
+
+def machine_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What a matmul peak depends on: the processor (model and ISA flags) or GPU, threads, dtype, torch build."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    key: dict[str, Any] = {"device": device.type, "dtype": dtype_name, "torch": torch.__version__}
+    if device.type == "cuda":
+        key["gpu"] = torch.cuda.get_device_name(device)
+        return key
+    model, flags = "", ""
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = ln.partition(":")
+            if name.strip() == "model name" and not model:
+                model = value.strip()
+            elif name.strip() in ("flags", "Features") and not flags:  # x86 | ARM
+                flags = hashlib.sha256(" ".join(sorted(value.split())).encode()).hexdigest()[:12]
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    key.update(cpu=model or platform.machine(), cpu_flags=flags, cpus=cpus, threads=torch.get_num_threads())
+    return key
+
+
+def peak_cache_path() -> Path:
+    from trainfer.registry import home
+
+    return home() / "peak_flops.json"
+
+
+def _stated(value: float, env: str | None) -> PeakFlops | None:
+    if value:
+        return PeakFlops(float(value), "stated", "peak_flops in the run's config")
+    if env is None or not env.strip():
+        return None
+    try:
+        flops = float(env)
+    except ValueError:
+        flops = 0.0
+    if not flops > 0 or math.isinf(flops):
+        raise TrainferError(f"{PEAK_ENV} must be a positive number of FLOP/s per process (e.g. 1.8e11), got {env!r}")
+    return PeakFlops(flops, "stated", PEAK_ENV)
+
+
+def matmul_peak(
+    device: torch.device,
+    dtype: torch.dtype,
+    cfg: ModelConfig | None = None,
+    tokens: int = 0,
+    stated: float = 0.0,
+    cache: Path | None = None,
+) -> PeakFlops:
+    """The MFU denominator for one process: stated (argument, then $TRAINFER_PEAK_FLOPS), cached, or measured.
+
+    The cache ($TRAINFER_HOME/peak_flops.json) holds one entry per machine_key: the best rate measured there and
+    its date. An entry is reused for CACHE_MAX_AGE_DAYS; a new measurement replaces it only if faster, so a
+    probe run while the machine was busy cannot lower it. Delete the file to start over.
+    """
+    found = _stated(stated, os.environ.get(PEAK_ENV))
+    if found is not None:
+        return found
+    path = cache or peak_cache_path()
+    key = machine_key(device, dtype)
+    name = json.dumps(key, sort_keys=True)
+    try:
+        entries = json.loads(path.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        entries = {}
+    today = datetime.date.today()
+    try:
+        old = entries[name]
+        old_flops, old_day = float(old["flops"]), datetime.date.fromisoformat(old["measured_on"])
+    except (TypeError, KeyError, ValueError):  # no entry, or one this version cannot read
+        old_flops, old_day = 0.0, today
+    if old_flops > 0 and 0 <= (today - old_day).days <= CACHE_MAX_AGE_DAYS:
+        return PeakFlops(old_flops, "cached", f"{path}, measured {old_day}")
+    flops, share = measure_peak_flops(device, dtype, cfg, tokens)
+    if share < MIN_CPU_SHARE:  # an understated peak, not worth keeping: the next run measures again
+        busy = f"machine busy: the probe got {share:.0%} of its threads' CPU time, so MFU reads high; not cached"
+        return PeakFlops(max(flops, old_flops), "cached" if old_flops > flops else "measured", busy)
+    peak = PeakFlops(flops, "measured", f"best of timed matmuls, now cached in {path}")
+    if old_flops > flops:  # measured again after CACHE_MAX_AGE_DAYS, and slower: keep the faster
+        peak = PeakFlops(old_flops, "cached", f"{path}; re-measured {flops / 1e9:.3g} GFLOP/s today, kept {old_day}'s")
+    entries[name] = {**key, "flops": peak.flops, "measured_on": today.isoformat()}
+    try:  # written whole, then renamed: two ranks or runs measuring at once leave one valid file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next run its own measurement
+    return peak
 
 
 def cpu_has_bf16() -> bool:

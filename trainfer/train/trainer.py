@@ -38,7 +38,7 @@ from trainfer.model.transformer import Transformer
 from trainfer.train import checkpoint as ckpt
 from trainfer.train.config import TrainConfig
 from trainfer.train.evaluate import bits_per_byte, bytes_per_token, evaluate_loss, lm_loss, sample, windows
-from trainfer.train.metrics import cpu_has_bf16, flops_per_token, measure_peak_flops, plot_metrics, read_metrics
+from trainfer.train.metrics import cpu_has_bf16, flops_per_token, matmul_peak, plot_metrics, read_metrics
 from trainfer.train.schedule import WindowSampler, lr_at
 
 
@@ -76,6 +76,7 @@ class TrainResult:
     mfu: float
     elapsed_s: float
     stopped_early: bool
+    peak_source: str = "measured"  # where MFU's denominator came from: stated | cached | measured
 
 
 class Trainer:
@@ -342,7 +343,10 @@ class Trainer:
             if self.resume_from is not None:
                 self._drop_metrics_after_checkpoint()
         flops_tok = self.flops_per_token
-        peak = measure_peak_flops(self.device, self.amp_dtype) * world
+        found = matmul_peak(self.device, self.amp_dtype, self.model_cfg, cfg.batch_size * cfg.seq_len, cfg.peak_flops)
+        peak = found.flops * world
+        if self.dist.main:
+            print(f"MFU against a {peak / 1e9:,.1f} GFLOP/s matmul peak, {found.source} ({found.detail})", flush=True)
         tokens_per_step = self.global_windows * cfg.seq_len
         if self.dist.main and self.step == 0:
             self._log(
@@ -352,6 +356,8 @@ class Trainer:
                     "params": self.model_cfg.n_params,
                     "flops_per_token": flops_tok,
                     "peak_flops": peak,
+                    "peak_source": found.source,
+                    "peak_detail": found.detail,
                     "tokens_per_step": tokens_per_step,
                     "world": world,
                     "dtype": str(self.amp_dtype).removeprefix("torch."),
@@ -461,7 +467,7 @@ class Trainer:
             self.out, self.step, self.step * tokens_per_step, loss_val,
             last_eval.get("val_loss") if last_eval else None, last_eval.get("val_bpb") if last_eval else None,
             ckpt.best_checkpoint(self.out) if self.dist.main else None, rate, rate * flops_tok / peak,
-            self.elapsed, stopped,
+            self.elapsed, stopped, found.source,
         )  # fmt: skip
 
 
