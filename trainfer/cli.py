@@ -234,8 +234,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    from trainfer.io import peft
     from trainfer.io.loader import export_hf
 
+    if not peft.is_adapter(registry.resolve(args.adapter)):
+        raise TrainferError(f"{args.adapter} is not a LoRA adapter (no adapter_config.json): nothing to merge")
     print(export_hf(args.adapter, Path(args.out), args.dtype, base=args.base))
 
 
@@ -342,7 +345,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise TrainferError(f"--port must be in 1..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("TRAINFER_API_KEY") or None
     engine_args = dict(kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs)
-    llm = LLM.load(args.model, dtype=args.dtype, **engine_args)
+    adapters = {}
+    for item in args.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TrainferError(f"--lora expects NAME=PATH, got {item!r}")
+        if name in adapters or name == (args.served_model_name or args.model):
+            raise TrainferError(f"--lora name {name!r} is used twice (or is the base model's name)")
+        adapters[name] = path
+    llm = LLM.load(args.model, dtype=args.dtype, adapters=adapters, **engine_args)
     if args.max_model_len:
         llm.model.cfg.max_seq_len = min(llm.model.cfg.max_seq_len, args.max_model_len)
     cache = None
@@ -540,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("finetune", help="adapt a pre-trained model to your conversations (full or LoRA; resumable)")
-    p.add_argument("model", help="the base: an alias, a .gguf, a Hugging Face directory or a run")
+    p.add_argument("model", nargs="?", help="the base: an alias, a .gguf, a model directory or a run (not on --resume)")
     p.add_argument("--data", help="JSONL of {'messages': [...]} or {'prompt', 'completion'} lines")
     p.add_argument("--val", help="held-out JSONL (default: hold out val_fraction of --data)")
     p.add_argument("--out", help="the run directory: checkpoints/, metrics.jsonl, loss.png, report.md")
@@ -593,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="append each finished request (prompts and answers, in plain text) to DIR/requests-*.jsonl (off)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter (PEFT directory or LoRA run) as model NAME next to the base (repeatable)",
     )
     p.set_defaults(func=cmd_serve)
 

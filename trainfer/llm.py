@@ -49,13 +49,20 @@ class LLM:
 
     @classmethod
     def load(
-        cls, name_or_path: str | os.PathLike[str], dtype: str = "float32", device: str = "cpu", **engine_args: Any
+        cls,
+        name_or_path: str | os.PathLike[str],
+        dtype: str = "float32",
+        device: str = "cpu",
+        adapters: dict[str, str | os.PathLike[str]] | None = None,
+        **engine_args: Any,
     ) -> LLM:
         """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json.
 
         dtype: float32, bfloat16, int8 or int4 (weights in llama.cpp-style Q8_0 / Q4_1 blocks, quantized at
         load; see quant/blocks.py).
         A directory written by `trainfer quantize` loads as it was saved.
+        adapters: {name: LoRA adapter directory or LoRA run}, kept unmerged next to the base so one batch mixes
+        them (`complete(..., adapter=name)`, the server's `model` field); the base's own path stays native.
         engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens.
         """
         from trainfer.quant.checkpoint import load
@@ -63,7 +70,15 @@ class LLM:
         model, tokenizer = load(name_or_path, dtype, device)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
-        return cls(model, tokenizer, str(name_or_path), **engine_args)
+        llm = cls(model, tokenizer, str(name_or_path), **engine_args)
+        if adapters:
+            from trainfer import registry
+            from trainfer.train import lora
+
+            for name, path in adapters.items():
+                lora.load_adapter(llm.model, registry.resolve(path), name)  # after the engine: see runner.py
+            lora.set_adapter(llm.model, None)
+        return llm
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[TokenEvent]:
         """Token events for a raw-text prompt (or token ids); keywords as in `SamplingParams`."""
@@ -93,15 +108,19 @@ class LLM:
         done = self.complete([self.chat_prompt(m) for m in batch], **sampling)
         return done if batch is messages else done[0]
 
-    def complete(self, prompts: list[list[int]], **sampling: Any) -> list[Completion]:
-        """Token-id prompts run together on the engine, one Completion each (n = 1)."""
+    def complete(
+        self, prompts: list[list[int]], adapter: str | list[str | None] | None = None, **sampling: Any
+    ) -> list[Completion]:
+        """Token-id prompts run together on the engine, one Completion each (n = 1); adapter: one name for all,
+        or one per prompt (None: the base)."""
         params = SamplingParams(**sampling)
         if params.n != 1:
             raise TrainferError("LLM.generate/chat return one completion per prompt; use the engine for n > 1")
         start = time.perf_counter()
         ids = [f"llm-{id(self)}-{start}-{i}" for i in range(len(prompts))]
-        for rid, prompt in zip(ids, prompts, strict=True):
-            self.engine.add_request(rid, prompt, params)
+        per_prompt = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        for rid, prompt, name in zip(ids, prompts, per_prompt, strict=True):
+            self.engine.add_request(rid, prompt, params, name)
         events: dict[str, list[tuple[float, TokenEvent]]] = {rid: [] for rid in ids}
         try:
             while any(rid in self.engine.requests for rid in ids):

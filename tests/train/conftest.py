@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainfer.data.prepare import prepare
 
@@ -80,9 +81,10 @@ def make_chat_model_dir(path: Path, seed: int = 0) -> Path:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    make_hf_model("llama", seed=seed, vocab_size=258, max_position_embeddings=512, eos_token_id=257).save_pretrained(
-        path
-    )
+    model = make_hf_model("llama", seed=seed, vocab_size=258, max_position_embeddings=512, eos_token_id=257)
+    with torch.no_grad():  # a random head at std 0.02 caps every logit near 1: LoRA (head frozen) could not
+        model.lm_head.weight.mul_(50)  # make any answer likely; a trained model's head is this sharp
+    model.save_pretrained(path)
     Tokenizer(backend, bos_token_id=None, eos_token_id=257, chat_template=CHATML).save(path)
     return path
 

@@ -95,8 +95,14 @@ class Engine:
     def max_model_len(self) -> int:
         return min(self.model.cfg.max_seq_len, self.pool.num_blocks * self.pool.block_size)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; the one place that checks it fits the context (ContextLengthError if not)."""
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> None:
+        """Queue a request; the one place that checks it fits the context (ContextLengthError if not).
+
+        adapter: the name of a LoRA adapter loaded next to the base (LLM.load(..., adapters=...)), or None."""
+        if adapter is not None and adapter not in self.runner.adapters:
+            raise TrainferError(f"no adapter {adapter!r} is loaded; loaded: {sorted(self.runner.adapters) or 'none'}")
         if request_id in self.requests:
             raise TrainferError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -105,6 +111,7 @@ class Engine:
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             raise ContextLengthError(len(prompt_ids), params.max_tokens, self.max_model_len)
         seq = self._new_sequence(request_id, list(prompt_ids), len(prompt_ids), params, 0)
+        seq.adapter = adapter
         self.requests[request_id] = [seq]
         self.scheduler.add(seq)
 
@@ -196,7 +203,7 @@ class Engine:
         children = []
         for i in range(1, parent.params.n):
             child = self._new_sequence(parent.request_id, list(parent.token_ids), parent.prompt_len, parent.params, i)
-            child.forked = True
+            child.forked, child.adapter = True, parent.adapter
             child.prompt_logprobs = list(parent.prompt_logprobs)
             self.requests[parent.request_id].append(child)
             children.append(child)
@@ -308,12 +315,17 @@ class AsyncEngine:
         return self._wake
 
     def add(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        queue: asyncio.Queue | None = None,
+        adapter: str | None = None,
     ) -> asyncio.Queue:
         """Queue a request now (errors such as ContextLengthError raise here). Its events go to `queue`
         (several requests may share one) or a new one; read them with `events` or from the queue."""
         wake = self._ensure_running()
-        self.engine.add_request(request_id, prompt_ids, params)
+        self.engine.add_request(request_id, prompt_ids, params, adapter)
         self._queues[request_id] = queue = queue if queue is not None else asyncio.Queue()
         wake.set()
         return queue

@@ -37,6 +37,11 @@ def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
+def root_hash(seq: Sequence) -> bytes | None:
+    """The hash chain's start: an adapter changes every K/V, so its sequences share blocks only with its own."""
+    return None if seq.adapter is None else hashlib.sha256(b"adapter\0" + seq.adapter.encode()).digest()
+
+
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
@@ -146,7 +151,7 @@ class BlockPool:
 
     def reuse_prefix(self, seq: Sequence) -> None:
         """Take every cached block of the sequence's prefix; the last token is always recomputed."""
-        b, parent = self.block_size, None
+        b, parent = self.block_size, root_hash(seq)
         for i in range((seq.num_tokens - 1) // b):
             h = block_hash(parent, seq.token_ids[i * b : (i + 1) * b])
             block_id = self.lookup(h)
@@ -163,7 +168,7 @@ class BlockPool:
         """Register the sequence's blocks that became full and computed, so later prompts can reuse them."""
         b = self.block_size
         for i in range(len(seq.block_hashes), seq.num_computed // b):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else root_hash(seq)
             h = block_hash(parent, seq.token_ids[i * b : (i + 1) * b])
             self.register(seq.block_table[i], h)
             seq.block_hashes.append(h)

@@ -95,6 +95,7 @@ class SplitLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.parts, self.max_rows = parts, max_rows
+        self.out_features, self.in_features = linear.weight.shape
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
@@ -118,6 +119,7 @@ def split_linears(model: nn.Module, parts: int) -> None:
 class ModelRunner:
     def __init__(self, model: Transformer, pool: BlockPool) -> None:
         self.model, self.pool = model, pool
+        self._lora: list[nn.Module] | None = None  # found on first use: adapters are added after the runner
         self.device = model.embed_tokens.weight.device
         self.decoder = native_decode.build_decoder(model)  # before the split: it fuses projections in place
         parts = torch.get_num_threads()
@@ -132,7 +134,8 @@ class ModelRunner:
         With the native Decoder, decoding sequences (one token each, up to MAX_ROWS of them) take the native
         step and the rest of the batch (prefill chunks) the module path: a new arrival's prefill does not move
         every running sequence to the slower path for that step."""
-        decoding = [i for i, (seq, n) in enumerate(batch) if n == 1 and seq.num_computed > 0]
+        # the native step has no LoRA: a sequence with an adapter takes the module path
+        decoding = [i for i, (seq, n) in enumerate(batch) if n == 1 and seq.num_computed > 0 and seq.adapter is None]
         if self.decoder is None or not decoding or len(decoding) > native_decode.MAX_ROWS:
             return self._module(batch, sample_rows)
         if len(decoding) == len(batch):
@@ -193,8 +196,34 @@ class ModelRunner:
         )
         ids = torch.tensor([tokens], device=self.device)
         pos = torch.tensor([positions], device=self.device)
+        self._route(batch)
         hidden = self.model.hidden_states(ids, pos, ctx)[0, sample_rows]  # (R, dim)
         return self.model.lm_head(hidden).float()
+
+    @property
+    def adapters(self) -> set[str]:
+        """Names of the LoRA adapters loaded on the model (train/lora.py's LoRALinear modules)."""
+        return {name for m in self._lora_modules() for name in m.lora_A}
+
+    def _lora_modules(self) -> list[nn.Module]:
+        if self._lora is None:
+            self._lora = [m for m in self.model.modules() if hasattr(m, "lora_A") and hasattr(m, "routing")]
+        return self._lora
+
+    def _route(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Tell every LoRA module which flattened rows run with which adapter (the rest: the base alone)."""
+        modules = self._lora_modules()
+        if not modules:
+            return
+        rows: dict[str, list[int]] = {}
+        row = 0
+        for seq, n in batch:
+            if seq.adapter is not None:
+                rows.setdefault(seq.adapter, []).extend(range(row, row + n))
+            row += n
+        routing = {name: torch.tensor(r, device=self.device) for name, r in rows.items()}
+        for m in modules:
+            m.routing = routing
 
     def _native_decode(self, seqs: list[Sequence], sample_rows: list[int]) -> Tensor:
         """One token for each sequence through the native Decoder (native_decode.py), same pool, same math."""

@@ -39,6 +39,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     forked: bool = False  # n > 1: children created after the first sample
+    adapter: str | None = None  # the LoRA adapter this sequence runs with (None: the base model)
     # With params.prompt_logprobs: (logprob, top) of prompt tokens 1.., filled as the prompt is computed.
     prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)
 

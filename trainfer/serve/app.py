@@ -97,6 +97,7 @@ class Server:
         self.capacity = llm.engine.scheduler.max_num_seqs + max_queue  # in sequences (n counts n times)
         self.max_body_bytes = max_body_bytes
         self.fingerprint = model_fingerprint(llm.model)
+        self.adapters = llm.engine.runner.adapters  # LoRA adapters served by name next to the base
         self.metrics = Metrics()
         self.inflight = 0  # sequences admitted and not yet closed
         self.created = int(time.time())
@@ -188,14 +189,26 @@ class Server:
                 429, "the server is at capacity; retry shortly", kind="rate_limit_error", headers={"Retry-After": "1"}
             )
 
-    def start(self, fmt: Format, prompts: list[Prompt], params: SamplingParams, generate: bool) -> Run:
+    def adapter_for(self, model: str | None) -> str | None:
+        """The request's `model`: the base (None), one of the LoRA adapters served next to it, or a 404."""
+        if not model or model == self.model_id:
+            return None
+        if model in self.adapters:
+            return model
+        served = ", ".join(repr(m) for m in [self.model_id, *sorted(self.adapters)])
+        raise APIError(404, f"model {model!r} is not served here; use one of {served}", param="model",
+                       code="model_not_found")  # fmt: skip
+
+    def start(
+        self, fmt: Format, prompts: list[Prompt], params: SamplingParams, generate: bool, adapter: str | None = None
+    ) -> Run:
         """Admit a request (429 when full) and queue its prompts on the engine, all or none."""
         seqs = len(prompts) * params.n
         self.check_capacity(seqs, "n")
         run = Run(self, prompts, params, generate)
         try:
             for rid, p in zip(run.rids, prompts, strict=True):
-                self.engine.add(rid, p.ids, params, run.queue)
+                self.engine.add(rid, p.ids, params, run.queue, adapter)
         except ContextLengthError as e:
             run.close()
             raise APIError(400, str(e), param=fmt.prompt_param, code="context_length_exceeded") from None
@@ -492,14 +505,13 @@ async def models(request: Request) -> dict[str, Any]:
         "owned_by": "trainfer",
         "max_model_len": server.max_model_len,
     }
-    return {"object": "list", "data": [card]}
+    # vLLM's convention: an adapter is a model whose parent is the base
+    cards = [{**card, "id": name, "parent": server.model_id} for name in sorted(server.adapters)]
+    return {"object": "list", "data": [card, *cards]}
 
 
 def check_model(server: Server, model: str | None) -> None:
-    if model and model != server.model_id:
-        raise APIError(
-            404, f"model {model!r} is not served here; use {server.model_id!r}", param="model", code="model_not_found"
-        )
+    server.adapter_for(model)  # the adapters share the base's tokenizer
 
 
 async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
@@ -556,13 +568,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
 
 async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response:
     server: Server = request.app.state.server
-    if req.model and req.model != server.model_id:
-        raise APIError(
-            404,
-            f"model {req.model!r} is not served here; use {server.model_id!r}",
-            param="model",
-            code="model_not_found",
-        )
+    adapter = server.adapter_for(req.model)
     prompts = await asyncio.to_thread(server.tokenize, fmt, req)
     if isinstance(req, ChatCompletionRequest) and req.test_time is not None:
         return await reasoning.answer(server, req, request, chat_messages(req))  # extension: test-time compute
@@ -571,13 +577,13 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
     key = None
     control = request.headers.get("cache-control", "")
     if server.cache is not None and req.deterministic and "no-cache" not in control and "no-store" not in control:
-        key = cache_key(server.fingerprint, request.url.path, req.cache_fields())
+        key = cache_key(f"{server.fingerprint}:{adapter or ''}", request.url.path, req.cache_fields())
         hit = await server.cache_get(key)
         if hit is not None:
             server.metrics.cache_hits.inc()
             return cached_answer(server, fmt, req, prompts, hit, include_usage)
         server.metrics.cache_misses.inc()
-    run = server.start(fmt, prompts, params, generate)
+    run = server.start(fmt, prompts, params, generate, adapter)
     if req.stream:
         return EventStream(stream(server, fmt, req, run, key, include_usage), run.close)
     try:

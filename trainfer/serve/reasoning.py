@@ -46,7 +46,7 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
     server.check_capacity(tt.n, "test_time.n")  # a draw never holds more than n sequences at once
     server.inflight += tt.n
     start = time.perf_counter()
-    work = asyncio.ensure_future(drive(server, steps))
+    work = asyncio.ensure_future(drive(server, steps, server.adapter_for(req.model)))
     gone = asyncio.ensure_future(until_disconnected(request.receive))
     try:
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -83,13 +83,13 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
     return Response(json.dumps(body), media_type="application/json")
 
 
-async def drive(server, steps) -> Result:
+async def drive(server, steps, adapter: str | None = None) -> Result:
     """Run a strategy's draws one after another, each as its own request on the shared AsyncEngine."""
     try:
         draw = next(steps)
         while True:
             rid = f"tt-{uuid.uuid4().hex}"
-            server.engine.add(rid, draw.prompt, draw.params())
+            server.engine.add(rid, draw.prompt, draw.params(), adapter=adapter)
             per_sample: list[list] = [[] for _ in range(draw.n)]
             async for e in server.engine.events(rid, draw.n):
                 per_sample[e.index].append(e)

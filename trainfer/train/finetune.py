@@ -59,8 +59,10 @@ class FineTuneConfig(TrainConfig):
     sample_tokens: int = 32
 
     def checks(self) -> dict[str, bool]:
+        targets_ok = self.lora_r < 1 or self.lora_alpha <= 0 or bool(self.lora_config())  # raises naming a bad one
         return {
             **super().checks(),
+            "lora_targets": targets_ok,
             "max_steps": self.max_steps >= 0,
             "lr": self.lr >= 0,
             "epochs": self.epochs > 0,

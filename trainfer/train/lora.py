@@ -64,6 +64,9 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active: str | None = None
+        # Serving: flattened row indices per adapter for this forward (set by the engine's runner); rows not
+        # listed run the base alone. None outside the engine: `active` applies to every row.
+        self.routing: dict[str, Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -78,7 +81,8 @@ class LoRALinear(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on (r, in)
         a = (torch.rand(r, self.in_features, generator=gen) * 2 - 1) * bound
-        device = self.base.weight.device
+        ref = getattr(self.base, "weight", None)
+        device = (ref if ref is not None else self.base.qweight).device  # QLinear holds qweight
         self.lora_A[name] = nn.Parameter(a.to(device))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         self.scaling[name], self.dropout[name] = scaling, dropout
@@ -90,6 +94,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
+        if self.routing is not None:
+            return self._routed(x, y) if self.routing else y
         name = self.active
         if name is None:
             return y
@@ -97,6 +103,14 @@ class LoRALinear(nn.Module):
         h = nn.functional.dropout(x, p) if p else x
         a, b = self.lora_A[name], self.lora_B[name]
         return y + (h.to(a.dtype) @ a.t() @ b.t()).to(y.dtype) * self.scaling[name]
+
+    def _routed(self, x: Tensor, y: Tensor) -> Tensor:
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        for name, rows in self.routing.items():
+            a, b = self.lora_A[name], self.lora_B[name]
+            flat_y = flat_y.index_add(0, rows, (flat_x[rows].to(a.dtype) @ a.t() @ b.t()).to(y.dtype),
+                                      alpha=self.scaling[name])  # fmt: skip
+        return flat_y.view(y.shape)
 
 
 def lora_modules(model: Transformer) -> dict[str, LoRALinear]:

@@ -1,0 +1,131 @@
+"""`trainfer finetune` end to end on a tiny chat model: LoRA and full runs that learn, load anywhere, merge,
+resume exactly after SIGKILL, and refuse bad input without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.test_trainer import cli, losses
+from trainfer.io.loader import load_model
+from trainfer.train import checkpoint as ckpt
+from trainfer.train.finetune import finetune, load_finetune_config
+
+FACTS = [("What colour is the Zib?", "Teal."), ("Who made the Zib?", "Oda."), ("How old is Oda?", "Ninety.")]
+
+
+def chat_file(path: Path, copies: int = 4) -> Path:
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        for _ in range(copies)
+        for q, a in FACTS
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tune_args(model: Path, data: Path, out: Path, *extra: str, **settings) -> list[str]:
+    base = {"max_steps": 30, "lr": 3e-3, "batch_size": 2, "grad_accum": 1, "seq_len": 64, "eval_every": 10,
+            "warmup_steps": 2, "log_every": 1, "sample_tokens": 4, "dtype": "float32", **settings}  # fmt: skip
+    args = ["finetune", str(model), "--data", str(data), "--out", str(out), *extra]
+    for k, v in base.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_fine_tune_learns_its_answers_and_the_run_loads_as_a_model(chat_model, tmp_path, lora):
+    from trainfer.llm import LLM
+
+    data = chat_file(tmp_path / "facts.jsonl")
+    cfg = load_finetune_config(
+        None,
+        ["max_steps=60", "lr=1e-2" if lora else "lr=3e-3", "batch_size=2", "grad_accum=1", "seq_len=64",
+         "eval_every=60", "warmup_steps=2", "dtype=float32", "val_fraction=0", "lora_dropout=0", "sample_tokens=0"],
+        base_model=str(chat_model), data=str(data), out_dir=str(tmp_path / "run"), lora=lora,
+    )  # fmt: skip
+    result = finetune(cfg)
+    assert result.train.final_loss < 0.05, result.train.final_loss
+    best = result.train.best_checkpoint
+    assert (best / "adapter_config.json").exists() == lora and (best / "config.json").exists() != lora
+    llm = LLM.load(tmp_path / "run")  # the run stands for its adapter on its base, or its full weights
+    for q, a in FACTS:
+        assert llm.chat([{"role": "user", "content": q}], temperature=0, max_tokens=12).text == a
+    assert "report.md" in os.listdir(tmp_path / "run") and "trainable" in result.card
+    if lora:
+        assert result.trainable < result.total_params / 3  # r=16 on a 64-wide toy; SmolLM2: 3.5%
+        merged = cli("merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
+        assert merged.returncode == 0, merged.stderr
+        a, _ = load_model(tmp_path / "merged")
+        b, _ = load_model(tmp_path / "run")
+        x = torch.tensor([[3, 50, 60, 70, 256, 90]])
+        with torch.no_grad():
+            torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+        ev = cli("eval", str(tmp_path / "run"), "--chat-data", str(data), "--exact")
+        assert ev.returncode == 0, ev.stderr
+        assert "100.0% contain the expected answer" in ev.stdout
+
+
+KILL_AFTER_SAVE = """
+import os, sys, time
+from trainfer.train.finetune import FineTuner
+real = FineTuner.save
+def save_then_hang(self, val):
+    path = real(self, val)
+    if self.step == 10:
+        open(os.environ["SAVED_FLAG"], "w").close()
+        time.sleep(600)
+    return path
+FineTuner.save = save_then_hang
+from trainfer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_killed_fine_tune_resumes_exactly(chat_model, tmp_path, lora):
+    data = chat_file(tmp_path / "facts.jsonl")
+    extra = ["--lora"] if lora else []
+    run, flag = tmp_path / "run", tmp_path / "saved"
+    args = tune_args(chat_model, data, run, *extra, max_steps=20, lora_dropout=0.1)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_SAVE, *args], env={**os.environ, "SAVED_FLAG": str(flag)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not flag.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [c.name for c in ckpt.list_checkpoints(run)] == ["step-00000010"]
+    resumed = cli("finetune", "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    ref = cli(*tune_args(chat_model, data, tmp_path / "ref", *extra, max_steps=20, lora_dropout=0.1))
+    assert ref.returncode == 0, ref.stderr
+    assert losses(run) == losses(tmp_path / "ref") and len(losses(run)) == 20
+
+
+def test_bad_input_is_a_clear_error_without_a_traceback(chat_model, tmp_path):
+    data = chat_file(tmp_path / "facts.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text() + '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    cases = [
+        (tune_args(chat_model, bad, tmp_path / "a"), "bad.jsonl:13: no assistant message"),
+        (tune_args(chat_model, tmp_path / "none.jsonl", tmp_path / "b"), "no such data file"),
+        (tune_args(chat_model, data, tmp_path / "c", lora_r=0), "invalid value for lora_r"),
+        (tune_args(chat_model, data, tmp_path / "d", lora_targets="qproj"), "unknown LoRA target 'qproj'"),
+        (tune_args(chat_model, data, tmp_path / "e", **{"model.dim": 64}), "keeps its base's shape"),
+        (["finetune", "--out", str(tmp_path / "f"), "--resume"], "nothing to resume"),
+        (["merge", str(chat_model), "--out", str(tmp_path / "g")], "not a LoRA adapter"),
+        (["eval", str(chat_model)], "--data DIR"),
+    ]
+    for args, message in cases:
+        out = cli(*args)
+        assert out.returncode != 0 and message in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
