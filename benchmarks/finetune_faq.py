@@ -106,6 +106,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--full-lr", type=float, default=5e-5)
+    ap.add_argument("--skip-lora", action="store_true")
+    ap.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="extra LoRA settings")
+    ap.add_argument("--full-set", action="append", default=[], metavar="KEY=VALUE", help="extra full settings")
     args = ap.parse_args()
     from trainfer.train.evaluate import evaluate_chat
 
@@ -116,16 +119,18 @@ def main() -> int:
     base_eval = evaluate_chat(BASE, held, exact=True)
     results["base"] = {"fact_rate": base_eval.fact_rate, "loss": base_eval.loss, "general_ppl": general_ppl(BASE)}
     print("base:", results["base"], flush=True)
-    runs = [("lora", True, args.lora_lr)] + ([] if args.skip_full else [("full", False, args.full_lr)])
-    for name, lora, lr in runs:
+    runs = [] if args.skip_lora else [("lora", True, args.lora_lr, args.lora_set)]
+    runs += [] if args.skip_full else [("full", False, args.full_lr, args.full_set)]
+    for name, lora, lr, extra in runs:
         run_dir = args.out / name
-        r = tune(train, held, run_dir, lora, [*common, f"lr={lr}"])
+        r = tune(train, held, run_dir, lora, [*common, f"lr={lr}", *extra])
+        r["settings"] = [*common, f"lr={lr}", *extra]
         ev = evaluate_chat(str(run_dir), held, exact=True)
         r.update(fact_rate=ev.fact_rate, loss=ev.loss, general_ppl=general_ppl(str(run_dir)), samples=ev.samples)
         r["general_ppl_change"] = r["general_ppl"] / results["base"]["general_ppl"] - 1
         results[name] = r
         print(f"{name}:", {k: v for k, v in r.items() if k != "samples"}, flush=True)
-    if not args.skip_peer:
+    if not args.skip_peer and not args.skip_lora:
         from trainfer.train.lora import ATTENTION, MLP
 
         lora_cfg = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": list(ATTENTION + MLP)}
