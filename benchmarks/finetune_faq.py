@@ -72,30 +72,80 @@ def tune(train: Path, held: Path, out: Path, lora: bool, settings: list[str]) ->
     }
 
 
-def peer_lora_tokens_per_s(train: Path, steps: int, batch: int, seq_len: int, lora_cfg: dict) -> float:
-    """peft + transformers: the same LoRA (targets, rank) on the HF export, bf16 autocast, same row shape."""
+def tune_in_child(train: Path, held: Path, out: Path, lora: bool, settings: list[str]) -> dict:
+    """tune() in a fresh process, so its peak resident memory is its own (ru_maxrss of the child)."""
+    import resource
+    import subprocess
+
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from finetune_faq import tune; from pathlib import Path; "
+        "print('RESULT ' + json.dumps(tune(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), "
+        "sys.argv[5] == 'lora', sys.argv[6:])))"
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run = subprocess.run([sys.executable, "-c", code, str(HERE), str(train), str(held), str(out),
+                          "lora" if lora else "full", *settings], capture_output=True, text=True)  # fmt: skip
+    if run.returncode != 0:
+        raise SystemExit(run.stderr[-3000:])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    result["peak_rss_gb"] = peak / 2**20 if peak > before else None  # KiB on Linux; None: not above an earlier child
+    return result
+
+
+def step_speeds(train: Path, out: Path, rounds: int = 3, steps: int = 3) -> dict:
+    """Same rows, same LoRA (r 16, alpha 32, all projections), bf16 autocast, alternating rounds: trainfer's
+    training step vs peft + transformers' on the HF export (positions per second, median over steps)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from trainfer.io.loader import export_hf
+    from trainfer.train.finetune import FineTuner, load_finetune_config
+    from trainfer.train.lora import ATTENTION, MLP
 
-    hf_dir = Path(train).parent / "hf-base"
+    cfg = load_finetune_config(None, ["batch_size=2", "grad_accum=1", "lora_dropout=0.05"], base_model=BASE,
+                               data=str(train), out_dir=str(out / "speed"), lora=True)  # fmt: skip
+    ours = FineTuner(cfg)
+    batch = ours.micro_batches(0)
+    hf_dir = out / "hf-base"
     if not (hf_dir / "config.json").exists():
         export_hf(BASE, hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(**lora_cfg, task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randint(0, model.config.vocab_size, (batch, seq_len))
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
+    peer = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    lora_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(ATTENTION + MLP),
+                          task_type="CAUSAL_LM")  # fmt: skip
+    peer = get_peft_model(peer, lora_cfg).train()
+    peer_opt = torch.optim.AdamW([p for p in peer.parameters() if p.requires_grad], lr=1e-4)
+    x = batch[0]["inputs"]
+    labels = torch.where(batch[0]["loss"], batch[0]["targets"], -100)
+    positions = x.numel()
+
+    def our_step() -> None:
+        with ours.autocast():
+            loss = ours.micro_loss(batch[0], batch)
         loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t)
-    return batch * seq_len / sorted(times[1:])[len(times[1:]) // 2]
+        ours.optimizer.step()
+        ours.optimizer.zero_grad()
+
+    def peer_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = peer(input_ids=x).logits  # labels are already the next tokens: no shift
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        peer_opt.step()
+        peer_opt.zero_grad()
+
+    times: dict[str, list[float]] = {"trainfer": [], "peft": []}
+    for fn in (our_step, peer_step):  # warm-up: kernels, allocator
+        fn()
+    for _ in range(rounds):
+        for name, fn in (("trainfer", our_step), ("peft", peer_step)):
+            for _ in range(steps):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    rate = {k: positions / sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"trainfer_positions_per_s": rate["trainfer"], "peft_positions_per_s": rate["peft"],
+            "ratio": rate["trainfer"] / rate["peft"], "positions_per_step": positions}  # fmt: skip
 
 
 def main() -> int:
@@ -107,6 +157,7 @@ def main() -> int:
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--skip-lora", action="store_true")
+    ap.add_argument("--only-peer", action="store_true", help="just the LoRA step speed next to peft")
     ap.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="extra LoRA settings")
     ap.add_argument("--full-set", action="append", default=[], metavar="KEY=VALUE", help="extra full settings")
     args = ap.parse_args()
@@ -114,6 +165,9 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     train, held = write_sets(args.out)
+    if args.only_peer:
+        print(json.dumps(step_speeds(train, args.out), indent=2))
+        return 0
     common = [f"epochs={args.epochs}", "batch_size=2", "grad_accum=1", "eval_every=1000", "ckpt_every=1000"]
     results: dict = {"machine_flags": _flags(), "date": time.strftime("%Y-%m-%d")}
     base_eval = evaluate_chat(BASE, held, exact=True)
@@ -123,21 +177,16 @@ def main() -> int:
     runs += [] if args.skip_full else [("full", False, args.full_lr, args.full_set)]
     for name, lora, lr, extra in runs:
         run_dir = args.out / name
-        r = tune(train, held, run_dir, lora, [*common, f"lr={lr}", *extra])
+        r = tune_in_child(train, held, run_dir, lora, [*common, f"lr={lr}", *extra])
         r["settings"] = [*common, f"lr={lr}", *extra]
         ev = evaluate_chat(str(run_dir), held, exact=True)
         r.update(fact_rate=ev.fact_rate, loss=ev.loss, general_ppl=general_ppl(str(run_dir)), samples=ev.samples)
         r["general_ppl_change"] = r["general_ppl"] / results["base"]["general_ppl"] - 1
         results[name] = r
         print(f"{name}:", {k: v for k, v in r.items() if k != "samples"}, flush=True)
-    if not args.skip_peer and not args.skip_lora:
-        from trainfer.train.lora import ATTENTION, MLP
-
-        lora_cfg = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": list(ATTENTION + MLP)}
-        peer = peer_lora_tokens_per_s(train, 4, 2, 512, lora_cfg)
-        results["peer_peft_tokens_per_s"] = peer
-        results["lora_vs_peft"] = results["lora"]["tokens_per_s"] / peer
-        print(f"peft+transformers LoRA: {peer:,.0f} tokens/s; trainfer LoRA {results['lora_vs_peft']:.2f}x")
+    if not args.skip_peer:
+        results["speed"] = step_speeds(train, args.out)
+        print("LoRA step, same rows:", results["speed"], flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items()}, indent=2, default=str))
     return 0

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,21 @@ def test_bad_input_is_a_clear_error_without_a_traceback(chat_model, tmp_path):
         out = cli(*args)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_replaying_the_base_s_own_samples_is_seeded_and_kept_for_resume(chat_model, tmp_path):
+    from trainfer.train.finetune import FineTuner
+
+    data = chat_file(tmp_path / "facts.jsonl")
+    settings = ["max_steps=4", "batch_size=2", "grad_accum=1", "seq_len=64", "val_fraction=0", "dtype=float32",
+                "general_data=self", "general_share=0.5", "sample_tokens=0"]  # fmt: skip
+    a = FineTuner(load_finetune_config(None, settings, base_model=str(chat_model), data=str(data),
+                                       out_dir=str(tmp_path / "a"), lora=True))  # fmt: skip
+    b = FineTuner(load_finetune_config(None, settings, base_model=str(chat_model), data=str(data),
+                                       out_dir=str(tmp_path / "b"), lora=True))  # fmt: skip
+    assert np.array_equal(a.general, b.general) and len(a.general) >= 4 * 64
+    assert (tmp_path / "a" / "replay-tokens.npy").exists()
+    assert a.general_rows == len(a.train_rows)  # share 0.5: as many replay rows as conversation rows
+    rows = [a.row(g) for g in range(a.epoch_rows)]
+    replay = [r for r in rows if r["loss"].all()]
+    assert len(replay) == a.general_rows and all(r["positions"][-1] == 63 for r in replay)

@@ -12,6 +12,7 @@ of (seed, cursor), so a resumed fine-tune continues bit for bit. Design: docs/fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,10 @@ class FineTuneConfig(TrainConfig):
     lora_dropout: float = 0.05
     lora_targets: str = "all"  # all | attention | mlp | a comma-separated list of q_proj, ..., down_proj
     rslora: bool = False
-    general_data: str = ""  # a `trainfer prepare` directory in the base's tokenizer: general text to replay
-    general_share: float = 0.0  # share of rows that are general text (keeps full fine-tuning from forgetting)
+    # General text replayed as a share of each epoch's rows, so tuning does not erase what the base knew: a
+    # `trainfer prepare` directory in the base's tokenizer, or "self": the base model's own samples
+    general_data: str = ""
+    general_share: float = 0.0
     seq_len: int = 512
     batch_size: int = 4
     grad_accum: int = 2
@@ -105,7 +108,7 @@ class FineTuner(Trainer):
         if cfg.val_data:
             cfg.val_data = str(Path(cfg.val_data).resolve())
         if cfg.general_share and not cfg.general_data:
-            raise TrainferError("general_share needs general_data: a `trainfer prepare` directory of general text")
+            raise TrainferError('general_share needs general_data: a `trainfer prepare` directory, or "self"')
         base_path = resolve(cfg.base_model)
         if cfg.base_model not in ALIASES:  # the adapter names its base; make that work from any directory
             cfg.base_model = str(Path(cfg.base_model).resolve())
@@ -145,6 +148,8 @@ class FineTuner(Trainer):
         from trainfer.data.prepare import read_shard
         from trainfer.io.tokenizer import Tokenizer
 
+        if cfg.general_data == "self":
+            return self._own_samples(tokenizer)
         path = Path(cfg.general_data)
         if not (path / "meta.json").exists():
             raise TrainferError(f"{path} is not a prepared data directory (no meta.json); run trainfer prepare")
@@ -158,10 +163,44 @@ class FineTuner(Trainer):
             raise TrainferError(f"{path} has fewer than {cfg.seq_len + 1} training tokens")
         return data
 
+    def _own_samples(self, tokenizer) -> np.ndarray:
+        """Seeded samples of the base model from a document start, made once and kept in the run directory (a
+        resumed run reads them back): replaying what the base itself writes holds it near where it began."""
+        path = self.out / "replay-tokens.npy"
+        if path.exists():
+            return np.load(path)
+        from trainfer.infer.engine import Engine
+        from trainfer.infer.sampling import SamplingParams
+        from trainfer.io.loader import build_model
+
+        cfg = self.cfg
+        start = tokenizer.backend.token_to_id("<|endoftext|>")
+        start = start if start is not None else tokenizer.bos_token_id or tokenizer.eos_token_id or 0
+        n = max(4, 2 * self.general_rows_for(len(self.train_rows)))
+        model = build_model(self.base_cfg, self.base_state)  # its own modules: the engine fuses them in place
+        engine = Engine(model, tokenizer, max_num_seqs=n, kv_cache_gb=0.5)
+        params = SamplingParams(max_tokens=cfg.seq_len, temperature=1.0, top_p=0.95, seed=cfg.seed, ignore_eos=True)
+        for i in range(n):
+            engine.add_request(str(i), [start], dataclasses.replace(params, seed=cfg.seed + i))
+        out: dict[str, list[int]] = {str(i): [start] for i in range(n)}
+        while engine.requests:
+            for e in engine.step():
+                out[e.request_id].append(e.token_id)
+                if e.finish_reason:
+                    engine.abort(e.request_id)
+        data = np.array([t for i in range(n) for t in out[str(i)]], dtype=np.int64)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            np.save(path, data)
+        return data
+
+    def general_rows_for(self, n_rows: int) -> int:
+        share = self.cfg.general_share
+        return round(n_rows * share / (1 - share))
+
     @property
     def general_rows(self) -> int:
-        share = self.cfg.general_share
-        return round(len(self.train_rows) * share / (1 - share)) if self.general is not None else 0
+        return self.general_rows_for(len(self.train_rows)) if self.general is not None else 0
 
     @property
     def epoch_rows(self) -> int:
