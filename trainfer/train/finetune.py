@@ -336,7 +336,8 @@ def greedy(
 
 def _bytes_per_target(packed: chat_data.Packed, tokenizer) -> float:
     ids = packed.targets[packed.loss].tolist()
-    return max(1, len(tokenizer.decode(ids).encode())) / max(1, len(ids))
+    # text bytes only: an end-of-turn token is markup the model emits, not bytes of the answer
+    return max(1, len(tokenizer.decode(ids, skip_special_tokens=True).encode())) / max(1, len(ids))
 
 
 @dataclass
