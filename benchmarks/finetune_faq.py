@@ -169,7 +169,7 @@ def main() -> int:
         print(json.dumps(step_speeds(train, args.out), indent=2))
         return 0
     common = [f"epochs={args.epochs}", "batch_size=2", "grad_accum=1", "eval_every=1000", "ckpt_every=1000"]
-    results: dict = {"machine_flags": _flags(), "date": time.strftime("%Y-%m-%d")}
+    results: dict = {"machine_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d")}
     base_eval = evaluate_chat(BASE, held, exact=True)
     results["base"] = {"fact_rate": base_eval.fact_rate, "loss": base_eval.loss, "general_ppl": general_ppl(BASE)}
     print("base:", results["base"], flush=True)
@@ -188,11 +188,12 @@ def main() -> int:
         results["speed"] = step_speeds(train, args.out)
         print("LoRA step, same rows:", results["speed"], flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items()}, indent=2, default=str))
+    print(json.dumps(results, indent=2, default=str))
     return 0
 
 
-def _flags() -> str:
+def cpu_flags() -> str:
+    """The /proc/cpuinfo flags a CPU figure depends on (figures are never compared across machines)."""
     flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]
     keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
     return " ".join(f for f in flags.split() if f in keep)

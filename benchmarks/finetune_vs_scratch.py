@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_faq import cpu_flags  # noqa: E402
+
 BASE = "smollm2-135m-instruct"
 CHUNK_TOKENS = 560  # > seq_len + 1 = 513: the packer cuts every chunk to one full row (see write_chunks)
 SEQ_LEN, BATCH = 512, 2
@@ -239,7 +242,7 @@ def main() -> int:
         runs[f"scratch-{preset}"] = r
         print(f"scratch-{preset}: {r['steps']} steps, {r['points'][-1][0] / 1e12:.1f} TFLOP, {r['wall_s']:.0f} s")
 
-    results = {"date": time.strftime("%Y-%m-%d"), "machine_flags": _flags(), "budget_flops": budget, "runs": runs,
+    results = {"date": time.strftime("%Y-%m-%d"), "machine_flags": cpu_flags(), "budget_flops": budget, "runs": runs,
                "wall_s": time.perf_counter() - t_start}  # fmt: skip
     plot(results, args.plot or args.out / "finetune-vs-scratch.png")
 
@@ -270,12 +273,6 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps({**results, "summary": summary}, indent=2))
     print(json.dumps(summary))
     return 0
-
-
-def _flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]
-    keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    return " ".join(f for f in flags.split() if f in keep)
 
 
 if __name__ == "__main__":

@@ -190,17 +190,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _resumed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's own settings, so `--resume --out DIR` is enough; anything given again must agree."""
     from trainfer.train.checkpoint import list_checkpoints, read_state
+
+    found = list_checkpoints(Path(args.out)) if args.resume and args.out else []
+    return read_state(found[-1])["config"] if found else {}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
     from trainfer.train.config import load_config
     from trainfer.train.trainer import train
 
-    base: dict[str, Any] = {}
-    if args.resume and args.out:
-        # The run's own settings, so `--resume --out DIR` is enough; anything given again must agree.
-        found = list_checkpoints(Path(args.out))
-        if found:
-            base = read_state(found[-1])["config"]
+    base = _resumed_settings(args)
     cfg = load_config(
         args.config, args.set, base=base, data=args.data, out_dir=args.out, preset=args.preset, seed=args.seed
     )
@@ -216,14 +218,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from trainfer.train.checkpoint import list_checkpoints, read_state
     from trainfer.train.finetune import finetune, load_finetune_config
 
-    base: dict[str, Any] = {}
-    if args.resume and args.out:
-        found = list_checkpoints(Path(args.out))
-        if found:
-            base = read_state(found[-1])["config"]
+    base = _resumed_settings(args)
     values = {"base_model": args.model, "data": args.data, "val_data": args.val, "out_dir": args.out}
     if args.lora:
         values["lora"] = True
