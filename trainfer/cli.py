@@ -212,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     val = f", val loss {result.val_loss:.4f} ({result.val_bpb:.3f} bits/byte)" if result.val_loss is not None else ""
     print(
         f"{result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s "
-        f"({result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}){val}"
+        f"({result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%} against a {result.peak_source} peak){val}"
         f"{' (stopped early)' if result.stopped_early else ''}\nbest checkpoint: {result.best_checkpoint}"
     )
 
