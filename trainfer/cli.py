@@ -46,6 +46,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add_threads_flag(p)
 
 
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What `train` and `finetune` share: a seed, `--set` overrides and resuming."""
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+
+
 def _add_threads_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help=THREADS_HELP)
 
@@ -537,9 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a directory written by trainfer prepare")
     p.add_argument("--out", help="the run directory: checkpoints/, metrics.jsonl, loss.png (default runs/run)")
     p.add_argument("--preset", help="model size and its run defaults: tiny, small, base (default tiny)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _add_run_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="prepare, train, validate and run a small model in ~5 CPU minutes")
@@ -554,9 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the run directory: checkpoints/, metrics.jsonl, loss.png, report.md")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (PEFT format) on the frozen base")
     p.add_argument("--config", help="a TOML file of settings (see docs/finetune.md)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _add_run_flags(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain Hugging Face model directory")

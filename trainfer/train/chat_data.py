@@ -17,6 +17,7 @@ keeps them from attending to each other, so a packed forward equals each example
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,26 @@ def batch_tensors(packed: Packed, rows: np.ndarray, device: torch.device | str) 
     width = int(used.any(0).nonzero()[0].max()) + 1 if used.any() else 1
     take = {k: getattr(packed, k)[rows, :width] for k in ("inputs", "targets", "loss", "positions", "docs")}
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in take.items()}
+
+
+@torch.no_grad()
+def packed_loss(
+    model: torch.nn.Module,
+    packed: Packed,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    rows: int | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> tuple[float, int]:
+    """Mean loss per target over the first `rows` rows (all by default) and the number of targets scored."""
+    n = len(packed) if rows is None else min(rows, len(packed))
+    total, count = 0.0, 0
+    for lo in range(0, n, batch_size):
+        batch = batch_tensors(packed, np.arange(lo, min(n, lo + batch_size)), device)
+        with autocast or contextlib.nullcontext():
+            s, c = masked_loss_sum(model, batch)
+        total, count = total + s.item(), count + c
+    return total / max(1, count), count
 
 
 def masked_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:

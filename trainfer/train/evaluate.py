@@ -308,12 +308,7 @@ def evaluate_chat(
     examples = [chat_data.render(r, llm.tokenizer, where) for where, r in records]
     pad = llm.tokenizer.eos_token_id if llm.tokenizer.eos_token_id is not None else 0
     packed = chat_data.pack(examples, min(seq_len, llm.model.cfg.max_seq_len), pad, seed=None)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for lo in range(0, len(packed), batch_size):
-            batch = chat_data.batch_tensors(packed, np.arange(lo, min(len(packed), lo + batch_size)), "cpu")
-            s, c = chat_data.masked_loss_sum(llm.model, batch)
-            total, count = total + s.item(), count + c
+    loss, count = chat_data.packed_loss(llm.model, packed, batch_size)
     fact = equal = None
     shown: list[dict[str, str]] = []
     if exact:
@@ -339,4 +334,4 @@ def evaluate_chat(
             {"question": q, "expected": " / ".join(w), "answer": d.text.strip()}
             for q, w, d in list(zip(questions, wants, done, strict=True))[:samples]
         ]
-    return ChatEvalReport(str(model_path), str(data), len(records), count, total / max(1, count), fact, equal, shown)
+    return ChatEvalReport(str(model_path), str(data), len(records), count, loss, fact, equal, shown)

@@ -265,20 +265,14 @@ class FineTuner(Trainer):
 
     # ---- evaluation and checkpoints ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def _rows_loss(self, packed: chat_data.Packed) -> float:
-        n = min(len(packed), self.cfg.eval_batches * self.cfg.batch_size)
-        was = self.raw.training
+        cfg, was = self.cfg, self.raw.training
         self.raw.eval()
-        total, count = 0.0, 0
-        for lo in range(0, n, self.cfg.batch_size):
-            rows = np.arange(lo, min(n, lo + self.cfg.batch_size))
-            batch = chat_data.batch_tensors(packed, rows, self.device)
-            with self.autocast():
-                s, c = chat_data.masked_loss_sum(self.raw, batch)
-            total, count = total + s.item(), count + c
+        loss, _ = chat_data.packed_loss(
+            self.raw, packed, cfg.batch_size, self.device, cfg.eval_batches * cfg.batch_size, self.autocast()
+        )
         self.raw.train(was)
-        return total / max(1, count)
+        return loss
 
     def evaluate(self) -> dict[str, Any]:
         from trainfer.train.evaluate import bits_per_byte
