@@ -344,6 +344,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from trainfer.llm import LLM
     from trainfer.serve.app import Server, create_app
     from trainfer.serve.cache import MemoryCache, RedisCache
+    from trainfer.web import is_run_dir
 
     if not 1 <= args.port <= 65535:
         raise TrainferError(f"--port must be in 1..65535, got {args.port}")
@@ -376,13 +377,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     if args.log_requests:
         print(f"[logging prompts and answers in plain text to {args.log_requests}/]", file=sys.stderr)
+    runs = _run_dirs(args.run) + ([Path(args.model)] if is_run_dir(args.model) else [])
+    print(f"[web page: http://{args.host}:{args.port}/]", file=sys.stderr)
     uvicorn.run(
-        create_app(server),
+        create_app(server, runs),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=args.drain_timeout,
     )
+
+
+def _run_dirs(paths: list[str]) -> list[Path]:
+    """Training run directories for the page; a directory without metrics.jsonl yet is fine (a run starting)."""
+    for p in paths:
+        if not Path(p).is_dir():
+            raise TrainferError(f"{p} is not a directory (expected a training run directory: `trainfer train --out`)")
+    return [Path(p) for p in paths]
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from trainfer.web import create_ui_app
+
+    if not 1 <= args.port <= 65535:
+        raise TrainferError(f"--port must be in 1..65535, got {args.port}")
+    runs = _run_dirs(args.runs)
+    print(f"[training runs on http://{args.host}:{args.port}/#runs]", file=sys.stderr)
+    uvicorn.run(create_ui_app(runs), host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_dataset_from_logs(args: argparse.Namespace) -> None:
@@ -612,7 +635,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="serve a LoRA adapter (PEFT directory or LoRA run) as model NAME next to the base (repeatable)",
     )
+    p.add_argument(
+        "--run", action="append", default=[], metavar="DIR", help="a training run to chart on the page (repeatable)"
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="the web page for training runs: live loss curves, samples, several runs overlaid")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories (their metrics.jsonl)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_ui)
 
     from trainfer.data.from_logs import Filters
 

@@ -27,10 +27,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str, *flags: str, env: dict | None = None) -> None:
+    def __init__(self, model: str, *flags: str, env: dict | None = None, command: str = "serve") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "trainfer.cli", "serve", model, "--port", str(self.port), *flags]
+        cmd = [sys.executable, "-m", "trainfer.cli", command, model, *flags, "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -43,6 +43,11 @@ class ServerProcess:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError("server did not become healthy in 120 s")
+
+    @classmethod
+    def ui(cls, *runs: str) -> ServerProcess:
+        """`trainfer ui RUN...`: the web page for training runs, no model."""
+        return cls(runs[0], *runs[1:], command="ui")
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text

@@ -102,6 +102,7 @@ def test_response_cache_hits_only_deterministic_requests(smollm2_server):
     second = c.chat.completions.with_raw_response.create(temperature=0, **kw)
     one, two = json.loads(first.text), json.loads(second.text)
     assert one["timings"]["response_cache"] == "miss" and two["timings"]["response_cache"] == "hit"
+    assert [r.headers["x-trainfer-response-cache"] for r in (first, second)] == ["miss", "hit"]
     assert one["choices"] == two["choices"]
     assert smollm2_server.metric("trainfer_response_cache_hits_total") == before + 1
     sampled = [json.loads(c.chat.completions.with_raw_response.create(temperature=0.8, **kw).text) for _ in range(2)]
@@ -157,6 +158,10 @@ def test_auth_on(tiny_chat_dir):
         ok = client(server, "s3cret").completions.create(model=str(tiny_chat_dir), prompt="hi", max_tokens=2)
         assert ok.usage.completion_tokens == 2
         assert httpx.get(server.url + "/health", timeout=5).status_code == 200  # probes need no key
+        assert httpx.get(server.url + "/", timeout=5).status_code == 200  # the page loads, then asks for the key
+        assert httpx.get(server.url + "/ui/runs", timeout=5).status_code == 401  # runs hold training samples
+        auth = {"authorization": "Bearer s3cret"}
+        assert httpx.get(server.url + "/ui/runs", headers=auth, timeout=5).json() == {"runs": []}
     finally:
         server.stop()
 

@@ -27,6 +27,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from trainfer import web
 from trainfer.errors import TrainferError
 from trainfer.infer.engine import AsyncEngine, ContextLengthError, TokenEvent
 from trainfer.infer.sampling import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
@@ -49,8 +50,12 @@ log = logging.getLogger("trainfer.serve")
 
 TOKENIZER_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}  # vLLM's, as lm-evaluation-harness probes them
 
-ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/feedback"}
-ROUTES |= TOKENIZER_ROUTES
+ROUTES = {"/health", "/metrics", "/vitals", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/feedback"}
+ROUTES |= TOKENIZER_ROUTES | web.ROUTES
+# With an API key, these need it too: the page, /health, /metrics and /vitals do not (as vLLM's /metrics),
+# but a run's records hold its training samples.
+PROTECTED = TOKENIZER_ROUTES | {"/ui/runs", "/ui/run"}
+CACHE_HEADER = "x-trainfer-response-cache"  # hit, miss or off: a streamed answer has no timings object to say it
 MAX_LOGPROB_ENTRIES = 1 << 20  # per answer: n x (prompt if echoed + completion) x (1 + top logprobs)
 
 
@@ -273,6 +278,8 @@ class Run:
             i = self.index[e.request_id] * self.n + e.index
             now = time.perf_counter()
             self.first = self.first or now
+            if e.token_id >= 0:
+                self.server.metrics.vitals.tokens += 1
             self.times.setdefault(i, []).append(now)
             self.cached_prompt_tokens = max(self.cached_prompt_tokens, e.cached_prompt_tokens)
             if e.prompt_logprobs is not None:
@@ -325,8 +332,10 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, lines: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(headers={"cache-control": "no-cache"})
+    def __init__(
+        self, lines: AsyncIterator[str], on_close: Callable[[], None], headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(headers={"cache-control": "no-cache", **(headers or {})})
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]  # streamed: chunked
         self.lines, self.on_close = lines, on_close
 
@@ -408,7 +417,7 @@ class Gate:
     def refusal(self, scope) -> APIError | None:
         s = self.server
         headers = dict(scope["headers"])
-        if s.api_key and (scope["path"].startswith("/v1/") or scope["path"] in TOKENIZER_ROUTES):
+        if s.api_key and (scope["path"].startswith("/v1/") or scope["path"] in PROTECTED):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {s.api_key}".encode()):
                 return APIError(401, "missing or invalid API key", kind="authentication_error", code="invalid_api_key")
@@ -424,10 +433,17 @@ class Gate:
 # ---- the app -----------------------------------------------------------------------------------------
 
 
-def create_app(server: Server) -> Gate:
+VITALS_INTERVAL_S = 1.0
+
+
+def create_app(server: Server, runs: list[Path] | None = None) -> Gate:
+    """The API, plus the web page at / (chat, vitals, and the loss curves of `runs`, training run directories)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        sampler = asyncio.ensure_future(sample_vitals(server))
         yield
+        sampler.cancel()
         server.engine.shutdown()
         if server.request_log is not None:
             await asyncio.to_thread(server.request_log.close)  # what is queued reaches the disk
@@ -446,7 +462,16 @@ def create_app(server: Server) -> Gate:
     app.post("/detokenize")(detokenize)
     app.get("/tokenizer_info")(tokenizer_info)
     app.post("/v1/feedback")(feedback)
+    app.get("/vitals")(vitals)
+    web.add_routes(app, runs or [], {"model": server.model_id, "auth": bool(server.api_key)})
     return Gate(app, server)
+
+
+async def sample_vitals(server: Server) -> None:
+    """One point of the vitals history a second, whether or not a page is watching (the history is the point)."""
+    while True:
+        server.metrics.vitals.sample(time.perf_counter(), server.engine.stats(), server.metrics.registry)
+        await asyncio.sleep(VITALS_INTERVAL_S)
 
 
 async def api_error(request: Request, exc: APIError) -> Response:
@@ -494,6 +519,24 @@ async def metrics(request: Request) -> Response:
     server: Server = request.app.state.server
     server.metrics.observe_engine(server.engine.stats())
     return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def vitals(request: Request, since: float = 0.0) -> dict[str, Any]:
+    """Extension: a JSON twin of /metrics for the web page: the history's points newer than `since` (a
+    time.time() stamp), rates and percentiles already computed (see serve/metrics.Vitals)."""
+    server: Server = request.app.state.server
+    v = server.metrics.vitals
+    stats = server.engine.stats()
+    return {
+        "model": server.model_id,
+        "interval_s": VITALS_INTERVAL_S,
+        "window_s": v.window_s,
+        "kv_cache_blocks": stats["kv_cache_blocks"],
+        "max_num_seqs": server.llm.engine.scheduler.max_num_seqs,
+        "inflight": server.inflight,
+        "capacity": server.capacity,
+        "history": [p for p in v.samples if p["t"] > since],
+    }
 
 
 async def models(request: Request) -> dict[str, Any]:
@@ -584,8 +627,9 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
             return cached_answer(server, fmt, req, prompts, hit, include_usage)
         server.metrics.cache_misses.inc()
     run = server.start(fmt, prompts, params, generate, adapter)
+    cache_header = {CACHE_HEADER: "miss" if key else "off"}
     if req.stream:
-        return EventStream(stream(server, fmt, req, run, key, include_usage), run.close)
+        return EventStream(stream(server, fmt, req, run, key, include_usage), run.close, cache_header)
     try:
         if not await finished_unless_disconnected(run, request):
             return Response(status_code=499)  # nobody is listening; the finally below frees the engine
@@ -606,7 +650,7 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
     body = await asyncio.to_thread(
         fmt.body, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, timings, rid
     )
-    return Response(body, media_type="application/json")
+    return Response(body, headers=cache_header, media_type="application/json")
 
 
 async def finished_unless_disconnected(run: Run, request: Request) -> bool:
@@ -661,7 +705,7 @@ async def stream(
         }
         server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), timings)
     if include_usage:
-        yield fmt.usage_chunk(rid, model, run.prompts, run.choices)
+        yield fmt.usage_chunk(rid, model, run.prompts, run.choices, run.cached_prompt_tokens)
     yield "data: [DONE]\n\n"
 
 
@@ -687,6 +731,6 @@ def cached_answer(
     server.log_request(fmt, rid, req, choices, usage(prompts, choices), timings)
     if req.stream:
         lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, req.n, include_usage, rid)
-        return EventStream(aiter_of(lines), lambda: None)
+        return EventStream(aiter_of(lines), lambda: None, {CACHE_HEADER: "hit"})
     body = fmt.body(server.tokenizer, server.model_id, prompts, choices, req.n, timings, rid)
-    return Response(body, media_type="application/json")
+    return Response(body, headers={CACHE_HEADER: "hit"}, media_type="application/json")

@@ -66,10 +66,18 @@ class Choice:
         )
 
 
-def usage(prompts: list[Prompt], choices: list[Choice]) -> dict[str, int]:
+def usage(prompts: list[Prompt], choices: list[Choice], cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` (prompt tokens from the prefix cache) when known."""
     prompt_tokens = sum(len(p.ids) for p in prompts)
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 class Format:
@@ -123,8 +131,11 @@ class Format:
     def chunk(self, rid: str, model: str, choice: dict[str, Any]) -> str:
         return sse({**self.envelope(rid, model, chunk=True), "choices": [choice]})
 
-    def usage_chunk(self, rid: str, model: str, prompts: list[Prompt], choices: list[Choice]) -> str:
-        return sse({**self.envelope(rid, model, chunk=True), "choices": [], "usage": usage(prompts, choices)})
+    def usage_chunk(
+        self, rid: str, model: str, prompts: list[Prompt], choices: list[Choice], cached_tokens: int | None = None
+    ) -> str:
+        body = {**self.envelope(rid, model, chunk=True), "choices": [], "usage": usage(prompts, choices, cached_tokens)}
+        return sse(body)
 
 
 class TextFormat(Format):

@@ -57,6 +57,9 @@ class TrainConfig:
     sample_every: int = 0  # 0 = at each evaluation
     sample_tokens: int = 64
     sample_prompt: str = ""  # empty: start a new document
+    # The memorization probe at each evaluation (on a copy of the model, in the inference engine): this many
+    # training and held-out passages, 32-token prefix and continuation. 0 = off (it costs a copy of the weights).
+    probe_passages: int = 0
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 2  # checkpoints kept besides the best-validation one
@@ -99,6 +102,7 @@ class TrainConfig:
             "early_stop_min_delta": self.early_stop_min_delta >= 0,
             "sample_tokens": self.sample_tokens >= 0,
             "sample_every": self.sample_every >= 0,
+            "probe_passages": 0 <= self.probe_passages <= 256,
             "peak_flops": self.peak_flops >= 0,
         }
 

@@ -74,6 +74,8 @@ class FineTuneConfig(TrainConfig):
             "lora_r": self.lora_r >= 1,
             "lora_alpha": self.lora_alpha > 0,
             "lora_dropout": 0 <= self.lora_dropout < 1,
+            # the probe continues passages of token shards; a chat fine-tune's measure is its held-out answers
+            "probe_passages": self.probe_passages == 0,
         }
 
     def lora_config(self) -> lora.LoRAConfig:

@@ -11,6 +11,7 @@ and optimizer state are all it takes to continue exactly. Design: docs/training.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -37,7 +38,15 @@ from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 from trainfer.train import checkpoint as ckpt
 from trainfer.train.config import TrainConfig
-from trainfer.train.evaluate import bits_per_byte, bytes_per_token, evaluate_loss, lm_loss, sample, windows
+from trainfer.train.evaluate import (
+    bits_per_byte,
+    bytes_per_token,
+    evaluate_loss,
+    lm_loss,
+    memorization_probe,
+    sample,
+    windows,
+)
 from trainfer.train.metrics import cpu_has_bf16, flops_per_token, matmul_peak, plot_metrics, read_metrics
 from trainfer.train.schedule import WindowSampler, lr_at
 
@@ -311,6 +320,20 @@ class Trainer:
             )
         return out
 
+    def probe(self) -> dict[str, float]:
+        """The memorization probe on a frozen copy: the engine fuses and splits the weights it runs in place."""
+        frozen = copy.deepcopy(self.raw).eval().requires_grad_(False)
+        try:
+            p = memorization_probe(frozen, self.tokenizer, self.train_data, self.val_data, self.cfg.probe_passages)
+        except TrainferError:
+            return {}  # a split too short for the probe's passages: nothing to log
+        return {
+            "probe_train_exact": p.train_exact,
+            "probe_val_exact": p.val_exact,
+            "probe_train_match": p.train_token_match,
+            "probe_val_match": p.val_token_match,
+        }
+
     def forward_module(self) -> torch.nn.Module:
         """What DDP wraps and the step calls: the model itself here, a loss module for fine-tuning."""
         return self.raw
@@ -433,6 +456,8 @@ class Trainer:
                 sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
                 if sample_due and cfg.sample_tokens > 0:
                     last_eval["sample"] = self.sample_text()
+                if cfg.probe_passages and self.dist.main:
+                    last_eval.update(self.probe())
                 val = last_eval.get("val_loss")
                 if val is not None:
                     if val < self.best_val - cfg.early_stop_min_delta:
@@ -460,6 +485,7 @@ class Trainer:
                 self.save(last_eval.get("val_loss") if is_eval and last_eval else None)
                 t_log += time.perf_counter() - t0
         bar.close()
+        self._log({"step": self.step, "event": "end", "early_stop": stopped, "elapsed_s": self.elapsed})
         if self.dist.main:
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
         rate = float(np.median(rates)) if rates else 0.0
