@@ -334,6 +334,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print()
     print(done.report.read_text())
     print(f"report card: {done.report} (loss curve: {done.out_dir / 'loss.png'})")
+    run = done.out_dir / "run"
+    print(f"in a browser: `trainfer ui {run}` (curves, samples, probe), `trainfer serve {run}` (chat with it too)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -73,7 +73,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 1000, vocab_siz
     run = out / "run"
     settings = [
         f"max_steps={steps}", f"eval_every={max(1, steps // 5)}", "warmup_steps=50", "lr=2e-3",
-        "sample_tokens=40", 'sample_prompt="My lord,"', f"ckpt_every={steps}", "keep_last=1",
+        "sample_tokens=40", 'sample_prompt="My lord,"', f"ckpt_every={steps}", "keep_last=1", "probe_passages=16",
     ]  # fmt: skip
     cfg = load_config(None, settings, data=str(data), out_dir=str(run), preset="tiny")
     print(f"training the 'tiny' preset for {steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens", flush=True)

@@ -41,7 +41,7 @@ def train_args(data: Path, out: Path, **extra) -> list[str]:
 def test_loss_decreases_and_the_checkpoint_is_a_model(tiny_data, tmp_path):
     cfg = load_config(
         None,
-        tiny_settings(max_steps=150, eval_every=50, sample_tokens=16),
+        tiny_settings(max_steps=150, eval_every=50, sample_tokens=16, probe_passages=4),
         data=str(tiny_data),
         out_dir=str(tmp_path / "run"),
     )
@@ -51,6 +51,10 @@ def test_loss_decreases_and_the_checkpoint_is_a_model(tiny_data, tmp_path):
     first, last = rows[1]["loss"], result.final_loss
     assert last < 0.6 * first, (first, last)  # ln(vocab) ~ 3.2 nats down to the word-level structure
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and "sample" in evals[0]
+    for e in evals:  # the memorization probe at each evaluation, on a copy (the checkpoint check below holds)
+        assert all(0 <= e[f"probe_{k}"] <= 1 for k in ("train_exact", "val_exact", "train_match", "val_match"))
+    assert evals[-1]["probe_train_match"] > 0.08  # above chance (~1/26): it continues some of the words
+    assert rows[-1] == {"step": 150, "event": "end", "early_stop": False, "elapsed_s": rows[-1]["elapsed_s"]}
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / 0.6931471805599453, rel=0.02)
     assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
     assert result.tokens == 150 * 8 * 32 and 0 < result.mfu < 1

@@ -133,6 +133,7 @@ def test_stop_aborts_the_generation_on_the_server(page, chat_server):
     page.wait_for_function(
         "() => Number(document.querySelector('.msg.assistant')?.dataset.chunks || 0) > 5", timeout=30_000
     )
+    assert "TTFT" in last_answer(page).locator(".stats").inner_text()  # live, before the answer is done
     page.keyboard.press("Escape")  # Esc stops, as the Stop button does
     page.wait_for_selector(".msg.assistant[data-state='stopped']", timeout=10_000)
     deadline = time.time() + 10

@@ -210,9 +210,14 @@ async function answer(attempt) {
   setBusy(controller);
   const started = performance.now();
   let first = null, last = null, text = "", usage = null, cache = null, testTime = null, pending = false;
+  let chunks = 0;
+  node.append(h("div", { class: "stats" }));
+  const live = () => ({ started, first, last, usage, cache, testTime, chunks, stopped: node.dataset.state === "stopped" });
   const paint = () => {
     pending = false;
     body.replaceChildren(renderMarkdown(text));
+    // TTFT as soon as the first token is in, tokens/s as they come
+    node.querySelector(".stats").replaceWith(stats(live(), node));
     node.scrollIntoView({ block: "end" });
   };
   try {
@@ -233,7 +238,8 @@ async function answer(attempt) {
         first ??= now;
         last = now;
         text += delta;
-        node.dataset.chunks = String(Number(node.dataset.chunks || 0) + 1);
+        chunks += 1;
+        node.dataset.chunks = String(chunks);
         if (!pending) { pending = true; requestAnimationFrame(paint); }
       }
     }
@@ -250,7 +256,6 @@ async function answer(attempt) {
   }
   paint();
   if (text) state.messages.push({ role: "assistant", content: text });
-  node.append(stats({ started, first, last, usage, cache, testTime, stopped: node.dataset.state === "stopped" }, node));
 }
 
 function stats(s, node) {
@@ -262,7 +267,7 @@ function stats(s, node) {
     parts.push(h("span", { class: "ttft", title: `time to first token; under ${TTFT_BAR_MS} ms feels instant` },
       "TTFT ", h("b", { class: grade, text: `${ttft.toFixed(0)} ms` })));
   }
-  const tokens = s.usage?.completion_tokens;
+  const tokens = s.usage?.completion_tokens ?? s.chunks; // a streamed chunk holds a token's text, about one each
   if (tokens) {
     parts.push(h("span", { class: "tokens", text: `${tokens} tokens` }));
     if (tokens > 1 && s.last > s.first) {
