@@ -246,6 +246,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(export_hf(args.adapter, Path(args.out), args.dtype, base=args.base))
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from trainfer.compress.prune import prune
+
+    report = prune(args.model, args.out, args.method, args.ratio, args.metric, args.kv_heads, args.data,
+                   args.windows, args.seq_len, args.seed)  # fmt: skip
+    print(report.summary())
+    before, after = report.scores["calibration_loss_before"], report.scores["calibration_loss_after"]
+    print(f"calibration loss {before:.4f} -> {after:.4f} nats/token; wrote {args.out} (see prune.json)")
+    print(f"recover what was lost: trainfer distill --teacher {args.model} --student {args.out} --data ... --out RUN")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from trainfer.train.evaluate import evaluate_chat, evaluate_model
 
@@ -593,6 +604,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the new model directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=cmd_merge)
+
+    from trainfer.compress.prune import DEPTH_METRICS, METHODS, SPARSITY_METRICS
+
+    p = sub.add_parser("prune", help="a smaller model: drop blocks (depth), narrow MLPs / heads (width), or sparsify")
+    p.add_argument("model", help="an alias, a .gguf, a model directory or a training run")
+    p.add_argument("--out", required=True, help="the new model directory")
+    p.add_argument("--method", default="depth", choices=METHODS)
+    p.add_argument("--ratio", type=float, default=0.25, help="share of the blocks' parameters to remove (0.25)")
+    p.add_argument(
+        "--metric",
+        choices=[*DEPTH_METRICS, "activation", *SPARSITY_METRICS],
+        help="importance: depth influence|loss (influence), width activation, sparsity wanda|magnitude (wanda)",
+    )
+    p.add_argument("--kv-heads", type=int, help="width: key-value head groups to keep per layer (default: all)")
+    p.add_argument("--data", default="shakespeare", help="calibration text: a corpus name, file, directory or glob")
+    p.add_argument("--windows", type=int, default=16, help="calibration windows (16)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte and a memorization probe")
     p.add_argument("model", help="a training run directory, a checkpoint, an alias or a Hugging Face directory")

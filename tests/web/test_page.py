@@ -113,6 +113,7 @@ def test_settings_are_sent_with_the_request(page, chat_server):
     ]
     assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (0.3, 0.8, 7, 42)
     assert body["stream"] is True and "test_time" not in body
+    assert body["model"] == page.locator("#model").input_value()  # the picked model or adapter
     page.wait_for_selector(".msg.assistant[data-state='done']", timeout=30_000)
     assert "7 tokens" in last_answer(page).locator(".stats").inner_text()
     # The test-time strategy picker: the request carries the strategy; the server answers with its compute.
