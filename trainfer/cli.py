@@ -159,9 +159,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from trainfer.io.loader import export_hf
+    from trainfer.io.export import export_model
 
-    print(export_hf(args.model, Path(args.out_dir), args.dtype))
+    kind = {"float32": "F32", "bfloat16": "BF16"}.get(args.dtype, args.dtype)
+    print(export_model(args.model, args.to, Path(args.out_dir), kind))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from trainfer.io.export import export_model
+
+    print(export_model(args.model, args.to, Path(args.out), args.type))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -255,6 +262,37 @@ def cmd_prune(args: argparse.Namespace) -> None:
     before, after = report.scores["calibration_loss_before"], report.scores["calibration_loss_after"]
     print(f"calibration loss {before:.4f} -> {after:.4f} nats/token; wrote {args.out} (see prune.json)")
     print(f"recover what was lost: trainfer distill --teacher {args.model} --student {args.out} --data ... --out RUN")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from trainfer.compress.distill import distill, load_distill_config
+    from trainfer.model.config import PRESETS
+
+    base = _resumed_settings(args)
+    values: dict[str, Any] = {"teacher": args.teacher, "out_dir": args.out, "data": args.data}
+    if args.student in PRESETS:
+        values["preset"] = args.student  # a fresh student of that shape, with the teacher's vocabulary
+    elif args.student:
+        values["student"] = args.student
+    if args.data and not base and not (Path(args.data) / "meta.json").exists():
+        values["data"] = str(_teacher_tokenized(args.data, args.teacher, Path(args.out) / "data"))
+    cfg = load_distill_config(args.config, args.set, base=base, seed=args.seed, **values)
+    result = distill(cfg, resume=args.resume)
+    if result.best_checkpoint is None:
+        return
+    val = f", held-out loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s{val}")
+    print(f"the student: {result.best_checkpoint} (best held-out loss)")
+
+
+def _teacher_tokenized(source: str, teacher: str, out: Path) -> Path:
+    """Text (a corpus name, files, a directory) as token shards in the teacher's tokenizer, kept in the run."""
+    from trainfer.data.prepare import prepare
+
+    if not (out / "meta.json").exists():
+        stats = prepare([source], out, tokenizer=teacher)
+        print(f"prepared {source}: {stats.train_tokens:,} training + {stats.val_tokens:,} held-out tokens -> {out}")
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -555,6 +593,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="a new directory to write")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export", help="write a model for another engine: llama.cpp (gguf), onnxruntime, transformers")
+    p.add_argument("model", help="an alias, a .gguf file, a Hugging Face directory, a training run or an adapter")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["gguf", "onnx", "hf"],
+        help="gguf: one llama.cpp file; onnx: a decoder with KV-cache inputs and outputs; hf: safetensors",
+    )
+    p.add_argument("--out", required=True, help="the file (gguf, onnx) or new directory (hf) to write")
+    p.add_argument(
+        "--type",
+        default="F32",
+        choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
+        help="weights (default F32): gguf takes every type, onnx F32, hf F32, F16 or BF16",
+    )
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("prepare", help="train a tokenizer and pack text into token shards for training")
     p.add_argument(
         "--source",
@@ -623,6 +678,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (256)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("distill", help="train a student (a pruned model, or a preset) on a teacher's distributions")
+    p.add_argument("--teacher", help="the model to imitate: an alias, a .gguf, a model directory or a run")
+    p.add_argument("--student", help="the model to train: a directory (e.g. from prune) or a preset (tiny, small)")
+    p.add_argument(
+        "--data", help="text (corpus name, file, directory) or a directory prepared with the teacher's tokenizer"
+    )
+    p.add_argument("--out", required=True, help="the run directory")
+    p.add_argument("--config", help="a TOML file of settings (kd_weight, temperature, top_k, teacher_cache, ...)")
+    _add_run_flags(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity, bits per byte and a memorization probe")
     p.add_argument("model", help="a training run directory, a checkpoint, an alias or a Hugging Face directory")

@@ -125,3 +125,22 @@ def test_cli(tmp_path, corpus):
     for bad, says in ((["--ratio", "1.5"], "between 0 and 1"), (["--method", "width", "--kv-heads", "9"], "kv-heads")):
         r = subprocess.run([*run, "--out", str(tmp_path / "x"), "--data", corpus, *bad], capture_output=True, text=True)
         assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.real
+def test_smollm2_pruned_by_width_runs_everywhere(smollm2_path, tmp_path):
+    """The real model, narrowed (MLP and one KV head group): it loads, generates, and transformers agrees."""
+    import transformers
+
+    from trainfer import LLM
+
+    report = prune("smollm2-135m-instruct", tmp_path / "p", "width", 0.5, kv_heads=2, n_windows=2, seq_len=64)
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (cfg["intermediate_size"], cfg["num_key_value_heads"], cfg["num_attention_heads"]) == (672, 2, 6)
+    assert report.block_params_after <= 0.5 * report.block_params_before
+    llm = LLM.load(str(tmp_path / "p"))
+    assert llm.generate("The king", max_tokens=8, temperature=0, ignore_eos=True).completion_tokens == 8
+    ids = torch.tensor([llm.tokenizer.encode("To be, or not to be")])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(ids), ref(ids).logits, atol=2e-4, rtol=1e-4)

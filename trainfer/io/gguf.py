@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, quants
 
 from trainfer.errors import TrainferError
+from trainfer.io.gguf_rope import llama3_from_factors
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.config import ModelConfig
 
@@ -48,6 +49,7 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+ROPE_FREQS = "rope_freqs.weight"  # not a parameter: Llama-3 RoPE scaling, folded into the config
 
 
 def open_gguf(path: Path) -> GGUFReader:
@@ -68,12 +70,15 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return meta
 
 
-def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_metadata(
+    meta: dict[str, Any], tensor_names: set[str], rope_factors: np.ndarray | None = None
+) -> ModelConfig:
+    """`rope_factors`: the data of the `rope_freqs` tensor, which llama.cpp writes for Llama-3 RoPE scaling."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise TrainferError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-    if "rope_freqs.weight" in tensor_names:
-        raise TrainferError("GGUF with per-frequency RoPE factors (rope_freqs) is not supported yet")
+    if ROPE_FREQS in tensor_names and rope_factors is None:
+        raise TrainferError("this GGUF has per-frequency RoPE factors (rope_freqs) that were not read")
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -83,9 +88,13 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
 
     n_heads = int(get("attention.head_count"))
     dim = int(get("embedding_length"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or dim // n_heads)
+    rope_theta = float(get("rope.freq_base", 10000.0))
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif rope_factors is not None:
+        scaling = llama3_from_factors(rope_theta, head_dim, rope_factors)
     return ModelConfig(
         arch=arch,
         vocab_size=int(meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])),
@@ -93,15 +102,16 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
         n_layers=int(get("block_count")),
         n_heads=n_heads,
         n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        head_dim=int(meta.get(f"{arch}.attention.key_length") or dim // n_heads),
+        head_dim=head_dim,
         hidden_dim=int(get("feed_forward_length")),
         norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_theta=rope_theta,
         rope_scaling=scaling,
         max_seq_len=int(get("context_length", 2048)),
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         out_bias="blk.0.attn_output.bias" in tensor_names,
+        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )
@@ -115,6 +125,12 @@ def tensor_name(gguf_name: str) -> str:
     if len(parts) == 2 and parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
     raise TrainferError(f"unexpected tensor {gguf_name!r} in GGUF file")
+
+
+def read_config(reader: GGUFReader, meta: dict[str, Any]) -> ModelConfig:
+    """The model's shape from the metadata and the tensor list (and the rope_freqs values, when present)."""
+    factors = next((np.asarray(t.data, dtype=np.float32) for t in reader.tensors if t.name == ROPE_FREQS), None)
+    return config_from_metadata(meta, {t.name for t in reader.tensors}, factors)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -149,7 +165,7 @@ def native_blocks(path: Path, kind: str) -> dict[str, tuple[torch.Tensor, torch.
     fp32; Q4_0's values q * d - 8 d are Q4_1's with m = -8 d (exact as well)."""
     reader = open_gguf(Path(path))
     meta = read_metadata(reader)
-    cfg = config_from_metadata(meta, {t.name for t in reader.tensors})
+    cfg = read_config(reader, meta)
     wanted = {"int8": {Q.Q8_0}, "int4": {Q.Q4_0, Q.Q4_1}}[kind]
     out = {}
     for t in reader.tensors:
@@ -183,11 +199,12 @@ def load_gguf(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     reader = open_gguf(Path(path))
     meta = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    cfg = config_from_metadata(meta, names)
+    cfg = read_config(reader, meta)
     tokenizer = Tokenizer.from_gguf_metadata(meta)
     state: dict[str, torch.Tensor] = {}
     for i, t in enumerate(reader.tensors):
+        if t.name == ROPE_FREQS:
+            continue
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
         try:
             w = dequantize(t.data, t.tensor_type, shape)

@@ -35,15 +35,19 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Transformer:
-    """Transformer from a state dict, without paying for a random init that would be overwritten."""
+def check_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    """Raise unless the state dict has exactly the config's tensors, in its shapes; returns the model on meta."""
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected - {"lm_head.weight"}
     if missing or unexpected:
+        hint = ""
+        if any(k.endswith(".qweight") for k in unexpected):
+            hint = " (int8/int4 blocks of `trainfer quantize`: use the model it was made from)"
         raise TrainferError(
             f"weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            + hint
         )
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -51,6 +55,13 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | 
         want = model.get_parameter(name).shape
         if t.shape != want:
             raise TrainferError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {tuple(want)}")
+    return model
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Transformer:
+    """Transformer from a state dict, without paying for a random init that would be overwritten."""
+    model = check_state(cfg, state)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
@@ -132,6 +143,7 @@ def export_hf(
         raise TrainferError(f"{out_dir} exists and is not empty; choose a new directory")
     dtype = parse_dtype(dtype)
     cfg, state, tok = load_checkpoint(name_or_path, dtype, base)
+    check_state(cfg, state)
     save_hf(out_dir, cfg, state, dtype)
     if tok is not None:
         tok.save(out_dir)

@@ -38,6 +38,7 @@ _QWEN2 = (
 PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {
     "default": ([_GPT2], False),
     "gpt2": ([_GPT2], False),
+    "gpt-2": ([_GPT2], False),  # llama.cpp's spelling (it does not know "gpt2")
     "smollm": ([r"\p{N}", _GPT2], False),  # digits one by one, then GPT-2's split
     "llama-bpe": ([_LLAMA3], True),
     "llama3": ([_LLAMA3], True),
@@ -58,10 +59,12 @@ class Tokenizer:
         eos_token_id: int | None,
         add_bos: bool = False,
         chat_template: str | None = None,
+        pad_token_id: int | None = None,
     ) -> None:
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id  # carried for exports (GGUF, HF); generation never pads
         self.add_bos = add_bos
         self.chat_template = chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -113,6 +116,7 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.token(self.bos_token_id) if self.bos_token_id is not None else None,
             "eos_token": self.token(self.eos_token_id) if self.eos_token_id is not None else None,
+            "pad_token": self.token(self.pad_token_id) if self.pad_token_id is not None else None,
             "add_bos_token": self.add_bos,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1 << 30,
@@ -146,6 +150,7 @@ class Tokenizer:
             eos_token_id=token_id("eos_token"),
             add_bos=bool(cfg.get("add_bos_token", False)),
             chat_template=template,
+            pad_token_id=token_id("pad_token"),
         )
 
     # ---- GGUF metadata ----
@@ -194,6 +199,7 @@ class Tokenizer:
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
+            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         )
 
 

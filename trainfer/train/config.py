@@ -12,7 +12,7 @@ import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from trainfer.errors import TrainferError
 from trainfer.model.config import PRESETS, ModelConfig
@@ -29,6 +29,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     data: str = ""  # a directory written by `trainfer prepare`
     out_dir: str = "runs/run"
+    shapes_model: ClassVar[bool] = True  # model.* settings apply (a fine-tune's shape is its base's)
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on top of the preset
     seq_len: int = 128
@@ -245,6 +246,6 @@ def load_config(
                 if not value.is_integer():
                     raise TrainferError(f"{key} must be a whole number, got {value!r}")
                 merged[key] = int(value)
-    if model and cls is not TrainConfig:
+    if model and not cls.shapes_model:
         raise TrainferError("model.* settings shape a model trained from scratch; a fine-tune keeps its base's shape")
     return cls(**merged, model=model)

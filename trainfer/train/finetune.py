@@ -16,7 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ AUTO_LR = {True: 1e-3, False: 5e-5}  # LoRA, full: see docs/finetune.md for how 
 
 @dataclass
 class FineTuneConfig(TrainConfig):
+    shapes_model: ClassVar[bool] = False
     base_model: str = ""  # the model to adapt: an alias, a .gguf, a Hugging Face directory or a run
     val_data: str = ""  # held-out conversations (JSONL); empty: hold out val_fraction of data
     val_fraction: float = 0.1
