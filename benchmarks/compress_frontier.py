@@ -5,10 +5,10 @@
 Variants: fp32, int8, int4 (weights quantized at load), pruned 25% and 50% by depth (block influence) and by
 width (MLP channels; at 50% also one of three KV head groups), the 50% ones distilled from the fp32 model on
 Shakespeare's training plays (top-64 KL, a shared teacher cache), and the best distilled one in int8. For each:
-weight bytes, single-stream greedy decode tokens/s (best of rounds, variants alternated so that a noisy
-neighbour hits all alike), perplexity on held-out Shakespeare plays, and greedy accuracy on 2-digit addition
-and on "which is larger" (100 seeded problems each, trainfer/reason/tasks.py). Pareto-optimal rows (no other
-row at least as good on all four and better on one) are marked. Writes frontier.json and frontier.png.
+weight bytes, single-stream greedy decode tokens/s (median of rounds of 256 tokens, variants alternated so
+that a noisy neighbour hits all alike), perplexity on held-out Shakespeare plays, and greedy accuracy on
+2-digit addition and on "which is larger" (100 seeded problems each, trainfer/reason/tasks.py). Pareto-optimal
+rows (no other row at least as good on all four and better on one) are marked. Writes frontier.json and .png.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -94,8 +95,8 @@ def accuracy(llm: LLM, task: str, count: int = 100) -> float:
     return sum(read[p.kind](a.text) == p.answer for p, a in zip(problems, answers, strict=True)) / count
 
 
-def decode_speed(llm: LLM) -> float:
-    done = llm.generate("The history of the English stage", max_tokens=96, temperature=0, ignore_eos=True)
+def decode_speed(llm: LLM, tokens: int) -> float:
+    done = llm.generate("The history of the English stage", max_tokens=tokens, temperature=0, ignore_eos=True)
     return done.decode_tokens_per_s
 
 
@@ -137,12 +138,18 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--positions", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=256, help="decoded tokens per speed measurement")
+    ap.add_argument("--speed-only", action="store_true", help="reuse frontier.json's quality, measure speed again")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     variants = make_variants(args.out, args.distill_steps)
     rows = {}
+    if args.speed_only:
+        rows = {r["name"]: {**r, "speeds": []} for r in json.loads((args.out / "frontier.json").read_text())}
     for name, (path, dtype) in variants.items():
+        if name in rows:
+            continue
         llm = LLM.load(path, dtype=dtype)
         ids = held_out_ids(llm.tokenizer, "shakespeare", args.positions + 1)
         nll, _ = score(llm.model, ids, 512)
@@ -155,17 +162,17 @@ def main() -> None:
               flush=True)  # fmt: skip
         del llm
         gc.collect()
-    for _ in range(args.rounds):  # alternated, best of rounds
+    for _ in range(args.rounds):  # alternated; the median of rounds
         for name, (path, dtype) in variants.items():
             llm = LLM.load(path, dtype=dtype)
-            decode_speed(llm)  # warm-up
-            rows[name]["speeds"].append(decode_speed(llm))
+            decode_speed(llm, 16)  # warm-up
+            rows[name]["speeds"].append(decode_speed(llm, args.tokens))
             del llm
             gc.collect()
     out = list(rows.values())
     base = rows["fp32"]
     for r in out:
-        r["tokens_per_s"] = max(r["speeds"])
+        r["tokens_per_s"] = statistics.median(r["speeds"])
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["ppl_change"] = r["ppl"] / base["ppl"] - 1
     pareto(out)
