@@ -68,3 +68,20 @@ def test_ui_cli_refuses_what_is_not_a_directory(tmp_path):
     for bad in (tmp_path / "missing", tmp_path / "file"):
         r = subprocess.run([sys.executable, "-m", "trainfer.cli", "ui", str(bad)], capture_output=True, text=True)
         assert r.returncode != 0 and "not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serving_a_run_directory_charts_it_too(run_dirs):
+    """`trainfer serve RUN_DIR`: the run's best checkpoint answers, and the page lists the run itself."""
+    import httpx
+
+    from tests.serve.conftest import ServerProcess
+
+    server = ServerProcess(str(run_dirs[0]))
+    try:
+        assert httpx.get(server.url + "/ui/info", timeout=10).json()["runs"] == 1
+        runs = httpx.get(server.url + "/ui/runs", timeout=10).json()["runs"]
+        assert runs[0]["name"] == run_dirs[0].name and runs[0]["finished"]
+        body = {"prompt": "the", "max_tokens": 4}
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["usage"]["completion_tokens"]
+    finally:
+        server.stop()
