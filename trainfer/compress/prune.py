@@ -108,6 +108,20 @@ def batches(cal: Calibration, batch_size: int = 4):
         yield cal.tokens[i : i + batch_size]
 
 
+def forward_with_hooks(model: Transformer, cal: Calibration, hooks: list) -> int:
+    """Run the calibration windows through the model with forward `hooks` attached, then remove them (whatever
+    happens); the number of tokens seen."""
+    count = 0
+    try:
+        for x in batches(cal):
+            model(x)
+            count += x.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return count
+
+
 @torch.no_grad()
 def calibration_loss(model: Transformer, cal: Calibration, skip: int | None = None) -> float:
     """Mean next-token loss on the calibration windows, optionally with block `skip` bypassed."""
@@ -133,7 +147,6 @@ def block_influence(model: Transformer, cal: Calibration) -> list[float]:
     """Per block, the mean of 1 - cosine(input, output) over calibration tokens: near 0 = the block barely
     changes the residual stream, so removing it costs little."""
     sums = [0.0] * len(model.layers)
-    count = 0
     hooks = []
     for i, block in enumerate(model.layers):
 
@@ -141,13 +154,7 @@ def block_influence(model: Transformer, cal: Calibration) -> list[float]:
             sums[i] += (1 - F.cosine_similarity(args[0].float(), out.float(), dim=-1)).sum().item()
 
         hooks.append(block.register_forward_hook(hook))
-    try:
-        for x in batches(cal):
-            model(x)
-            count += x.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    count = forward_with_hooks(model, cal, hooks)
     return [s / count for s in sums]
 
 
@@ -182,12 +189,7 @@ def width_importance(model: Transformer, cal: Calibration) -> tuple[list[torch.T
 
         hooks.append(mlp.down_proj.register_forward_hook(mlp_hook))
         hooks.append(attn.o_proj.register_forward_hook(attn_hook))
-    try:
-        for x in batches(cal):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, cal, hooks)
     return channels, groups
 
 
@@ -280,12 +282,7 @@ def sparsify(model: Transformer, cal: Calibration | None, sparsity: float, metri
                 sq[name] += args[0].float().pow(2).flatten(0, -2).sum(0)
 
             hooks.append(lin.register_forward_hook(hook))
-        try:
-            for x in batches(cal):
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        forward_with_hooks(model, cal, hooks)
         norms = {n: s.sqrt() for n, s in sq.items()}
     zeros = total = 0
     for name, lin in linears.items():

@@ -17,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from trainfer.errors import TrainferError
+from trainfer.io import gguf as gguf_reader
 from trainfer.io.gguf_rope import llama3_factors
 from trainfer.io.gguf_vocab import vocab_metadata
 from trainfer.io.loader import check_state, load_checkpoint
@@ -31,18 +32,9 @@ _FILE_TYPES = {
     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
 }
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_TOP_NAMES = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+# llama.cpp's tensor names: the reader's map, turned around (one table for both directions)
+_LAYER_NAMES = {ours: theirs for theirs, ours in gguf_reader._LAYER_NAMES.items()}
+_TOP_NAMES = {ours: theirs for theirs, ours in gguf_reader._TOP_NAMES.items()}
 
 
 def gguf_name(name: str) -> str:
