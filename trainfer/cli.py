@@ -327,9 +327,15 @@ def cmd_cost(args: argparse.Namespace) -> None:
         import dataclasses
         import json
 
-        from trainfer.cost.advise import advise
+        from trainfer.cost.advise import advise, advise_chat
 
-        advice = advise(args.model, args.data, load_table(args.prices), args.hardware, args.epochs, args.max_tokens)
+        if bool(args.data) == bool(args.chat_data):
+            raise TrainferError("cost advise needs --data (your text) or --chat-data (your eval conversations)")
+        if args.chat_data:
+            advice = advise_chat(args.model, args.chat_data, load_table(args.prices), args.train_data, args.target,
+                                 args.hardware, args.epochs, args.max_tokens)  # fmt: skip
+        else:
+            advice = advise(args.model, args.data, load_table(args.prices), args.hardware, args.epochs, args.max_tokens)
         print(json.dumps(dataclasses.asdict(advice), indent=2) if args.json else "\n".join(advice.reasons))
     else:
         report.edge_vs_cloud(args.bench, args.cloud_per_million, args.cloud_ttft_ms, args.cloud_tpot_ms, args.tokens,
@@ -343,7 +349,7 @@ def cmd_reason(args: argparse.Namespace) -> None:
 
     llm = _load(args)
     result = llm.reason(args.question, args.strategy, n=args.n, kind=args.kind, temperature=args.temperature,
-                        max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+                        max_tokens=args.max_tokens, seed=args.seed, scorer=args.scorer)  # fmt: skip
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
         return
@@ -366,10 +372,10 @@ def cmd_reason_eval(args: argparse.Namespace) -> None:
     if not budgets or min(budgets) < 1:
         raise TrainferError(f"--budgets must be positive integers, got {args.budgets!r}")
     rows = evaluate(llm, args.task, args.strategy or ["greedy", "cot", "self-consistency"], budgets, args.count,
-                    args.seed, args.digits, args.max_tokens, args.temperature)  # fmt: skip
-    print(f"{'strategy':<18} {'budget':>6} {'accuracy':>9} {'samples':>8} {'tokens':>9} {'FLOPs':>10}  (per problem)")
+                    args.seed, args.digits, args.max_tokens, args.temperature, args.scorer)  # fmt: skip
+    print(f"{'strategy':<24} {'budget':>6} {'accuracy':>9} {'samples':>8} {'tokens':>9} {'FLOPs':>10}  (per problem)")
     for r in rows:
-        print(f"{r.strategy:<18} {r.budget:>6} {r.accuracy:>9.1%} {r.samples_per_problem:>8.1f} "
+        print(f"{r.label:<24} {r.budget:>6} {r.accuracy:>9.1%} {r.samples_per_problem:>8.1f} "
               f"{r.tokens_per_problem:>9.0f} {r.flops_per_problem:>10.3g}")  # fmt: skip
     if args.plot:
         plot(rows, args.plot, f"{args.model}: {args.task}, {args.count} problems")
@@ -553,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="self-consistency", choices=REASON_STRATEGIES)
     p.add_argument("-n", type=int, default=8, help="samples (the budget for adaptive)")
     p.add_argument("--kind", default="number", choices=["number", "option", "line"], help="what the answer is")
+    p.add_argument("--scorer", choices=["logprob", "judge"], help="best-of-n: mean logprob (default) or model as judge")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -561,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reason-eval", help="accuracy vs compute of test-time strategies on verifiable tasks")
     _add_model_flags(p)
-    p.add_argument("--task", default="add", choices=["add", "chain-sum", "mul", "compare"])
+    p.add_argument("--task", default="add",
+                   help="add | chain-sum | mul | compare | add-pad (the scratchpad format of a model trained on it) "
+                        "| rg:NAME (a reasoning-gym dataset, e.g. rg:chain_sum)")  # fmt: skip
     p.add_argument("--strategy", action="append", choices=REASON_STRATEGIES,
                    help="repeatable (default greedy, cot, self-consistency)")  # fmt: skip
     p.add_argument("--budgets", default="1,2,4,8", help="samples per problem, comma-separated (default 1,2,4,8)")
@@ -570,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument(
+        "--scorer",
+        default="logprob",
+        choices=["logprob", "verifier", "judge"],
+        help="how best-of-n picks: mean logprob, the task's verifier program (add-pad), the model as judge",
+    )
     p.add_argument("--plot", type=Path, help="accuracy vs FLOPs PNG")
     p.set_defaults(func=cmd_reason_eval)
 
@@ -799,7 +814,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cost)
     p = cost.add_parser("advise", help="do you need to train? the model on your text, with the costs of each way")
     p.add_argument("model", help="the base model (alias, .gguf, directory, run)")
-    p.add_argument("--data", action="append", required=True, help="your text: file, directory, glob, FILE.jsonl:FIELD")
+    p.add_argument("--data", action="append", help="your text: file, directory, glob, FILE.jsonl:FIELD")
+    p.add_argument("--chat-data", help="or your eval conversations (JSONL as for eval --chat-data): answers checked")
+    p.add_argument("--train-data", help="with --chat-data: the fine-tuning set to cost (default: the eval set)")
+    p.add_argument("--target", type=float, default=0.8, help="with --chat-data: share of right answers to serve as is")
     p.add_argument("--hardware", default="cpu-2vcpu", help="price-table row for the fine-tuning estimate")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs to cost (default 3)")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens of your text scored (default 8192)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.conftest import make_tiny_model_dir
@@ -87,6 +89,36 @@ def test_best_of_n_with_a_verifier_and_bad_settings(tiny):
             reason(tiny, "q", **{"strategy": "self-consistency", "chat": False, **bad})
 
 
+def test_best_of_n_judged_by_the_model(tiny):
+    r = reason(tiny, "q", "best-of-n", n=4, kind="line", max_tokens=4, chat=False, temperature=5.0, scorer="judge")
+    distinct = {a for a in r.answers if a is not None}
+    assert r.compute.samples == 4 + len(distinct)  # one one-token judge draw per distinct answer
+    assert all(0 <= s <= 1 for s, a in zip(r.scores, r.answers, strict=True) if a is not None)
+    assert r.answer == r.answers[max(range(4), key=lambda i: r.scores[i])]
+    with pytest.raises(TrainferError, match="scorer"):
+        reason(tiny, "q", "best-of-n", n=2, chat=False, scorer="verifier")  # no verifier function given
+
+
+def test_yes_share():
+    from trainfer.reason.strategies import yes_share
+
+    class Words:
+        def decode(self, ids):
+            return {1: " Yes", 2: "no", 3: "maybe", 4: "YES"}[ids[0]]
+
+    assert yes_share(Words(), [(1, math.log(0.3)), (2, math.log(0.1)), (3, math.log(0.6))]) == pytest.approx(0.75)
+    assert yes_share(Words(), [(1, math.log(0.2)), (4, math.log(0.2)), (2, math.log(0.1))]) == pytest.approx(0.8)
+    assert yes_share(Words(), [(3, 0.0)]) == 0.5
+
+
+def test_direct_and_cot_templates_of_a_task_format(tiny):
+    before = tiny.engine.scheduler.num_computed_tokens
+    r = reason(tiny, "12+34", "greedy", max_tokens=3, chat=False, direct="{question}=", cot="{question}:")
+    assert r.compute.prompt_tokens == len("12+34=")  # byte tokens, no BOS
+    r = reason(tiny, "12+34", "cot", max_tokens=3, chat=False, direct="{question}=", cot="{question}:")
+    assert r.compute.prompt_tokens == len("12+34:") and tiny.engine.scheduler.num_computed_tokens > before
+
+
 def test_cli_reason(tmp_path):
     import json
     import subprocess
@@ -116,6 +148,57 @@ def test_tasks_are_deterministic_and_their_answers_right():
         assert p.answer == ("A" if x > y else "B") and p.kind == "option"
     with pytest.raises(TrainferError, match="unknown task"):
         make("poetry", 1)
+
+
+@pytest.mark.parametrize(
+    "a,b,pad",
+    [(1234, 987, "4+7+0=11,3+8+1=12,2+9+1=12,1+0+1=02;2221"), (5, 5, "5+5+0=10;10"), (0, 0, "0+0+0=00;0"),
+     (99, 1, "9+1+0=10,9+0+1=10;100")],
+)  # fmt: skip
+def test_scratchpad_and_its_verifier(a, b, pad):
+    from trainfer.reason.tasks import check_pad, scratchpad
+
+    assert scratchpad(a, b) == pad and check_pad(a, b, pad) and check_pad(a, b, pad + "\n")
+    assert not check_pad(a, b, pad.rsplit(";", 1)[0] + ";" + str(a + b + 1))  # result not read off the steps
+    assert not check_pad(b + 1, a, pad)  # steps are not the question's digits
+    assert not check_pad(a, b, pad.split(",", 1)[-1]) or "," not in pad  # a column missing
+    assert not check_pad(a, b, "") and not check_pad(a, b, pad.replace(";", ""))
+
+
+def test_verifier_catches_wrong_sums_and_carries():
+    from trainfer.reason.tasks import check_pad
+
+    assert check_pad(58, 67, "8+7+0=15,5+6+1=12;125")
+    assert not check_pad(58, 67, "8+7+0=15,5+6+0=11;115")  # carry dropped, consistently read off: still wrong
+    assert not check_pad(58, 67, "8+7+0=14,5+6+1=12;124")  # a wrong column sum
+
+
+def test_add_pad_problems_and_corpus():
+    from trainfer.reason.tasks import make, scratchpad, task_format, worked_corpus
+
+    problems = make("add-pad", 50, seed=1, digits=4)
+    assert all(p.correct(str(eval(p.question))) and p.verify(scratchpad(*map(int, p.question.split("+"))))
+               for p in problems)  # fmt: skip
+    held = {p.question for p in problems}
+    docs = worked_corpus(3000, 0, digits=(4, 4), exclude=held)
+    assert docs == worked_corpus(3000, 0, digits=(4, 4), exclude=held)
+    questions = {d.split("=")[0].split(":")[0] for d in docs}
+    assert not questions & held and 0.4 < sum(":" in d for d in docs) / len(docs) < 0.6
+    for d in docs[:200]:
+        q, sep, rest = d.partition(":") if ":" in d else d.partition("=")
+        a, b = map(int, q.split("+"))
+        assert (rest == scratchpad(a, b)) if sep == ":" else rest == str(a + b)
+    assert task_format("add-pad").direct == "{question}=" and task_format("add").cot is None
+
+
+def test_reasoning_gym_tasks_are_graded_by_their_own_scorer():
+    from trainfer.reason.tasks import make
+
+    problems = make("rg:chain_sum", 5, seed=3)
+    assert problems == make("rg:chain_sum", 5, seed=3) and all(p.kind == "number" for p in problems)
+    assert all(p.correct(p.answer) and not p.correct(p.answer + "1") and not p.correct(None) for p in problems)
+    with pytest.raises(TrainferError, match="reasoning-gym has no dataset"):
+        make("rg:no_such_task", 1)
 
 
 def test_evaluate_accuracy_and_compute_per_budget(tiny):

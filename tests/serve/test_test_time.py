@@ -37,6 +37,20 @@ def test_same_answer_as_the_library(server, tiny_chat_dir):
     assert got["usage"]["prompt_tokens"] == c.prompt_tokens and tt["compute"]["samples"] == 4
 
 
+def test_best_of_n_judged_by_the_model_matches_the_library(server, tiny_chat_dir):
+    from trainfer import LLM
+
+    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 1.0, "seed": 5,
+            "test_time": {"strategy": "best_of_n", "n": 3, "kind": "line", "scorer": "judge"}}  # fmt: skip
+    got = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    llm = LLM.load(tiny_chat_dir, num_blocks=128)
+    want = llm.reason(MESSAGES, "best-of-n", n=3, kind="line", max_tokens=6, temperature=1.0, seed=5, scorer="judge")
+    tt = got["test_time"]
+    assert tt["answer"] == want.answer and tt["scores"] == pytest.approx(want.scores)
+    judged = len({a for a in want.answers if a is not None})  # one one-token judge draw per distinct answer
+    assert tt["compute"]["samples"] == 3 + judged and got["usage"]["prompt_tokens"] == want.compute.prompt_tokens
+
+
 def test_stream_sends_the_decided_answer(server):
     body = {"messages": MESSAGES, "max_tokens": 8, "stream": True, "test_time": {"strategy": "cot", "kind": "line"}}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
@@ -52,7 +66,7 @@ def test_stream_sends_the_decided_answer(server):
     "extra,param",
     [({"test_time": {"strategy": "telepathy"}}, "strategy"), ({"test_time": {"n": 99}}, "n"),
      ({"test_time": {"n": 2, "wave": 3}}, "wave"), ({"n": 2, "test_time": {}}, "n"),
-     ({"test_time": {"unknown": 1}}, "unknown")],
+     ({"test_time": {"unknown": 1}}, "unknown"), ({"test_time": {"scorer": "verifier"}}, "scorer")],
 )  # fmt: skip
 def test_bad_settings_are_400s(server, extra, param):
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES, **extra}, timeout=60)

@@ -24,6 +24,9 @@ COT = {
     "line": "{question}\nLet's think step by step, and put the final answer alone on the last line.\n",
 }
 STRATEGIES = ("greedy", "cot", "self-consistency", "adaptive", "best-of-n", "self-correction")
+SCORERS = ("logprob", "verifier", "judge")
+JUDGE = "{question}\nProposed answer: {answer}\nIs the proposed answer correct? Reply with Yes or No."
+JUDGE_TOP = 20  # top tokens of the judge's first reply token searched for yes / no
 MAX_SAMPLES = 64
 
 
@@ -71,10 +74,11 @@ class Draw:
     temperature: float
     max_tokens: int
     seed: int | None
+    top: int = 0  # top logprobs wanted for each token (the judge reads its first token's)
 
     def params(self) -> SamplingParams:
         return SamplingParams(n=self.n, temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed,
-                              logprobs=0)  # fmt: skip
+                              logprobs=self.top)  # fmt: skip
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Sample:
     logprob: float  # summed over its tokens
     tokens: int
     cached_prompt_tokens: int
+    first_top: list[tuple[int, float]] = field(default_factory=list)  # top logprobs at the first token
 
 
 def samples_of(per_sample_events: list[list]) -> list[Sample]:
@@ -90,7 +95,9 @@ def samples_of(per_sample_events: list[list]) -> list[Sample]:
     for events in per_sample_events:
         tokens = [e for e in events if e.token_id >= 0]
         cached = events[0].cached_prompt_tokens if events else 0
-        out.append(Sample("".join(e.text for e in events), sum(e.logprob or 0.0 for e in tokens), len(tokens), cached))
+        top = list(tokens[0].top_logprobs) if tokens else []
+        text = "".join(e.text for e in events)
+        out.append(Sample(text, sum(e.logprob or 0.0 for e in tokens), len(tokens), cached, top))
     return out
 
 
@@ -138,11 +145,21 @@ def vote(answers: list[str | None], logprobs: list[float], weighted: bool = Fals
 def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consistency", n: int = 8,
          kind: str = "number", temperature: float = 0.7, max_tokens: int = 256, seed: int | None = 0,
          threshold: float = 0.6, wave: int = 2, verifier: Callable[[str], bool] | None = None, rounds: int = 2,
-         chat: bool | None = None) -> Generator[Draw, list[Sample], Result]:  # fmt: skip
+         chat: bool | None = None, scorer: str | None = None, direct: str = "{question}",
+         cot: str | None = None) -> Generator[Draw, list[Sample], Result]:  # fmt: skip
     """A strategy as a generator: it yields the draws it needs, one at a time, receives their samples, and
-    returns the Result. Drivers run the draws (reason: an Engine; serve/: the AsyncEngine)."""
+    returns the Result. Drivers run the draws (reason: an Engine; serve/: the AsyncEngine).
+
+    best-of-n scores its samples by `scorer`: logprob (mean token logprob), verifier (`verifier(text)`, a
+    program that checks a sample without the reference answer) or judge (the model itself asked whether each
+    distinct answer is correct: P(yes) / (P(yes) + P(no)) at its first reply token). Default: verifier when one
+    is given, else logprob. `direct` formats the question for greedy, `cot` for the others (default: the
+    chain-of-thought template of `kind`), e.g. for a model trained on a scratchpad format of its own."""
+    scorer = scorer or ("verifier" if verifier is not None else "logprob")
     if strategy not in STRATEGIES:
         raise TrainferError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if scorer not in SCORERS or (scorer == "verifier" and verifier is None):
+        raise TrainferError(f"scorer must be one of {', '.join(SCORERS)} (verifier needs a verifier function)")
     if kind not in EXTRACTORS:
         raise TrainferError(f"unknown answer kind {kind!r}; choose one of {', '.join(EXTRACTORS)}")
     if not 1 <= n <= MAX_SAMPLES or not 1 <= wave <= n or rounds < 0 or max_tokens < 1:
@@ -154,8 +171,7 @@ def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consi
     if not messages or messages[-1]["role"] != "user":
         raise TrainferError("the conversation must end with a user message to reason about")
     asked = messages[-1]["content"]
-    if strategy != "greedy":
-        messages[-1]["content"] = COT[kind].format(question=asked)
+    messages[-1]["content"] = (direct if strategy == "greedy" else cot or COT[kind]).format(question=asked)
 
     def encode(msgs: list[dict]) -> list[int]:
         if chat:
@@ -165,8 +181,8 @@ def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consi
     prompt = encode(messages)
     compute = Compute()
 
-    def draw(p: list[int], k: int, temp: float, s: int | None):
-        d = Draw(p, k, temp, max_tokens, s)
+    def draw(p: list[int], k: int, temp: float, s: int | None, tokens: int = max_tokens, top: int = 0):
+        d = Draw(p, k, temp, tokens, s, top)
         out = yield d
         account(compute, cfg, d, out)
         return out
@@ -192,8 +208,16 @@ def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consi
     if strategy == "best-of-n":
         outs = yield from draw(prompt, n, temperature, seed)
         answers = [extract(o.text) for o in outs]
-        if verifier is not None:
-            scores = [1.0 if a is not None and verifier(a) else 0.0 for a in answers]
+        if scorer == "verifier":
+            scores = [1.0 if a is not None and verifier(o.text) else 0.0 for o, a in zip(outs, answers, strict=True)]
+        elif scorer == "judge":  # one one-token draw per distinct answer; the question's prefix comes cached
+            judged = {}
+            for a in dict.fromkeys(a for a in answers if a is not None):
+                ask = JUDGE.format(question=asked, answer=a)
+                (j,) = yield from draw(encode(messages[:-1] + [{"role": "user", "content": ask}]), 1, 0.0, seed, 1,
+                                       JUDGE_TOP)  # fmt: skip
+                judged[a] = yes_share(tokenizer, j.first_top)
+            scores = [judged.get(a, -1.0) for a in answers]
         else:  # mean token logprob: the model's own confidence in each whole sample
             scores = [o.logprob / max(1, o.tokens) for o in outs]
         i = max(range(len(outs)), key=lambda j: scores[j])
@@ -214,6 +238,19 @@ def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consi
         if answers[-1] == answers[-2]:
             break
     return Result(answers[-1], strategy, texts, answers, compute=compute)
+
+
+def yes_share(tokenizer, top: list[tuple[int, float]]) -> float:
+    """P(yes) / (P(yes) + P(no)) over the top tokens (any case, any leading space); 0.5 if neither shows."""
+    import math
+
+    mass = {"yes": 0.0, "no": 0.0}
+    for token, lp in top:
+        word = tokenizer.decode([token]).strip().lower()
+        if word in mass:
+            mass[word] += math.exp(lp)
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else 0.5
 
 
 def reason(llm, question: str | list[dict], strategy: str = "self-consistency", **options) -> Result:

@@ -38,6 +38,7 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
     options = dict(
         n=tt.n, kind=tt.kind, temperature=req.temperature, max_tokens=req.requested_max_tokens or DEFAULT_MAX_TOKENS,
         seed=0 if req.seed is None else req.seed, threshold=tt.threshold, wave=tt.wave, rounds=tt.rounds,
+        scorer=tt.scorer,
     )  # fmt: skip
     try:
         steps = plan(server.tokenizer, server.llm.model.cfg, messages, tt.strategy.replace("_", "-"), **options)

@@ -125,6 +125,7 @@ class TestTime(Strict):
     wave: int = Field(2, ge=1, le=MAX_N)
     threshold: float = Field(0.6, gt=0, le=1)
     rounds: int = Field(2, ge=0, le=4)
+    scorer: Literal["logprob", "judge"] = "logprob"  # best_of_n: mean token logprob, or the model as judge
 
 
 class ChatCompletionRequest(SamplingRequest):
