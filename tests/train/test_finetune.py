@@ -148,3 +148,56 @@ def test_replaying_the_base_s_own_samples_is_seeded_and_kept_for_resume(chat_mod
     rows = [a.row(g) for g in range(a.epoch_rows)]
     replay = [r for r in rows if r["loss"].all()]
     assert len(replay) == a.general_rows and all(r["positions"][-1] == 63 for r in replay)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_kl_anchor_scores_general_rows_against_the_base(chat_model, tmp_path, lora):
+    """general_kl: replay rows score KL(base || tuned) over the vocabulary (0 while the model is still the base,
+    the hand-computed value once it moves); conversation rows keep their cross-entropy."""
+    import torch.nn.functional as F
+
+    from trainfer.train import chat_data
+    from trainfer.train.finetune import FineTuner
+    from trainfer.train.lora import adapters_off
+
+    data = chat_file(tmp_path / "facts.jsonl")
+    settings = ["max_steps=4", "batch_size=2", "grad_accum=1", "seq_len=64", "val_fraction=0", "dtype=float32",
+                "general_data=self", "general_share=0.5", "sample_tokens=0", "general_kl=2.0",
+                "lora_dropout=0"]  # fmt: skip
+    tuner = FineTuner(load_finetune_config(None, settings, base_model=str(chat_model), data=str(data),
+                                           out_dir=str(tmp_path / "a"), lora=lora))  # fmt: skip
+    rows = [tuner.row(g) for g in range(tuner.epoch_rows)]
+    chat = [r for r in rows if not r["anchor"].any()]
+    general = [r for r in rows if r["anchor"].all()]
+    assert len(general) == tuner.general_rows and len(chat) == len(tuner.train_rows)
+
+    def batch(*rs):
+        return {k: torch.from_numpy(np.stack([r[k] for r in rs])) for k in rs[0]}
+
+    module = tuner.forward_module()
+    loss, count = module(batch(general[0], general[1]))
+    assert count == 128 and abs(loss.item()) < 1e-4  # the model is still the base
+    mixed = batch(chat[0], general[0])
+    loss, _ = module(mixed)
+    loss = loss.detach()
+    plain, _ = chat_data.masked_loss_sum(tuner.raw, batch(chat[0], {**chat[0], "loss": np.zeros(64, bool)}))
+    assert float(loss) == pytest.approx(float(plain), rel=1e-4)
+    with torch.no_grad():  # move the model away from its base
+        for p in tuner.raw.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    loss, _ = module(mixed)
+    ctx = chat_data.PackedAttention(mixed["docs"])
+    with torch.no_grad():
+        if lora:
+            with adapters_off(tuner.raw):
+                base = tuner.raw(mixed["inputs"], mixed["positions"], ctx)
+        else:
+            base = tuner._frozen(mixed["inputs"], mixed["positions"], ctx)
+        tuned = tuner.raw(mixed["inputs"], mixed["positions"], ctx)
+        sel = mixed["anchor"]
+        kl = F.kl_div(tuned[sel].log_softmax(-1), base[sel].log_softmax(-1), log_target=True, reduction="sum")
+        ce, _ = chat_data.masked_loss_sum(tuner.raw, batch(chat[0], {**chat[0], "loss": np.zeros(64, bool)}))
+    assert float(kl) > 0.01 and float(loss) == pytest.approx(float(ce) + 2.0 * float(kl), rel=1e-4)
+    loss.backward()  # the anchor's gradient reaches the trained weights only
+    assert all(p.grad is not None for p in tuner.raw.parameters() if p.requires_grad)

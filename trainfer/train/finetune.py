@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer.errors import TrainferError
@@ -52,6 +53,11 @@ class FineTuneConfig(TrainConfig):
     # `trainfer prepare` directory in the base's tokenizer, or "self": the base model's own samples
     general_data: str = ""
     general_share: float = 0.0
+    # > 0: the general rows are scored by KL(base || tuned) over the whole vocabulary at every position (times
+    # this weight) instead of cross-entropy on their tokens: the tuned model is pulled toward the base's whole
+    # distribution, not one sampled token. The base is the same model with its adapter off (LoRA) or a frozen
+    # copy (full fine-tuning).
+    general_kl: float = 0.0
     seq_len: int = 512
     batch_size: int = 4
     grad_accum: int = 2
@@ -72,6 +78,7 @@ class FineTuneConfig(TrainConfig):
             "epochs": self.epochs > 0,
             "val_fraction": 0 <= self.val_fraction < 1,
             "general_share": 0 <= self.general_share < 1,
+            "general_kl": self.general_kl >= 0 and (self.general_kl == 0 or self.general_share > 0),
             "lora_r": self.lora_r >= 1,
             "lora_alpha": self.lora_alpha > 0,
             "lora_dropout": 0 <= self.lora_dropout < 1,
@@ -84,14 +91,28 @@ class FineTuneConfig(TrainConfig):
 
 
 class MaskedLM(nn.Module):
-    """The step's forward as a module (what DDP wraps): summed loss over assistant targets and their count."""
+    """The step's forward as a module (what DDP wraps): summed loss over assistant targets and their count.
+    With `kl_weight`, positions marked `anchor` (general rows) score KL(base || model) instead, the base's
+    logits coming from `base_logits(batch)` without gradients."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, kl_weight: float = 0.0, base_logits=None) -> None:
         super().__init__()
         self.model = model
+        self.kl_weight, self.base_logits = kl_weight, base_logits
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        return chat_data.masked_loss_sum(self.model, batch)
+        anchor = batch.get("anchor")
+        if not self.kl_weight or anchor is None or not bool(anchor.any()):
+            return chat_data.masked_loss_sum(self.model, batch)
+        raw = getattr(self.model, "module", self.model)
+        h = raw.hidden_states(batch["inputs"], batch["positions"], chat_data.PackedAttention(batch["docs"]))
+        plain = batch["loss"] & ~anchor
+        loss = F.cross_entropy(raw.lm_head(h[plain]).float(), batch["targets"][plain], reduction="sum")
+        with torch.no_grad():
+            base = self.base_logits(batch)[anchor].float().log_softmax(-1)
+        tuned = raw.lm_head(h[anchor]).float().log_softmax(-1)
+        kl = (base.exp() * (base - tuned)).sum()
+        return loss + self.kl_weight * kl, int(batch["loss"].sum())
 
 
 class FineTuner(Trainer):
@@ -230,8 +251,23 @@ class FineTuner(Trainer):
 
     def forward_module(self) -> nn.Module:
         if not hasattr(self, "_loss_module"):
-            self._loss_module = MaskedLM(self.raw)
+            base = None
+            if self.cfg.general_kl and not self.cfg.lora:  # full fine-tuning: the base is a frozen copy
+                import copy
+
+                self._frozen = copy.deepcopy(self.raw).eval().requires_grad_(False)
+            if self.cfg.general_kl:
+                base = self.base_logits
+            self._loss_module = MaskedLM(self.raw, self.cfg.general_kl, base)
         return self._loss_module
+
+    def base_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """The base model's logits on the batch: the adapters switched off (LoRA), or the frozen copy."""
+        ctx = chat_data.PackedAttention(batch["docs"])
+        if not self.cfg.lora:
+            return self._frozen(batch["inputs"], batch["positions"], ctx)
+        with lora.adapters_off(self.raw):
+            return self.raw(batch["inputs"], batch["positions"], ctx)
 
     # ---- data order ------------------------------------------------------------------------------------
 
@@ -240,15 +276,16 @@ class FineTuner(Trainer):
         n = self.epoch_rows
         epoch, i = divmod(g, n)
         j = int(np.random.default_rng([self.cfg.seed, epoch]).permutation(n)[i])
+        T = self.cfg.seq_len
         if j < len(self.train_rows):
             p = self.train_rows
-            return {k: getattr(p, k)[j] for k in ("inputs", "targets", "loss", "positions", "docs")}
-        T = self.cfg.seq_len
+            row = {k: getattr(p, k)[j] for k in ("inputs", "targets", "loss", "positions", "docs")}
+            return {**row, "anchor": np.zeros(T, bool)}
         start = int(np.random.default_rng([self.cfg.seed, epoch, j]).integers(0, len(self.general) - T))
         window = self.general[start : start + T + 1].astype(np.int64)
         return {
             "inputs": window[:-1], "targets": window[1:], "loss": np.ones(T, bool),
-            "positions": np.arange(T), "docs": np.zeros(T, np.int64),
+            "positions": np.arange(T), "docs": np.zeros(T, np.int64), "anchor": np.ones(T, bool),
         }  # fmt: skip
 
     def micro_batches(self, first: int) -> list[dict[str, Tensor]]:

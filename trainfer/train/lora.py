@@ -10,6 +10,7 @@ reverse. See docs/finetune.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,21 @@ class LoRALinear(nn.Module):
 
 def lora_modules(model: Transformer) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The base model for the length of the block: every LoRA layer runs its frozen weight alone (the KL anchor
+    of fine-tuning gets the base's logits this way without a second copy of the model)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.active for m in layers]
+    for m in layers:
+        m.active = None
+    try:
+        yield
+    finally:
+        for m, name in zip(layers, saved, strict=True):
+            m.active = name
 
 
 def apply_lora(model: Transformer, cfg: LoRAConfig, name: str = "default", seed: int = 0) -> Transformer:
