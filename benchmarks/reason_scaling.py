@@ -155,10 +155,11 @@ def main() -> None:
 
         refs = {f"large {k} ({large_params / 1e6:.1f}M)": (r.accuracy, r.flops_per_problem)
                 for k, r in large_single.items()}  # fmt: skip
-        plot(small_rows + [r for r in large_rows if r.strategy == "self-consistency"
-                           for r in [type(r)(**{**asdict(r), "label": "large: self-consistency"})]],
-             args.plot, f"{DIGITS}-digit addition, {args.count} held-out problems: small ({small_params / 1e6:.2f}M) "
-             f"vs large", refs)  # fmt: skip
+        relabel = [type(r)(**{**asdict(r), "label": f"{who}: {r.label}"})
+                   for who, rows in [("small", small_rows), ("large", large_rows)] for r in rows
+                   if who == "small" or r.strategy == "self-consistency"]  # fmt: skip
+        plot(relabel, args.plot, f"{DIGITS}-digit addition, {args.count} held-out problems, both models trained on "
+             f"{tokens['small'] / 1e6:.1f}M tokens", refs)  # fmt: skip
         print(f"plot: {args.plot}")
     print(json.dumps({"cpu_flags": cpu_flags(), "tokens_trained": tokens, "params": {"small": small_params,
                       "large": large_params}, "small": [asdict(r) for r in small_rows],
