@@ -570,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("--task", default="add",
                    help="add | chain-sum | mul | compare | add-pad (the scratchpad format of a model trained on it) "
-                        "| rg:NAME (a reasoning-gym dataset, e.g. rg:chain_sum)")  # fmt: skip
+                        "| rg:NAME[:key=value,...] (a reasoning-gym dataset and its config, "
+                        "e.g. rg:chain_sum:max_terms=2)")  # fmt: skip
     p.add_argument("--strategy", action="append", choices=REASON_STRATEGIES,
                    help="repeatable (default greedy, cot, self-consistency)")  # fmt: skip
     p.add_argument("--budgets", default="1,2,4,8", help="samples per problem, comma-separated (default 1,2,4,8)")

@@ -197,8 +197,11 @@ def test_reasoning_gym_tasks_are_graded_by_their_own_scorer():
     problems = make("rg:chain_sum", 5, seed=3)
     assert problems == make("rg:chain_sum", 5, seed=3) and all(p.kind == "number" for p in problems)
     assert all(p.correct(p.answer) and not p.correct(p.answer + "1") and not p.correct(None) for p in problems)
-    with pytest.raises(TrainferError, match="reasoning-gym has no dataset"):
-        make("rg:no_such_task", 1)
+    easy = make("rg:chain_sum:max_terms=2,max_digits=1", 20, seed=3)
+    assert all(p.question.count(" + ") + p.question.count(" - ") == 1 and abs(int(p.answer)) < 19 for p in easy)
+    for bad in ["rg:no_such_task", "rg:chain_sum:max_terms", "rg:chain_sum:colour=3"]:
+        with pytest.raises(TrainferError, match="rg:|reasoning-gym cannot make"):
+            make(bad, 1)
 
 
 def test_evaluate_accuracy_and_compute_per_budget(tiny):

@@ -19,6 +19,7 @@ own arithmetic without knowing the reference answer (best-of-N's program verifie
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from collections.abc import Callable
@@ -137,16 +138,27 @@ def worked_corpus(count: int, seed: int, digits: tuple[int, int] = (1, 6), worke
     return out
 
 
-def reasoning_gym(name: str, count: int, seed: int) -> list[Problem]:
-    """Problems of a reasoning-gym dataset, graded by the dataset's own `score_answer` (1.0 = right)."""
+def reasoning_gym(spec: str, count: int, seed: int) -> list[Problem]:
+    """Problems of a reasoning-gym dataset, graded by the dataset's own `score_answer` (1.0 = right). `spec` is
+    NAME or NAME:key=value,... with the dataset's config, e.g. chain_sum:max_terms=2,max_digits=1."""
     try:
         import reasoning_gym
     except ImportError:
         raise TrainferError("rg: tasks need reasoning-gym (pip install reasoning-gym==0.1.25)") from None
+    name, _, options = spec.partition(":")
+    config = {}
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise TrainferError(f"rg:{spec}: expected key=value, got {item!r}")
+        config[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(config[key.strip()], str):
+            with contextlib.suppress(ValueError):
+                config[key.strip()] = float(value) if "." in value else int(value)
     try:
-        ds = reasoning_gym.create_dataset(name, size=count, seed=seed)
+        ds = reasoning_gym.create_dataset(name, size=count, seed=seed, **config)
     except Exception as e:  # its registry raises a bare error for an unknown name
-        raise TrainferError(f"reasoning-gym has no dataset {name!r}: {e}") from None
+        raise TrainferError(f"reasoning-gym cannot make {spec!r}: {e}") from None
     out = []
     for entry in ds:
         answer = str(entry["answer"])
