@@ -320,6 +320,11 @@ def cmd_cost(args: argparse.Namespace) -> None:
     elif args.what == "serve":
         report.serve(args.bench, args.price_per_hour, args.slo_ttft_ms, args.slo_tpot_ms, args.requests_per_day,
                      args.tokens_per_request, args.peak_to_average, args.json, args.plot)  # fmt: skip
+    elif args.what == "decode":
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+        report.decode(args.model, args.hardware or ["cpu-2vcpu", "l4", "h100-sxm"], load_table(args.prices), batches,
+                      args.bytes_per_param, args.context, args.bandwidth_efficiency, args.mfu, args.step_overhead_ms,
+                      args.calibrate, args.json)  # fmt: skip
     elif args.what == "lifetime":
         report.lifetime(args.training, args.serving_per_month, args.months, args.tuning, args.per_request_large,
                         args.per_request_small, args.json, args.plot)  # fmt: skip
@@ -789,6 +794,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", default="cpu-2vcpu", help="price-table row it ran on (default cpu-2vcpu)")
     p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed on other hardware (default 0.4)")
     p.add_argument("--full", action="store_true", help="also the full budget by the seed's cost shares")
+    p.add_argument("--prices", type=Path, help="a TOML price table whose rows replace the shipped ones")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cost)
+    p = cost.add_parser("decode", help="projected decode speed and $ per 1M tokens on other hardware (roofline)")
+    p.add_argument("model", help="the model whose shape is projected (alias, .gguf, directory, run)")
+    p.add_argument("--hardware", action="append", help="price-table rows (repeatable; default cpu-2vcpu, l4, h100-sxm)")
+    p.add_argument("--batch", default="1,16,64,256", help="sequences decoded together (default 1,16,64,256)")
+    p.add_argument("--bytes-per-param", type=float, default=2.0, help="2 for bf16, 1.06 int8, 0.63 int4 (default 2)")
+    p.add_argument("--context", type=int, default=256, help="tokens in each sequence's KV cache (default 256)")
+    p.add_argument("--bandwidth-efficiency", type=float, default=0.7, help="assumed share of bandwidth (default 0.7)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU when compute-bound (default 0.4)")
+    p.add_argument("--step-overhead-ms", type=float, default=0.5, help="assumed fixed cost per step (default 0.5)")
+    p.add_argument("--calibrate", type=Path, help="a `bench serve --json` report from the cpu-2vcpu row: "
+                   "print its measured speed next to the projection")  # fmt: skip
     p.add_argument("--prices", type=Path, help="a TOML price table whose rows replace the shipped ones")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cost)

@@ -204,3 +204,37 @@ def test_cli_train_and_lifetime(tmp_path):
     assert life.returncode == 0 and "after 8 months" in life.stdout and "50,000 requests" in life.stdout
     none = run_cli("train")
     assert none.returncode == 1 and "--flops" in none.stderr
+
+
+# H100 here: 3000 GB/s, 1e15 FLOP/s, $3/h. (weights, kv/token, flops/token, context, batch, bw eff, mfu, overhead ms)
+@pytest.mark.parametrize(
+    "args,step_ms,bound",
+    [((3e9, 0, 1e9, 0, 1, 1.0, 1.0, 0.0), 1.0, "memory"),  # 3 GB at 3000 GB/s = 1 ms
+     ((3e9, 0, 1e9, 0, 1, 0.5, 1.0, 0.25), 2.25, "memory"),  # half the bandwidth, + 0.25 ms
+     ((3e9, 1e6, 1e9, 1000, 2, 1.0, 1.0, 0.0), 1 + 2 * 1000 * 1e6 / 3e12 * 1e3, "memory"),  # + 2 GB of KV
+     ((3e9, 0, 1e12, 0, 10, 1.0, 0.5, 0.0), 20.0, "compute")],  # 1e13 FLOPs at 5e14 FLOP/s = 20 ms
+)  # fmt: skip
+def test_projected_decode_by_hand(args, step_ms, bound):
+    p = est.project_decode(H100, *args)
+    batch = args[4]
+    assert p.step_ms == pytest.approx(step_ms) and p.bound == bound
+    assert p.output_tok_s == pytest.approx(batch / (step_ms / 1000))
+    assert p.dollars_per_million == pytest.approx(3.0 / 3600 / p.output_tok_s * 1e6)
+    with pytest.raises(TrainferError, match="efficiencies"):
+        est.project_decode(H100, 1, 0, 1, 0, 1, 1.5, 0.5, 0)
+
+
+def test_cli_decode_projection(tmp_path):
+    from tests.conftest import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "m")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"levels": [level("concurrency 1", 100, 1, 0.1, 0.01)]}))
+    out = run_cli("decode", str(model), "--hardware", "h100-sxm", "--batch", "1,8", "--calibrate", str(bench),
+                  "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [p["batch"] for p in data["points"]] == [1, 8] and data["calibration"]["measured"] == 100
+    assert data["points"][1]["output_tok_s"] > data["points"][0]["output_tok_s"]  # batching amortizes the weights
+    bad = run_cli("decode", str(model), "--hardware", "tpu-v9")
+    assert bad.returncode == 1 and "no hardware 'tpu-v9'" in bad.stderr and "Traceback" not in bad.stderr

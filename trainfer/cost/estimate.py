@@ -100,6 +100,34 @@ def full_cost(compute_dollars: float) -> dict[str, float]:
 
 
 @dataclass
+class DecodePoint:
+    """Projected batched decode on one hardware row: a roofline, with every efficiency stated, not measured."""
+
+    hardware: str
+    batch: int
+    step_ms: float
+    bound: str  # memory | compute (which roofline term is larger); the step overhead is added to either
+    output_tok_s: float
+    dollars_per_million: float
+
+
+def project_decode(hw: Hardware, weight_bytes: float, kv_bytes_per_token: float, flops_per_token: float,
+                   context: int, batch: int, bandwidth_efficiency: float, mfu: float,
+                   step_overhead_ms: float) -> DecodePoint:  # fmt: skip
+    """One decode step of `batch` sequences at `context` tokens: it reads every weight once and each sequence's
+    KV cache, at `bandwidth_efficiency` x the row's memory bandwidth, or computes batch x flops_per_token at
+    `mfu` x its peak, whichever takes longer; plus a fixed per-step overhead (kernel launches, scheduling)."""
+    if not (0 < bandwidth_efficiency <= 1 and 0 < mfu <= 1) or batch < 1 or context < 0 or step_overhead_ms < 0:
+        raise TrainferError("efficiencies must be in (0, 1], batch >= 1, context and overhead >= 0")
+    memory_s = (weight_bytes + batch * context * kv_bytes_per_token) / (hw.memory_gbs * 1e9 * bandwidth_efficiency)
+    compute_s = batch * flops_per_token / (hw.peak_flops * mfu)
+    step_s = max(memory_s, compute_s) + step_overhead_ms / 1000
+    tok_s = batch / step_s
+    bound = "memory" if memory_s >= compute_s else "compute"
+    return DecodePoint(hw.name, batch, step_s * 1000, bound, tok_s, hw.price_per_hour / 3600 / tok_s * 1e6)
+
+
+@dataclass
 class ServePoint:
     level: str
     output_tok_s: float

@@ -141,6 +141,42 @@ def serve(bench: Path, price_per_hour: float, slo_ttft_ms: float, slo_tpot_ms: f
     show("serving cost", cols, rows, notes, data, as_json)
 
 
+def decode(model: str, hardware: list[str], table, batches: list[int], weight_bytes_per_param: float,
+           context: int, bandwidth_efficiency: float, mfu: float, step_overhead_ms: float,
+           calibrate: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Projected $ per 1M output tokens of a model's decode on price-table rows (and, with --calibrate, the same
+    projection for the machine a `bench serve` report was measured on next to what it measured)."""
+    from trainfer.io.loader import load_checkpoint
+    from trainfer.registry import resolve
+
+    cfg, _, _ = load_checkpoint(resolve(model), "float32")
+    weight_bytes = cfg.n_params * weight_bytes_per_param
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, 16-bit
+    per_token = 2 * cfg.n_params + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context  # + attention
+    points = [est.project_decode(table.get(h), weight_bytes, kv_bytes, per_token, context, b, bandwidth_efficiency,
+                                 mfu, step_overhead_ms) for h in hardware for b in batches]  # fmt: skip
+    rows = [[p.hardware, p.batch, p.bound, p.step_ms, p.output_tok_s, p.dollars_per_million] for p in points]
+    notes = [
+        f"{model}: {cfg.n_params / 1e6:.1f}M parameters at {weight_bytes_per_param:g} bytes each "
+        f"({weight_bytes / 1e6:.0f} MB read per step), KV {kv_bytes} bytes per token, context {context}",
+        f"PROJECTED, not measured: {bandwidth_efficiency:.0%} of the row's memory bandwidth, {mfu:.0%} MFU, "
+        f"{step_overhead_ms:g} ms per step of overhead (assumptions; prices from {', '.join(table.sources)})",
+    ]
+    data: dict[str, Any] = {"points": est.as_dict(points)}
+    if calibrate:
+        measured = est.read_bench(calibrate)[0]
+        hw = table.get("cpu-2vcpu")
+        p = est.project_decode(hw, weight_bytes, kv_bytes, per_token, context, 1, bandwidth_efficiency, mfu,
+                               step_overhead_ms)  # fmt: skip
+        ratio = measured["output_token_throughput"] / p.output_tok_s
+        notes.append(f"calibration: {calibrate} measured {measured['output_token_throughput']:.1f} output tok/s at "
+                     f"{measured['level']} on {hw.name}; the same projection says {p.output_tok_s:.1f} "
+                     f"(measured / projected = {ratio:.2f})")  # fmt: skip
+        data["calibration"] = {"measured": measured["output_token_throughput"], "projected": p.output_tok_s}
+    cols = ["hardware", "batch", "bound", "step ms", "output tok/s", "$ / 1M tokens"]
+    show("projected decode cost", cols, rows, notes, data, as_json)
+
+
 def lifetime(training: float, serving_per_month: float, months: int, tuning: float | None,
              per_request_large: float | None, per_request_small: float | None, as_json: bool,
              plot: Path | None = None) -> None:  # fmt: skip
