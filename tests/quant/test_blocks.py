@@ -74,6 +74,28 @@ def _quantized(kind, n, k):
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "fallback"])
 @pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_gradients_flow_to_the_input_through_a_frozen_quantized_weight(kind, use_native, monkeypatch):
+    """QLoRA's backward: d/dx of the native product equals d/dx of F.linear(x, dequantize(w)); the weight's
+    blocks get none (they are buffers)."""
+    if use_native and native.extension() is None:
+        pytest.skip("native kernel not built")
+    if not use_native:
+        monkeypatch.setattr("trainfer.quant.blocks.extension", lambda: None)
+    monkeypatch.setenv("TRAINFER_BF16_PREFILL", "0")
+    torch.manual_seed(7)
+    q, scale, mins = _quantized(kind, 48, 96)
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    ref = x.detach().clone().requires_grad_(True)
+    g = torch.randn(3, 5, 48)
+    (qlinear(x, q, scale, mins) * g).sum().backward()
+    (linear_reference(ref, q, scale, mins) * g).sum().backward()
+    assert torch.allclose(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference takes the plain native path
+        assert not qlinear(x, q, scale, mins).requires_grad
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "fallback"])
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 577, 576), (2, 5, 1536), (3, 64, 96), (4, 7, 64), (5, 33, 64),
                                    (16, 9, 64), (17, 33, 64), (64, 130, 576), (1, 49152, 64)])  # fmt: skip
 def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):

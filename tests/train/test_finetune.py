@@ -201,3 +201,29 @@ def test_kl_anchor_scores_general_rows_against_the_base(chat_model, tmp_path, lo
     assert float(kl) > 0.01 and float(loss) == pytest.approx(float(ce) + 2.0 * float(kl), rel=1e-4)
     loss.backward()  # the anchor's gradient reaches the trained weights only
     assert all(p.grad is not None for p in tuner.raw.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_lora_on_a_quantized_base_learns_and_applies_to_the_float_base(chat_model, tmp_path, kind):
+    """base_dtype int8/int4 (QLoRA-style): the frozen projections are quantized blocks, the adapters train through
+    them, and the saved adapter answers on the float base too (what a run directory loads)."""
+    from trainfer.llm import LLM
+    from trainfer.quant.blocks import QLinear
+    from trainfer.train.finetune import FineTuner
+
+    data = chat_file(tmp_path / "facts.jsonl")
+    settings = ["max_steps=60", "lr=1e-2", "batch_size=2", "grad_accum=1", "seq_len=64", "eval_every=60",
+                "warmup_steps=2", "dtype=float32", "val_fraction=0", "lora_dropout=0", "sample_tokens=0",
+                f"base_dtype={kind}"]  # fmt: skip
+    cfg = load_finetune_config(None, settings, base_model=str(chat_model), data=str(data),
+                               out_dir=str(tmp_path / "run"), lora=True)  # fmt: skip
+    tuner = FineTuner(cfg)
+    assert isinstance(tuner.raw.layers[0].self_attn.q_proj.base, QLinear)
+    assert tuner.raw.layers[0].self_attn.q_proj.base.kind == kind
+    result = finetune(cfg)
+    assert result.train.final_loss < 0.1, result.train.final_loss
+    llm = LLM.load(tmp_path / "run")
+    right = sum(llm.chat([{"role": "user", "content": q}], temperature=0, max_tokens=12).text == a for q, a in FACTS)
+    assert right >= 2, right  # the adapter learned against quantized weights, applied here to the float ones
+    with pytest.raises(Exception, match="base_dtype"):
+        load_finetune_config(None, [f"base_dtype={kind}"], base_model=str(chat_model), data=str(data), lora=False)

@@ -80,6 +80,27 @@ def qlinear(x: Tensor, q: Tensor, scale: Tensor, mins: Tensor | None = None, bia
     if ext is None or x.device.type != "cpu" or x.dtype != torch.float32:
         y = linear_reference(x, q, scale, mins).to(x.dtype)
         return y if bias is None else y + bias
+    if torch.is_grad_enabled() and x.requires_grad:  # training through a frozen quantized base (QLoRA)
+        return _QLinearGrad.apply(x, q, scale, mins, bias)
+    return _native_linear(ext, x, q, scale, mins, bias)
+
+
+class _QLinearGrad(torch.autograd.Function):
+    """The native product forward; backward passes the gradient to the input only (the quantized weight is
+    frozen): grad_x = grad_y @ dequantize(W), one transient fp32 copy of the weight per call."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, mins, bias):
+        ctx.save_for_backward(q, scale, mins)
+        return _native_linear(extension(), x, q, scale, mins, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale, mins = ctx.saved_tensors
+        return grad @ dequantize(q, scale, mins).to(grad.dtype), None, None, None, None
+
+
+def _native_linear(ext, x: Tensor, q: Tensor, scale: Tensor, mins: Tensor | None, bias: Tensor | None) -> Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     kind = KINDS["int8" if mins is None else "int4"]
     return ext.linear(flat, kind, q, scale, mins, bias, bf16_prefill()).reshape(*x.shape[:-1], q.shape[0])
