@@ -199,7 +199,7 @@ def test_kl_anchor_scores_general_rows_against_the_base(chat_model, tmp_path, lo
         sel = mixed["anchor"]
         kl = F.kl_div(tuned[sel].log_softmax(-1), base[sel].log_softmax(-1), log_target=True, reduction="sum")
         ce, _ = chat_data.masked_loss_sum(tuner.raw, batch(chat[0], {**chat[0], "loss": np.zeros(64, bool)}))
-    assert float(kl) > 0.01 and float(loss) == pytest.approx(float(ce) + 2.0 * float(kl), rel=1e-4)
+    assert float(kl) > 0.01 and loss.item() == pytest.approx(float(ce) + 2.0 * float(kl), rel=1e-4)
     loss.backward()  # the anchor's gradient reaches the trained weights only
     assert all(p.grad is not None for p in tuner.raw.parameters() if p.requires_grad)
 
