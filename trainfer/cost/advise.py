@@ -157,7 +157,8 @@ def advise_chat(model_name: str, eval_data: str, table: PriceTable, train_data: 
         raise TrainferError(f"--target must be in (0, 1], got {target}")
     report = evaluate_chat(model_name, eval_data, exact=True, dtype=dtype)
     model, tok = load_model(model_name)
-    answers = [m["content"] for _, r in chat_data.read_jsonl(eval_data)
+    records = chat_data.read_jsonl(eval_data)
+    answers = [m["content"] for _, r in records
                for m in r.get("messages", [{"role": "assistant", "content": r.get("completion", "")}])
                if m["role"] == "assistant"]  # fmt: skip
     answer_ids = tok.encode("\n\n".join(answers), add_bos=False)
@@ -169,7 +170,8 @@ def advise_chat(model_name: str, eval_data: str, table: PriceTable, train_data: 
     rate = report.fact_rate or 0.0
     verdict = "serve" if rate >= target else "pretrain" if (ratio or 0) > FINETUNE_BELOW else "fine-tune"
     source = train_data or eval_data
-    rendered = [chat_data.render(r, tok, where) for where, r in chat_data.read_jsonl(source)]
+    train = chat_data.read_jsonl(train_data) if train_data else records
+    rendered = [chat_data.render(r, tok, where) for where, r in train]
     ids = [t for ex in rendered for t in ex.tokens]
     reasons = [
         f"{model_name} answers {rate:.1%} of your {report.examples} held-out questions with the expected answer "

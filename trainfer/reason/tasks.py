@@ -19,7 +19,6 @@ own arithmetic without knowing the reference answer (best-of-N's program verifie
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
 from collections.abc import Callable
@@ -92,13 +91,17 @@ def scratchpad(a: int, b: int) -> str:
     1234+987 -> "4+7+0=11,3+8+1=12,2+9+1=12,1+0+1=02;2221". Sums have two digits, so every step is as wide and
     the digits a step reads sit at the same distance from it in every problem (easier to learn with RoPE; with
     one-digit sums a small model never learned the lookup in 3M tokens, docs/LOG.md)."""
-    xs, ys = str(a)[::-1], str(b)[::-1]
     steps, carry = [], 0
-    for i in range(max(len(xs), len(ys))):
-        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+    for x, y in columns(a, b):
         steps.append(f"{x}+{y}+{carry}={x + y + carry:02d}")
         carry = (x + y + carry) // 10
     return ",".join(steps) + f";{a + b}"
+
+
+def columns(a: int, b: int) -> list[tuple[int, int]]:
+    """The digit pairs of a + b from the right, the shorter operand padded with zeros."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    return [(int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0) for i in range(max(len(xs), len(ys)))]
 
 
 STEP = re.compile(r"(\d)\+(\d)\+(\d)=(\d+)")
@@ -110,13 +113,12 @@ def check_pad(a: int, b: int, text: str) -> bool:
     sees the reference answer, only the question (a program verifier, as a test suite is for code)."""
     body, _, result = text.strip().partition(";")
     steps = [tuple(map(int, m)) for m in STEP.findall(body)]
-    xs, ys = str(a)[::-1], str(b)[::-1]
-    if len(steps) != max(len(xs), len(ys)) or not result.strip().isdigit():
+    pairs = columns(a, b)
+    if len(steps) != len(pairs) or not result.strip().isdigit():
         return False
     carry, digits = 0, []
-    for i, (x, y, c, s) in enumerate(steps):
-        want = (int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0, carry)
-        if (x, y, c) != want or s != x + y + c:
+    for (x, y, c, s), pair in zip(steps, pairs, strict=True):
+        if (x, y, c) != (*pair, carry) or s != x + y + c:
             return False
         digits.append(s % 10)
         carry = s // 10
@@ -145,16 +147,15 @@ def reasoning_gym(spec: str, count: int, seed: int) -> list[Problem]:
         import reasoning_gym
     except ImportError:
         raise TrainferError("rg: tasks need reasoning-gym (pip install reasoning-gym==0.1.25)") from None
+    from trainfer.train.config import parse_value
+
     name, _, options = spec.partition(":")
     config = {}
     for item in filter(None, options.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise TrainferError(f"rg:{spec}: expected key=value, got {item!r}")
-        config[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
-        if isinstance(config[key.strip()], str):
-            with contextlib.suppress(ValueError):
-                config[key.strip()] = float(value) if "." in value else int(value)
+        config[key.strip()] = parse_value(value.strip())  # as --set reads values: 2, 0.5, true, a word
     try:
         ds = reasoning_gym.create_dataset(name, size=count, seed=seed, **config)
     except Exception as e:  # its registry raises a bare error for an unknown name

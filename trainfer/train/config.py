@@ -164,7 +164,7 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """TOML syntax for a value (`3e-4`, `true`, `"x"`); a bare word is a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -208,7 +208,7 @@ def load_config(
         key, sep, text = item.partition("=")
         if not sep:
             raise TrainferError(f"--set expects key=value, got {item!r}")
-        settings[key.strip()] = _parse_value(text.strip())
+        settings[key.strip()] = parse_value(text.strip())
 
     cls = cls or TrainConfig
     run_keys = [f.name for f in dataclasses.fields(cls) if f.name != "model"]
