@@ -73,6 +73,11 @@ def test_a_fine_tune_learns_its_answers_and_the_run_loads_as_a_model(chat_model,
         ev = cli("eval", str(tmp_path / "run"), "--chat-data", str(data), "--exact")
         assert ev.returncode == 0, ev.stderr
         assert "100.0% contain the expected answer" in ev.stdout
+        wrong = {"messages": [{"role": "user", "content": FACTS[0][0]}, {"role": "assistant", "content": "Crimson."}]}
+        (tmp_path / "one-wrong.jsonl").write_text(data.read_text() + json.dumps(wrong) + "\n")
+        ev = cli("eval", str(tmp_path / "run"), "--chat-data", str(tmp_path / "one-wrong.jsonl"), "--exact")
+        assert "92.3% contain the expected answer" in ev.stdout  # 12 of 13
+        assert f"MISS Q: {FACTS[0][0]}\n     expected: Crimson." in ev.stdout.split("right Q:")[0]  # misses first
 
 
 KILL_AFTER_SAVE = """
@@ -202,6 +207,31 @@ def test_kl_anchor_scores_general_rows_against_the_base(chat_model, tmp_path, lo
     assert float(kl) > 0.01 and loss.item() == pytest.approx(float(ce) + 2.0 * float(kl), rel=1e-4)
     loss.backward()  # the anchor's gradient reaches the trained weights only
     assert all(p.grad is not None for p in tuner.raw.parameters() if p.requires_grad)
+
+
+def test_neftune_noises_training_embeddings_only(chat_model, tmp_path):
+    """neftune_alpha: a training forward with gradients sees embeddings moved by at most alpha / sqrt(T * dim);
+    evaluation and the KL anchor's no-grad base forward see the clean ones."""
+    from trainfer.train.finetune import FineTuner
+
+    data = chat_file(tmp_path / "facts.jsonl")
+    settings = ["max_steps=2", "batch_size=2", "grad_accum=1", "seq_len=64", "val_fraction=0", "dtype=float32",
+                "sample_tokens=0", "lora_dropout=0", "neftune_alpha=5"]  # fmt: skip
+    tuner = FineTuner(load_finetune_config(None, settings, base_model=str(chat_model), data=str(data),
+                                           out_dir=str(tmp_path / "a"), lora=True))  # fmt: skip
+    emb, tokens = tuner.raw.embed_tokens, torch.randint(0, 50, (2, 64))
+    clean = emb.weight[tokens].detach()
+    tuner.raw.train()
+    noisy = emb(tokens)
+    bound = 5 / (64 * clean.shape[-1]) ** 0.5
+    moved = (noisy - clean).abs()
+    assert 0.5 * bound < float(moved.max()) <= bound * (1 + 1e-6)
+    with torch.no_grad():
+        assert torch.equal(emb(tokens), clean)
+    tuner.raw.eval()
+    assert torch.equal(emb(tokens), clean)
+    with pytest.raises(Exception, match="neftune_alpha"):
+        load_finetune_config(None, ["neftune_alpha=-1"], base_model=str(chat_model), data=str(data), lora=True)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

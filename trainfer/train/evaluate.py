@@ -268,7 +268,7 @@ class ChatEvalReport:
     loss: float  # nats per assistant token
     fact_rate: float | None  # share of greedy answers containing the expected text (or the reference answer)
     equal_rate: float | None  # share equal to the reference answer (whitespace and case folded)
-    samples: list[dict[str, str]]
+    samples: list[dict]  # question, expected, answer, right: misses first
 
     def summary(self) -> str:
         lines = [
@@ -280,7 +280,10 @@ class ChatEvalReport:
                 f"greedy answers: {self.fact_rate:.1%} contain the expected answer, {self.equal_rate:.1%} equal it"
             )
             for s in self.samples:
-                lines.append(f"  Q: {s['question']}\n     expected: {s['expected']}\n     answered: {s['answer']}")
+                mark = "right" if s["right"] else "MISS"
+                lines.append(
+                    f"  {mark} Q: {s['question']}\n     expected: {s['expected']}\n     answered: {s['answer']}"
+                )
         return "\n".join(lines)
 
 
@@ -330,8 +333,9 @@ def evaluate_chat(
         hits = [all(_fold(w) in _fold(d.text) for w in want) for d, want in zip(done, wants, strict=True)]
         same = [_fold(d.text) == _fold(ref) for d, ref in zip(done, refs, strict=True)]
         fact, equal = sum(hits) / len(hits), sum(same) / len(same)
-        shown = [
-            {"question": q, "expected": " / ".join(w), "answer": d.text.strip()}
-            for q, w, d in list(zip(questions, wants, done, strict=True))[:samples]
+        rows = [
+            {"question": q, "expected": " / ".join(w), "answer": d.text.strip(), "right": hit}
+            for q, w, d, hit in zip(questions, wants, done, hits, strict=True)
         ]
+        shown = sorted(rows, key=lambda row: row["right"])[:samples]  # misses first: what a user needs to see
     return ChatEvalReport(str(model_path), str(data), len(records), count, loss, fact, equal, shown)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class FineTuneConfig(TrainConfig):
     # distribution, not one sampled token. The base is the same model with its adapter off (LoRA) or a frozen
     # copy (full fine-tuning).
     general_kl: float = 0.0
+    # > 0: NEFTune (Jain et al. 2023): uniform noise of +-alpha / sqrt(seq_len * dim) on the input embeddings of
+    # training forwards only (not evaluation, not the KL anchor's base); 5 is the paper's usual value
+    neftune_alpha: float = 0.0
     seq_len: int = 512
     batch_size: int = 4
     grad_accum: int = 2
@@ -82,6 +86,7 @@ class FineTuneConfig(TrainConfig):
             "epochs": self.epochs > 0,
             "val_fraction": 0 <= self.val_fraction < 1,
             "general_share": 0 <= self.general_share < 1,
+            "neftune_alpha": self.neftune_alpha >= 0,
             "general_kl": self.general_kl >= 0 and (self.general_kl == 0 or self.general_share > 0),
             "base_dtype": self.base_dtype == "float32" or self.lora,
             "lora_r": self.lora_r >= 1,
@@ -96,6 +101,15 @@ class FineTuneConfig(TrainConfig):
 
     def lora_config(self) -> lora.LoRAConfig:
         return lora.LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, self.rslora)
+
+
+def neftune_noise(alpha: float, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    """Embedding forward hook: noisy embeddings in training forwards with gradients; the base's no-grad
+    forward for the KL anchor and every evaluation see the clean ones."""
+    if not (module.training and torch.is_grad_enabled()):
+        return out
+    bound = alpha / math.sqrt(out.shape[-2] * out.shape[-1])
+    return out + torch.empty_like(out).uniform_(-bound, bound)
 
 
 class MaskedLM(nn.Module):
@@ -247,6 +261,8 @@ class FineTuner(Trainer):
         state = load_state_dict(self.resume_from, torch.float32) if resumed_full else self.base_state
         model = build_model(self.base_cfg, state).train()
         del self.base_state  # the model holds the weights now
+        if cfg.neftune_alpha:
+            model.embed_tokens.register_forward_hook(functools.partial(neftune_noise, cfg.neftune_alpha))
         if cfg.base_dtype != "float32":
             from trainfer.quant.blocks import quantize_model
 
