@@ -23,7 +23,7 @@ def tiny_model(tmp_path, kind: str, weights: str, **overrides):
     return model if weights == "float32" else quantize_model(model, weights)
 
 
-def compare_both_paths(engine: Engine) -> tuple[list[float], set[str]]:
+def compare_both_paths(engine: Engine, same_argmax: bool = True) -> tuple[list[float], set[str]]:
     """Run every batch with decoding sequences twice, all through the modules then as the runner does (native
     step, or native step + modules for a mixed batch), from the same cache state; return the largest logit
     difference of each (relative to the logits' scale) and keep the runner's result."""
@@ -40,7 +40,7 @@ def compare_both_paths(engine: Engine) -> tuple[list[float], set[str]]:
         runner.pool.k.copy_(k), runner.pool.v.copy_(v)
         got = run(batch, rows)
         diffs.append(float((got - want).abs().max() / want.abs().max()))
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert torch.equal(got.argmax(-1), want.argmax(-1)) or not same_argmax
         return got
 
     runner.run = both
@@ -50,18 +50,24 @@ def compare_both_paths(engine: Engine) -> tuple[list[float], set[str]]:
 @pytest.mark.parametrize("weights", ["float32", "int8", "int4"])
 @pytest.mark.parametrize("kind,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
                                             ("qwen2", {})], ids=["llama", "tied", "qwen2-bias"])  # fmt: skip
-def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, bf16, monkeypatch):
+    """fp32 products: equal up to summation order. bf16 products (more than 4 rows of int8 / int4 weights on a CPU
+    with AVX512_BF16): both paths round the same inputs, up to the last bits that differ before rounding."""
+    if bf16 and (weights == "float32" or not native.extension().bf16_gemm):
+        pytest.skip("bf16 products apply to int8 / int4 weights on CPUs with AVX512_BF16")
+    monkeypatch.setenv("TRAINFER_BF16", "1" if bf16 else "0")
     model = tiny_model(tmp_path, kind, weights, **overrides)
     engine = Engine(model, ByteTokenizer(), num_blocks=96, block_size=4, max_num_batched_tokens=64)
     assert engine.runner.decoder is not None
-    diffs, kinds = compare_both_paths(engine)
+    diffs, kinds = compare_both_paths(engine, same_argmax=not bf16)
     shared = list(range(3, 40))  # 9 full blocks shared through the prefix cache by the later prompts
     prompts = [[5, 17, 99], shared, shared + [7, 8], list(range(100, 106)), [200]]
     prompts += [[i, i + 1] for i in range(20, 32)]  # 17 sequences: the batch shrinks past 16 as they finish
     params = [SamplingParams(max_tokens=6 + i % 5, temperature=0, ignore_eos=True) for i in range(len(prompts))]
     engine.run(prompts, params)
     assert kinds == {"all decode", "mixed"}  # max_num_batched_tokens makes later prompts join running decodes
-    assert len(diffs) >= 8 and max(diffs) < 1e-5, max(diffs)
+    assert len(diffs) >= 8 and max(diffs) < (1e-2 if bf16 else 1e-5), max(diffs)
     engine.pool.check_idle()
 
 
@@ -96,7 +102,7 @@ def test_the_step_checks_what_it_is_given(tmp_path):
     def step(**changes):
         a = {**args, **changes}
         return engine.runner.decoder.step(a["tokens"], cos, sin, pool.k, pool.v, a["tables"], a["lengths"], 4,
-                                          torch.tensor([0]))  # fmt: skip
+                                          torch.tensor([0]), False)  # fmt: skip
 
     assert step().shape == (1, 256)
     with pytest.raises(RuntimeError, match="block id"):

@@ -81,7 +81,7 @@ def test_gradients_flow_to_the_input_through_a_frozen_quantized_weight(kind, use
         pytest.skip("native kernel not built")
     if not use_native:
         monkeypatch.setattr("trainfer.quant.blocks.extension", lambda: None)
-    monkeypatch.setenv("TRAINFER_BF16_PREFILL", "0")
+    monkeypatch.setenv("TRAINFER_BF16", "0")
     torch.manual_seed(7)
     q, scale, mins = _quantized(kind, 48, 96)
     x = torch.randn(3, 5, 96, requires_grad=True)
@@ -105,7 +105,7 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
         pytest.skip("native kernel not built")
     if not use_native:
         monkeypatch.setattr("trainfer.quant.blocks.extension", lambda: None)
-    monkeypatch.setenv("TRAINFER_BF16_PREFILL", "0")  # fp32 throughout: the bf16 GEMM has its own test
+    monkeypatch.setenv("TRAINFER_BF16", "0")  # fp32 throughout: bf16 products have their own test
     torch.manual_seed(m * 1000 + n + k)
     q, scale, mins = _quantized(kind, n, k)
     bias = torch.randn(n)
@@ -118,21 +118,27 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_prefill_products_in_bf16_stay_within_bf16_rounding(kind, monkeypatch):
-    """From 64 rows, on CPUs with AVX512_BF16, the GEMM runs in bf16: within bf16's rounding of the fp32 result;
-    below 64 rows (or with TRAINFER_BF16_PREFILL=0) it is fp32."""
+def test_products_of_more_than_4_rows_run_in_bf16_within_its_rounding(kind, monkeypatch):
+    """On CPUs with AVX512_BF16, products of more than 4 input rows (batched decode's tiles, prefill's GEMM) run in
+    bf16: within bf16's rounding of the fp32 result; up to 4 rows (or with TRAINFER_BF16=0) they are fp32."""
     ext = native.extension()
     if ext is None or not ext.bf16_gemm:
-        pytest.skip("no bf16 GEMM on this CPU / build")
+        pytest.skip("no bf16 products on this CPU / build")
     torch.manual_seed(7)
-    q, scale, mins = _quantized(kind, 300, 576)
-    x = torch.randn(64, 576)
-    want = linear_reference(x, q, scale, mins)
-    got = qlinear(x, q, scale, mins)
-    err = float((got - want).abs().max() / want.abs().max())
-    assert 1e-5 < err < 1e-2, err  # visibly bf16, and no worse than bf16
-    monkeypatch.setenv("TRAINFER_BF16_PREFILL", "0")
-    assert torch.allclose(qlinear(x, q, scale, mins), want, rtol=1e-5, atol=1e-4)
+    q, scale, mins = _quantized(kind, 301, 576)
+    bias = torch.randn(301)
+    for m in (4, 5, 16, 17, 64):
+        x = torch.randn(m, 576)
+        want = linear_reference(x, q, scale, mins) + bias
+        monkeypatch.setenv("TRAINFER_BF16", "1")
+        got = qlinear(x, q, scale, mins, bias)
+        err = float((got - want).abs().max() / want.abs().max())
+        if m <= 4:
+            assert err < 1e-5, (m, err)
+        else:
+            assert 1e-5 < err < 1e-2, (m, err)  # visibly bf16, and no worse than bf16
+        monkeypatch.setenv("TRAINFER_BF16", "0")
+        assert torch.allclose(qlinear(x, q, scale, mins, bias), want, rtol=1e-5, atol=1e-4)
 
 
 def test_native_kernel_refuses_bad_shapes():
@@ -211,10 +217,12 @@ def test_quantized_smollm2_answers_and_tracks_fp32(smollm2, kind):
 
 
 @pytest.mark.real
-def test_gguf_blocks_are_used_as_they_are(smollm2, smollm2_path):
+def test_gguf_blocks_are_used_as_they_are(smollm2, smollm2_path, monkeypatch):
     """SmolLM2's file is Q4_1 (every Linear) + Q8_0 (the tied embedding): with int4 those blocks are taken as they
     are, so its weights equal the fp32 dequantization exactly, and so do its logits up to summation order."""
     from trainfer import LLM
+
+    monkeypatch.setenv("TRAINFER_BF16", "0")  # fp32 products: bf16's rounding has its own test
     from trainfer.io.gguf import native_blocks
 
     blocks = native_blocks(smollm2_path, "int4")

@@ -16,6 +16,7 @@ from trainfer.infer import native_decode
 from trainfer.infer.kv_cache import BlockPool
 from trainfer.infer.sequence import Sequence
 from trainfer.model.transformer import Transformer
+from trainfer.quant.blocks import bf16_products
 
 
 def slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
@@ -240,5 +241,5 @@ class ModelRunner:
         hd = cos.shape[-1]
         return self.decoder.step(
             tokens, cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous(), self.pool.k, self.pool.v,
-            tables, torch.tensor(lengths), b, torch.tensor(sample_rows, dtype=torch.long),
+            tables, torch.tensor(lengths), b, torch.tensor(sample_rows, dtype=torch.long), bf16_products(),
         )  # fmt: skip

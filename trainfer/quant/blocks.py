@@ -103,14 +103,16 @@ class _QLinearGrad(torch.autograd.Function):
 def _native_linear(ext, x: Tensor, q: Tensor, scale: Tensor, mins: Tensor | None, bias: Tensor | None) -> Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     kind = KINDS["int8" if mins is None else "int4"]
-    return ext.linear(flat, kind, q, scale, mins, bias, bf16_prefill()).reshape(*x.shape[:-1], q.shape[0])
+    return ext.linear(flat, kind, q, scale, mins, bias, bf16_products()).reshape(*x.shape[:-1], q.shape[0])
 
 
-def bf16_prefill() -> bool:
-    """Whether products of 64 rows or more (prefill) may run as bf16 GEMMs: on CPUs with AVX512_BF16 they are
-    ~4.7x faster than fp32's, at a rounding cost measured by `trainfer quantize --report` (docs/LOG.md).
-    TRAINFER_BF16_PREFILL=0 keeps every product fp32, as decode always is."""
-    return os.environ.get("TRAINFER_BF16_PREFILL", "1") != "0"
+def bf16_products() -> bool:
+    """Whether int8 / int4 products of more than 4 input rows (batched decode, prefill) may run in bf16 (weights
+    and inputs rounded to bf16, fp32 sums): on CPUs with AVX512_BF16 the dot products are twice as wide and the
+    prefill GEMM ~4.7x faster than fp32's, at a rounding cost measured by `trainfer quantize --report`
+    (docs/LOG.md). Up to 4 rows (single-stream decode) products are always fp32. TRAINFER_BF16=0 keeps every
+    product fp32."""
+    return os.environ.get("TRAINFER_BF16", "1") != "0"
 
 
 class QLinear(nn.Module):

@@ -151,13 +151,13 @@ def format_report(model: str, rows: list[Row]) -> str:
             f"{100 * r.top1_agreement:>11.1f}% {100 * r.greedy_identical:>11.0f}% {100 * r.greedy_prefix:>13.0f}% "
             f"{r.positions:>10}"
         )
-    from trainfer.quant.blocks import bf16_prefill
+    from trainfer.quant.blocks import bf16_products
     from trainfer.quant.native import extension
 
     ext = extension()
-    if ext is not None and ext.bf16_gemm and bf16_prefill():
+    if ext is not None and ext.bf16_gemm and bf16_products():
         lines.append(
-            "note: int8 / int4 products of 64 rows or more (these scoring windows, prefill) ran as bf16 GEMMs on "
-            "this CPU (AVX512_BF16); TRAINFER_BF16_PREFILL=0 keeps them fp32"
+            "note: int8 / int4 products of more than 4 rows (these scoring windows, prefill, batched decode) ran in "
+            "bf16 on this CPU (AVX512_BF16); TRAINFER_BF16=0 keeps them fp32"
         )
     return "\n".join(lines)

@@ -264,11 +264,105 @@ inline void tile_rows(const Lin& L, int64_t n0, const float* X, int64_t M, float
   for (; i < M; ++i) tile<KIND, R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
 }
 
+// Where the CPU has bf16 dot products (AVX512_BF16): weights dequantized to bf16, and products in bf16.
+#ifdef __AVX512BF16__
+constexpr bool kBf16 = true;
+void dequant_row_bf16(const Lin& L, int64_t n, at::BFloat16* out) {
+  const int64_t nb = L.K / kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    const V s = vset(L.s[n * nb + b]);
+    const V m = L.kind == kQ4 ? vset(L.m[n * nb + b]) : vzero();
+    for (int c = 0; c < kChunksPerBlock; ++c) {
+      const V w = L.kind == kQ8 ? wvec<kQ8>(L, n, b, c, s, m) : wvec<kQ4>(L, n, b, c, s, m);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * kBlock + c * W), (__m256i)_mm512_cvtneps_pbh(w));
+    }
+  }
+}
+#else
+constexpr bool kBf16 = false;
+void dequant_row_bf16(const Lin&, int64_t, at::BFloat16*) { TORCH_CHECK(false, "built without AVX512_BF16"); }
+#endif
+
+#ifdef __AVX512BF16__
+// Y[i][r] (+)= sum_k x[i][k] w[r][k] for r < R, i < MB, both operands bf16 (nv vectors of 32 per row), accumulated
+// in fp32 by vdpbf16ps: 32 products per instruction where an fp32 FMA does 16.
+template <int R, int MB>
+inline void tile_bf16(const uint16_t* w, const uint16_t* x, int64_t K, float* Y, int64_t ldy, bool add,
+                      const float* bias) {
+  __m512 acc[R][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh xv[MB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) xv[i] = (__m512bh)_mm512_loadu_si512(x + i * K + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv, xv[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float b = bias ? bias[r] : 0.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float& y = Y[i * ldy + r];
+      y = (add ? y : 0.0f) + _mm512_reduce_add_ps(acc[r][i]) + b;
+    }
+  }
+}
+
+void to_bf16(const float* x, int64_t n, uint16_t* out) {  // n: a multiple of 16
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
+}
+
+// Tiles [t0, t1) for more than kM input rows in bf16: X converted once, each tile's rows dequantized once to bf16.
+template <int KIND>
+void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1) {
+  thread_local std::vector<uint16_t> xb, wb;
+  xb.resize(M * L.K);
+  wb.resize(kRows * L.K);
+  to_bf16(X, M * L.K, xb.data());
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * kRows, rows = std::min(kRows, L.N - n0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t b = 0; b < L.K / kBlock; b += 2) prefetch<KIND>(L, n0 + kRows + r, b);  // the next tile
+      dequant_row_bf16(L, n0 + r, reinterpret_cast<at::BFloat16*>(wb.data() + r * L.K));
+    }
+    const float* bias = L.bias ? L.bias + n0 : nullptr;
+    for (int64_t r0 = 0; r0 < rows; r0 += (rows == kRows ? kRows : 1)) {
+      const uint16_t* w = wb.data() + r0 * L.K;
+      float* y = Y + n0 + r0;
+      const float* b = bias ? bias + r0 : nullptr;
+      int64_t i = 0;
+      if (rows == kRows) {
+        for (; i + kM <= M; i += kM) tile_bf16<kRows, kM>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
+        for (; i < M; ++i) tile_bf16<kRows, 1>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
+      } else {
+        for (; i + kM <= M; i += kM) tile_bf16<1, kM>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
+        for (; i < M; ++i) tile_bf16<1, 1>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
+      }
+    }
+  }
+}
+#else
+template <int KIND>
+void tiles_bf16(const Lin&, const float*, int64_t, float*, bool, int64_t, int64_t) {
+  TORCH_CHECK(false, "built without AVX512_BF16");
+}
+#endif
+
 // Output-row tiles [t0, t1) of Y (M, N) (+)= X (M, K) @ w^T. Up to kM input rows, quantized weights turn into fp32 in
 // registers; beyond (batched decode), a tile's rows are dequantized once into an L1-sized buffer that every input
 // row then reads as fp32, instead of converting each weight once per group of kM input rows.
 template <int KIND>
-void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1) {
+void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1, bool bf16) {
+  if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, add, t0, t1);
   if (KIND != kF32 && M > kM) {
     thread_local std::vector<float> buf;
     buf.resize(kRows * L.K);
@@ -298,42 +392,24 @@ void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t 
   }
 }
 
-void tiles_any(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1) {
+void tiles_any(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1, bool bf16) {
   switch (L.kind) {
-    case kF32: return tiles<kF32>(L, X, M, Y, add, t0, t1);
-    case kQ8: return tiles<kQ8>(L, X, M, Y, add, t0, t1);
-    default: return tiles<kQ4>(L, X, M, Y, add, t0, t1);
+    case kF32: return tiles<kF32>(L, X, M, Y, add, t0, t1, false);
+    case kQ8: return tiles<kQ8>(L, X, M, Y, add, t0, t1, bf16);
+    default: return tiles<kQ4>(L, X, M, Y, add, t0, t1, bf16);
   }
 }
 
 // Inside an OpenMP parallel region: this thread's share of the tiles, then a barrier.
-void linear_team(const Lin& L, const float* X, int64_t M, float* Y, bool add = false) {
+void linear_team(const Lin& L, const float* X, int64_t M, float* Y, bool bf16, bool add = false) {
   const int64_t ntiles = (L.N + kRows - 1) / kRows;
   const int nt = omp_get_num_threads(), id = omp_get_thread_num();
   const int64_t per = (ntiles + nt - 1) / nt;
-  tiles_any(L, X, M, Y, add, std::min(ntiles, id * per), std::min(ntiles, (id + 1) * per));
+  tiles_any(L, X, M, Y, add, std::min(ntiles, id * per), std::min(ntiles, (id + 1) * per), bf16);
 #pragma omp barrier
 }
 
 
-#ifdef __AVX512BF16__
-constexpr bool kBf16Gemm = true;
-void dequant_row_bf16(const Lin& L, int64_t n, at::BFloat16* out) {
-  const int64_t nb = L.K / kBlock;
-  for (int64_t b = 0; b < nb; ++b) {
-    const V s = vset(L.s[n * nb + b]);
-    const V m = L.kind == kQ4 ? vset(L.m[n * nb + b]) : vzero();
-    for (int c = 0; c < kChunksPerBlock; ++c) {
-      const V w = L.kind == kQ8 ? wvec<kQ8>(L, n, b, c, s, m) : wvec<kQ4>(L, n, b, c, s, m);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * kBlock + c * W), (__m256i)_mm512_cvtneps_pbh(w));
-    }
-  }
-}
-#else
-constexpr bool kBf16Gemm = false;
-void dequant_row_bf16(const Lin&, int64_t, at::BFloat16*) { TORCH_CHECK(false, "built without AVX512_BF16"); }
-#endif
-constexpr int64_t kBf16Rows = 64;
 
 }  // namespace
 
@@ -348,7 +424,10 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, c10::option
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (M <= kFusedRows) {
-    at::parallel_for(0, (N + kRows - 1) / kRows, 8, [&](int64_t t0, int64_t t1) { tiles_any(L, xp, M, yp, false, t0, t1); });
+    const bool bf16 = allow_bf16 && kBf16;
+    at::parallel_for(0, (N + kRows - 1) / kRows, 8, [&](int64_t t0, int64_t t1) {
+      tiles_any(L, xp, M, yp, false, t0, t1, bf16);
+    });
     return y;
   }
   // Many rows (prefill, big batches): dequantize a chunk of output rows into a cache-sized buffer and let torch's
@@ -356,7 +435,7 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, c10::option
   // has bf16 dot products (AVX512_BF16) and the chunk is a real prefill (>= 64 rows), the GEMM runs in bf16 (inputs
   // and output rounded to bf16, fp32 accumulation): measured 4.7x the fp32 GEMM's rate on such a CPU, at a rounding
   // error of the order of int8's own (docs/LOG.md); decode and small batches stay fp32.
-  const bool bf16 = allow_bf16 && kBf16Gemm && kind != kF32 && M >= kBf16Rows;
+  const bool bf16 = allow_bf16 && kBf16 && kind != kF32;
   const torch::Tensor xg = bf16 ? x.to(torch::kBFloat16) : x;
   const int64_t chunk = std::min<int64_t>(kChunk, N);
   auto buf = torch::empty({chunk, L.K}, xg.options());
@@ -515,7 +594,9 @@ class Decoder {
   // tokens (D,), cos/sin (D, hd), pools (L, slots, KV, hd), tables (D, nb) block ids, lengths (D,) keys including the
   // new token, rows: which sequences' logits to return -> (len(rows), vocab).
   torch::Tensor step(torch::Tensor tokens, torch::Tensor cos, torch::Tensor sin, torch::Tensor kpool,
-                     torch::Tensor vpool, torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows) {
+                     torch::Tensor vpool, torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows,
+                     bool allow_bf16) {
+    const bool bf16 = allow_bf16 && kBf16;
     const int64_t D = tokens.numel(), nb = tables.size(1), R = rows.numel();
     check(tokens, torch::kInt64, {D}, "tokens");
     check(cos, torch::kFloat32, {D, hd_}, "cos");
@@ -565,7 +646,7 @@ class Decoder {
 #pragma omp for
         for (int64_t d = 0; d < D; ++d)
           rmsnorm(x.data() + d * dim_, norms_[2 * l].data_ptr<float>(), eps_, dim_, h.data() + d * dim_);
-        linear_team(lin[0], h.data(), D, qkv.data());
+        linear_team(lin[0], h.data(), D, qkv.data(), bf16);
 #pragma omp for
         for (int64_t d = 0; d < D; ++d) {  // RoPE on q and k, then the new K/V into the sequence's slot
           float* r = qkv.data() + d * nqkv;
@@ -580,11 +661,11 @@ class Decoder {
           attend_head(qkv.data() + d * nqkv + head * hd_, kp, vp, tab + d * nb, len[d], bs, head / G, KV_, hd_, scale,
                       scores.data(), att.data() + d * H_ * hd_ + head * hd_);
         }
-        linear_team(lin[1], att.data(), D, x.data(), true);
+        linear_team(lin[1], att.data(), D, x.data(), bf16, true);
 #pragma omp for
         for (int64_t d = 0; d < D; ++d)
           rmsnorm(x.data() + d * dim_, norms_[2 * l + 1].data_ptr<float>(), eps_, dim_, h.data() + d * dim_);
-        linear_team(lin[2], h.data(), D, gu.data());
+        linear_team(lin[2], h.data(), D, gu.data(), bf16);
 #pragma omp for
         for (int64_t d = 0; d < D; ++d) {
           const float* gate = gu.data() + d * 2 * hidden_;
@@ -602,12 +683,12 @@ class Decoder {
             return vmul(vmul(g, u), vset(1.0f) / (vset(1.0f) + vexp(vzero() - g)));
           });
         }
-        linear_team(lin[3], act.data(), D, x.data(), true);
+        linear_team(lin[3], act.data(), D, x.data(), bf16, true);
       }
 #pragma omp for
       for (int64_t i = 0; i < R; ++i)
         rmsnorm(x.data() + row[i] * dim_, norms_.back().data_ptr<float>(), eps_, dim_, h.data() + i * dim_);
-      linear_team(head_, h.data(), R, out);
+      linear_team(head_, h.data(), R, out, bf16);
     }
     return logits;
   }
@@ -625,7 +706,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder")
       .def(pybind11::init<std::vector<Lin>, std::vector<torch::Tensor>, Lin, Lin, int64_t, int64_t, int64_t, double>())
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.attr("bf16_gemm") = kBf16Gemm;
+  m.attr("bf16_gemm") = kBf16;
   m.def("linear", &linear, "x @ w^T (+ bias) for fp32 / int8 / int4 weights (allow_bf16: prefill GEMMs in bf16)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize", &dequantize, "int8 / int4 blocks -> fp32 (N, K)");
