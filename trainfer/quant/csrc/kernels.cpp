@@ -8,11 +8,13 @@
 //   int4: q uint8 (N, K/2), w = q * s + m, q in 0..15 (llama.cpp Q4_1; Q4_0 is m = -8 s). Byte j of a block holds
 //         element j in its low nibble and element j + 16 in its high nibble, as in ggml.
 //
-// Activations stay fp32 (llama.cpp rounds them to Q8_0 blocks for integer dot products; measured here that was 7-15%
-// faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). Decode is memory-bound: each weight is
-// read from memory once per step and turned into fp32 in registers, where it meets up to four input rows at a time
-// (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead. Many rows (prefill): chunks of
-// output rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM.
+// Activations are never rounded to integers (llama.cpp rounds them to Q8_0 blocks for integer dot products; measured
+// here that was 7-15% faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). Single-stream decode
+// is memory-bound: each weight is read from memory once per step and turned into fp32 in registers, where it meets up
+// to four input rows at a time (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead.
+// More rows (batched decode) are bound by arithmetic: a tile's rows are dequantized once into an L1-sized buffer, in
+// bf16 for bf16 dot products where the CPU has them (the caller may forbid it). Many rows (prefill): chunks of output
+// rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM (bf16 likewise).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -278,14 +280,9 @@ void dequant_row_bf16(const Lin& L, int64_t n, at::BFloat16* out) {
     }
   }
 }
-#else
-constexpr bool kBf16 = false;
-void dequant_row_bf16(const Lin&, int64_t, at::BFloat16*) { TORCH_CHECK(false, "built without AVX512_BF16"); }
-#endif
 
-#ifdef __AVX512BF16__
-// Y[i][r] (+)= sum_k x[i][k] w[r][k] for r < R, i < MB, both operands bf16 (nv vectors of 32 per row), accumulated
-// in fp32 by vdpbf16ps: 32 products per instruction where an fp32 FMA does 16.
+// Y[i][r] (+)= sum_k x[i][k] w[r][k] for r < R, i < MB, both operands bf16 (rows of K), accumulated in fp32 by
+// vdpbf16ps: 32 products per instruction where an fp32 FMA does 16.
 template <int R, int MB>
 inline void tile_bf16(const uint16_t* w, const uint16_t* x, int64_t K, float* Y, int64_t ldy, bool add,
                       const float* bias) {
@@ -351,6 +348,8 @@ void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, bool add, int
   }
 }
 #else
+constexpr bool kBf16 = false;
+void dequant_row_bf16(const Lin&, int64_t, at::BFloat16*) { TORCH_CHECK(false, "built without AVX512_BF16"); }
 template <int KIND>
 void tiles_bf16(const Lin&, const float*, int64_t, float*, bool, int64_t, int64_t) {
   TORCH_CHECK(false, "built without AVX512_BF16");
@@ -359,7 +358,8 @@ void tiles_bf16(const Lin&, const float*, int64_t, float*, bool, int64_t, int64_
 
 // Output-row tiles [t0, t1) of Y (M, N) (+)= X (M, K) @ w^T. Up to kM input rows, quantized weights turn into fp32 in
 // registers; beyond (batched decode), a tile's rows are dequantized once into an L1-sized buffer that every input
-// row then reads as fp32, instead of converting each weight once per group of kM input rows.
+// row then reads (bf16 with `bf16` where the CPU has it, else fp32), instead of converting each weight once per
+// group of kM input rows.
 template <int KIND>
 void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1, bool bf16) {
   if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, add, t0, t1);
@@ -410,7 +410,6 @@ void linear_team(const Lin& L, const float* X, int64_t M, float* Y, bool bf16, b
 }
 
 
-
 }  // namespace
 
 // y = x @ w^T (+ bias) for x (M, K) fp32 and weights in one of the formats.
@@ -431,10 +430,10 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, c10::option
     return y;
   }
   // Many rows (prefill, big batches): dequantize a chunk of output rows into a cache-sized buffer and let torch's
-  // GEMM multiply it with all input rows; the weights are still read once per call in their format. Where the CPU
-  // has bf16 dot products (AVX512_BF16) and the chunk is a real prefill (>= 64 rows), the GEMM runs in bf16 (inputs
-  // and output rounded to bf16, fp32 accumulation): measured 4.7x the fp32 GEMM's rate on such a CPU, at a rounding
-  // error of the order of int8's own (docs/LOG.md); decode and small batches stay fp32.
+  // GEMM multiply it with all input rows; the weights are still read once per call in their format. With
+  // `allow_bf16` on a CPU with bf16 dot products (AVX512_BF16), the GEMM runs in bf16 (inputs and output rounded to
+  // bf16, fp32 accumulation): measured 4.7x the fp32 GEMM's rate on such a CPU, at a rounding error of the order of
+  // int8's own (docs/LOG.md). Up to kM rows (single-stream decode) products are always fp32.
   const bool bf16 = allow_bf16 && kBf16 && kind != kF32;
   const torch::Tensor xg = bf16 ? x.to(torch::kBFloat16) : x;
   const int64_t chunk = std::min<int64_t>(kChunk, N);
