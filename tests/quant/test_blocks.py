@@ -118,9 +118,11 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
+@torch.no_grad()
 def test_products_of_more_than_4_rows_run_in_bf16_within_its_rounding(kind, monkeypatch):
-    """On CPUs with AVX512_BF16, products of more than 4 input rows (batched decode's tiles, prefill's GEMM) run in
-    bf16: within bf16's rounding of the fp32 result; up to 4 rows (or with TRAINFER_BF16=0) they are fp32."""
+    """On CPUs with AVX512_BF16, inference products of more than 4 input rows (batched decode's tiles, prefill's
+    GEMM) run in bf16: within bf16's rounding of the fp32 result; up to 4 rows, with TRAINFER_BF16=0, or in a
+    forward that records gradients (training) they are fp32."""
     ext = native.extension()
     if ext is None or not ext.bf16_gemm:
         pytest.skip("no bf16 products on this CPU / build")
@@ -137,6 +139,10 @@ def test_products_of_more_than_4_rows_run_in_bf16_within_its_rounding(kind, monk
             assert err < 1e-5, (m, err)
         else:
             assert 1e-5 < err < 1e-2, (m, err)  # visibly bf16, and no worse than bf16
+        with torch.enable_grad():
+            assert torch.allclose(qlinear(x, q, scale, mins, bias), want, rtol=1e-5, atol=1e-4)
+            xg = x.clone().requires_grad_()
+            assert torch.allclose(qlinear(xg, q, scale, mins, bias), want, rtol=1e-5, atol=1e-4)
         monkeypatch.setenv("TRAINFER_BF16", "0")
         assert torch.allclose(qlinear(x, q, scale, mins, bias), want, rtol=1e-5, atol=1e-4)
 

@@ -82,7 +82,8 @@ def qlinear(x: Tensor, q: Tensor, scale: Tensor, mins: Tensor | None = None, bia
         return y if bias is None else y + bias
     if torch.is_grad_enabled() and x.requires_grad:  # training through a frozen quantized base (QLoRA)
         return _QLinearGrad.apply(x, q, scale, mins, bias)
-    return _native_linear(ext, x, q, scale, mins, bias)
+    # a forward that records gradients is training's: fp32 stays fp32 there (see bf16_products)
+    return _native_linear(ext, x, q, scale, mins, bias, bf16_products() and not torch.is_grad_enabled())
 
 
 class _QLinearGrad(torch.autograd.Function):
@@ -92,7 +93,7 @@ class _QLinearGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, scale, mins, bias):
         ctx.save_for_backward(q, scale, mins)
-        return _native_linear(extension(), x, q, scale, mins, bias)
+        return _native_linear(extension(), x, q, scale, mins, bias, False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -100,18 +101,21 @@ class _QLinearGrad(torch.autograd.Function):
         return grad @ dequantize(q, scale, mins).to(grad.dtype), None, None, None, None
 
 
-def _native_linear(ext, x: Tensor, q: Tensor, scale: Tensor, mins: Tensor | None, bias: Tensor | None) -> Tensor:
+def _native_linear(
+    ext, x: Tensor, q: Tensor, scale: Tensor, mins: Tensor | None, bias: Tensor | None, bf16: bool
+) -> Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     kind = KINDS["int8" if mins is None else "int4"]
-    return ext.linear(flat, kind, q, scale, mins, bias, bf16_products()).reshape(*x.shape[:-1], q.shape[0])
+    return ext.linear(flat, kind, q, scale, mins, bias, bf16).reshape(*x.shape[:-1], q.shape[0])
 
 
 def bf16_products() -> bool:
     """Whether int8 / int4 products of more than 4 input rows (batched decode, prefill) may run in bf16 (weights
     and inputs rounded to bf16, fp32 sums): on CPUs with AVX512_BF16 the dot products are twice as wide and the
     prefill GEMM ~4.7x faster than fp32's, at a rounding cost measured by `trainfer quantize --report`
-    (docs/LOG.md). Up to 4 rows (single-stream decode) products are always fp32. TRAINFER_BF16=0 keeps every
-    product fp32."""
+    (docs/LOG.md). Up to 4 rows (single-stream decode) products are always fp32, and so are those of a forward
+    that records gradients (a float32 QLoRA run on the tiny test model diverged with bf16 products: its loss at
+    init moved by 0.6 nats). TRAINFER_BF16=0 keeps every product fp32."""
     return os.environ.get("TRAINFER_BF16", "1") != "0"
 
 
