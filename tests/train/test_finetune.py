@@ -209,18 +209,26 @@ def test_kl_anchor_scores_general_rows_against_the_base(chat_model, tmp_path, lo
     assert all(p.grad is not None for p in tuner.raw.parameters() if p.requires_grad)
 
 
-def test_neftune_noises_training_embeddings_only(chat_model, tmp_path):
+@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
+def test_neftune_noises_training_embeddings_only(tmp_path, base_dtype):
     """neftune_alpha: a training forward with gradients sees embeddings moved by at most alpha / sqrt(T * dim);
-    evaluation and the KL anchor's no-grad base forward see the clean ones."""
+    evaluation and the KL anchor's no-grad base forward see the clean ones. Also on a quantized base, whose tied
+    embedding is a module that quantization puts in place."""
+    from tests.train.conftest import make_chat_model_dir
+    from trainfer.quant.blocks import QEmbedding
     from trainfer.train.finetune import FineTuner
 
+    chat_model = make_chat_model_dir(tmp_path / "tied", tied=True)
     data = chat_file(tmp_path / "facts.jsonl")
     settings = ["max_steps=2", "batch_size=2", "grad_accum=1", "seq_len=64", "val_fraction=0", "dtype=float32",
-                "sample_tokens=0", "lora_dropout=0", "neftune_alpha=5"]  # fmt: skip
+                "sample_tokens=0", "lora_dropout=0", "neftune_alpha=5", f"base_dtype={base_dtype}"]  # fmt: skip
     tuner = FineTuner(load_finetune_config(None, settings, base_model=str(chat_model), data=str(data),
                                            out_dir=str(tmp_path / "a"), lora=True))  # fmt: skip
     emb, tokens = tuner.raw.embed_tokens, torch.randint(0, 50, (2, 64))
-    clean = emb.weight[tokens].detach()
+    assert isinstance(emb, QEmbedding) == (base_dtype == "int8")
+    tuner.raw.eval()
+    with torch.no_grad():
+        clean = emb(tokens)
     tuner.raw.train()
     noisy = emb(tokens)
     bound = 5 / (64 * clean.shape[-1]) ** 0.5

@@ -261,12 +261,12 @@ class FineTuner(Trainer):
         state = load_state_dict(self.resume_from, torch.float32) if resumed_full else self.base_state
         model = build_model(self.base_cfg, state).train()
         del self.base_state  # the model holds the weights now
-        if cfg.neftune_alpha:
-            model.embed_tokens.register_forward_hook(functools.partial(neftune_noise, cfg.neftune_alpha))
         if cfg.base_dtype != "float32":
             from trainfer.quant.blocks import quantize_model
 
-            quantize_model(model, cfg.base_dtype)
+            quantize_model(model, cfg.base_dtype)  # a tied embedding becomes a new module: hook it after this
+        if cfg.neftune_alpha:
+            model.embed_tokens.register_forward_hook(functools.partial(neftune_noise, cfg.neftune_alpha))
         if cfg.lora:
             lora.apply_lora(model, cfg.lora_config(), seed=cfg.seed)
             if self.resume_from is not None:
