@@ -80,10 +80,12 @@ def qlinear(x: Tensor, q: Tensor, scale: Tensor, mins: Tensor | None = None, bia
     if ext is None or x.device.type != "cpu" or x.dtype != torch.float32:
         y = linear_reference(x, q, scale, mins).to(x.dtype)
         return y if bias is None else y + bias
-    if torch.is_grad_enabled() and x.requires_grad:  # training through a frozen quantized base (QLoRA)
-        return _QLinearGrad.apply(x, q, scale, mins, bias)
+    if not torch.is_grad_enabled():  # inference
+        return _native_linear(ext, x, q, scale, mins, bias, bf16_products())
     # a forward that records gradients is training's: fp32 stays fp32 there (see bf16_products)
-    return _native_linear(ext, x, q, scale, mins, bias, bf16_products() and not torch.is_grad_enabled())
+    if x.requires_grad:  # training through a frozen quantized base (QLoRA)
+        return _QLinearGrad.apply(x, q, scale, mins, bias)
+    return _native_linear(ext, x, q, scale, mins, bias, False)
 
 
 class _QLinearGrad(torch.autograd.Function):
