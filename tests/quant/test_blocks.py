@@ -117,6 +117,21 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
     assert torch.allclose(qlinear(x3, q, scale, mins), linear_reference(x3, q, scale, mins), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 3, 96), (1, 577, 576), (1, 49152, 64), (1, 9, 1536), (2, 5, 96),
+                                   (4, 7, 64), (5, 33, 64), (64, 130, 576)])  # fmt: skip
+def test_fp32_kernel_equals_f_linear(m, n, k):
+    """fp32 weights: one row streams each weight row whole (K a multiple of 64 and not), more rows take the tiles;
+    equal to F.linear up to summation order."""
+    ext = native.extension()
+    if ext is None:
+        pytest.skip("native kernel not built")
+    torch.manual_seed(m * 1000 + n + k)
+    w, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(m, k)
+    got, want = ext.linear(x, 0, w, None, None, bias, False), torch.nn.functional.linear(x, w, bias)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * k**0.5)
+    assert torch.allclose(ext.linear(x, 0, w, None, None, None, False), x @ w.T, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @torch.no_grad()
 def test_products_of_more_than_4_rows_run_in_bf16_within_its_rounding(kind, monkeypatch):

@@ -41,6 +41,7 @@ inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline V vset(float f) { return _mm512_set1_ps(f); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
 inline V q8_load(const int8_t* q) {
@@ -60,6 +61,7 @@ inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline V vset(float f) { return _mm256_set1_ps(f); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline float vsum(V v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -356,12 +358,38 @@ void tiles_bf16(const Lin&, const float*, int64_t, float*, bool, int64_t, int64_
 }
 #endif
 
+// fp32 weights against one input row (single-stream decode): a thread's rows n0..n1 are one contiguous stretch of
+// memory, read as one sequential stream, every line prefetched kAhead bytes ahead and marked non-temporal (each
+// weight is read once per step). Measured in the decode step against the 4-row tiles: 1.10-1.17x (docs/LOG.md).
+constexpr int kAhead = 1024;
+void rows_f32(const Lin& L, const float* x, float* Y, bool add, int64_t n0, int64_t n1) {
+  const int64_t K = L.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* p = L.w + n * K;
+    V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    int64_t k = 0;
+    for (; k + 4 * W <= K; k += 4 * W) {
+      const char* ahead = reinterpret_cast<const char*>(p + k) + kAhead;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4 * W * 4 / 64; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_NTA);
+      a0 = vfma(vload(p + k), vload(x + k), a0);
+      a1 = vfma(vload(p + k + W), vload(x + k + W), a1);
+      a2 = vfma(vload(p + k + 2 * W), vload(x + k + 2 * W), a2);
+      a3 = vfma(vload(p + k + 3 * W), vload(x + k + 3 * W), a3);
+    }
+    for (; k < K; k += W) a0 = vfma(vload(p + k), vload(x + k), a0);  // K is a multiple of 32: whole registers
+    float& y = Y[n];
+    y = (add ? y : 0.0f) + vsum(vadd(vadd(a0, a1), vadd(a2, a3))) + (L.bias ? L.bias[n] : 0.0f);
+  }
+}
+
 // Output-row tiles [t0, t1) of Y (M, N) (+)= X (M, K) @ w^T. Up to kM input rows, quantized weights turn into fp32 in
 // registers; beyond (batched decode), a tile's rows are dequantized once into an L1-sized buffer that every input
 // row then reads (bf16 with `bf16` where the CPU has it, else fp32), instead of converting each weight once per
 // group of kM input rows.
 template <int KIND>
 void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1, bool bf16) {
+  if (KIND == kF32 && M == 1) return rows_f32(L, X, Y, add, t0 * kRows, std::min(t1 * kRows, L.N));
   if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, add, t0, t1);
   if (KIND != kF32 && M > kM) {
     thread_local std::vector<float> buf;
