@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import make_hf_model
 from tests.infer.test_engine import ByteTokenizer
-from trainfer.bench import llama_bench, measure_engine
+from trainfer.bench import llama_bench, measure_engine, paired_decode
 from trainfer.io.loader import load_model
 from trainfer.llm import LLM
 
@@ -41,3 +41,20 @@ def test_llama_bench_output_is_parsed(tmp_path):
     fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(rows)}\nEOF\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     assert llama_bench(fake, tmp_path / "m.gguf", 2) == {"prefill_512_tok_s": 556.2, "decode_tok_s": 51.0}
+
+
+def test_paired_decode_alternates_rounds_and_takes_the_median_ratio(tiny_llm, tmp_path):
+    # A stand-in llama-bench that accepts only a generation-only run of the right length and reports 1,000 tok/s.
+    fake = tmp_path / "llama-bench"
+    rows = json.dumps([{"n_prompt": 0, "n_gen": 8, "avg_ts": 1000.0}])
+    fake.write_text(
+        f'#!/bin/sh\ncase "$*" in *"-p 0 -n 8 -r 1"*) ;; *) exit 3 ;; esac\necho "$*" >> {tmp_path}/calls\n'
+        f"cat <<'EOF'\n{rows}\nEOF\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    r = paired_decode(tiny_llm, fake, tmp_path / "m.gguf", 2, new_tokens=8, rounds=3)
+    assert len((tmp_path / "calls").read_text().splitlines()) == 3
+    assert r["rounds"] == 3 and r["llama_cpp_decode_tok_s"] == 1000.0
+    assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+    assert r["ratio_median"] == pytest.approx(r["decode_tok_s"] / 1000.0, rel=1e-2)
+    tiny_llm.engine.pool.check_idle()

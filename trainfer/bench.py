@@ -102,6 +102,28 @@ def llama_bench(binary: Path, gguf: Path, threads: int) -> dict[str, float]:
     return out
 
 
+def paired_decode(llm: LLM, binary: Path, gguf: Path, threads: int, new_tokens: int, rounds: int) -> dict:
+    """Single-stream decode of ours and llama-bench's tg in alternated rounds, and the median of the per-round
+    ratios: on a shared machine the bandwidth both are bound by drifts by tens of percent within minutes, so two
+    back-to-back blocks of runs can favour either side (docs/LOG.md)."""
+    rng = random.Random(3)
+    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(new_tokens), "-r", "1", "-o", "json"]
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(engine_decode(llm, random_prompt(16, llm.model.cfg.vocab_size, rng), new_tokens))
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        theirs.append(json.loads(out)[0]["avg_ts"])
+    ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+    return {
+        "rounds": rounds,
+        "decode_tok_s": round(statistics.median(ours), 1),
+        "llama_cpp_decode_tok_s": round(statistics.median(theirs), 1),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_min": round(ratios[0], 3),
+        "ratio_max": round(ratios[-1], 3),
+    }
+
+
 def measure_engine(llm: LLM, runs: int, new_tokens: int, concurrency: tuple[int, ...], bandwidth: float) -> dict:
     rng = random.Random(1)
     vocab = llm.model.cfg.vocab_size
@@ -192,6 +214,18 @@ def bench_decode(
                     f"-> trainfer decode is {r['decode_vs_transformers']}x",
                 )
             )
+        for name in PEERS.get(dtype, ()) if llama_bench_binary and llama_ggufs else ():
+            if name in llama_ggufs:
+                pair = paired_decode(llm, llama_bench_binary, llama_ggufs[name], threads, new_tokens, max(runs, 5))
+                r[f"paired_vs_llama_cpp_{name}"] = pair
+                rows.append(
+                    (
+                        f"alternated with llama.cpp {name}",
+                        f"decode {pair['decode_tok_s']} vs {pair['llama_cpp_decode_tok_s']} tok/s, per-round ratio "
+                        f"median {pair['ratio_median']}x ({pair['ratio_min']}-{pair['ratio_max']}, "
+                        f"{pair['rounds']} rounds)",
+                    )
+                )
         result[dtype] = r
     if llama_bench_binary and llama_ggufs:
         lc = {name: llama_bench(llama_bench_binary, path, threads) for name, path in llama_ggufs.items()}
