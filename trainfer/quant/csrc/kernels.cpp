@@ -12,6 +12,7 @@
 // here that was 7-15% faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). Single-stream decode
 // is memory-bound: each weight is read from memory once per step and turned into fp32 in registers, where it meets up
 // to four input rows at a time (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead.
+// fp32 weights against one input row are read instead as one sequential stream per thread (rows_f32).
 // More rows (batched decode) are bound by arithmetic: a tile's rows are dequantized once into an L1-sized buffer, in
 // bf16 for bf16 dot products where the CPU has them (the caller may forbid it). Many rows (prefill): chunks of output
 // rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM (bf16 likewise).
