@@ -128,3 +128,12 @@ def test_extreme_values_never_make_nan_probabilities():
     assert sample(penalized, SamplingParams(temperature=0.7, top_p=0.5), gen) in (0, 3)  # ... and still samples
     with pytest.raises(TrainferError, match="no finite logits"):
         sample(torch.full((4,), float("nan")), SamplingParams(temperature=1.0), gen)
+
+
+def test_greedy_skips_a_nan_logit_and_fails_only_when_nothing_is_finite():
+    gen = torch.Generator().manual_seed(0)
+    greedy = SamplingParams(temperature=0)
+    assert sample(torch.tensor([float("nan"), 1.0, 5.0, float("nan")]), greedy, gen) == 2
+    assert sample(torch.tensor([0.5, 1.0, 5.0, 4.0])[1:], greedy, gen) == 1  # a view: index within the row
+    with pytest.raises(TrainferError, match="no finite logits"):
+        sample(torch.full((4,), float("nan")), greedy, gen)

@@ -123,6 +123,7 @@ class ModelRunner:
         self._lora: list[nn.Module] | None = None  # found on first use: adapters are added after the runner
         self.device = model.embed_tokens.weight.device
         self.decoder = native_decode.build_decoder(model)  # before the split: it fuses projections in place
+        self._rope: tuple[Tensor, Tensor] | None = None  # cos / sin rows by position, for the native step
         parts = torch.get_num_threads()
         # bf16 small-batch matmuls have their own GEMV path, which the split did not beat (docs/LOG.md).
         if self.device.type == "cpu" and parts > 1 and model.embed_tokens.weight.dtype == torch.float32:
@@ -227,19 +228,28 @@ class ModelRunner:
             m.routing = routing
 
     def _native_decode(self, seqs: list[Sequence], sample_rows: list[int]) -> Tensor:
-        """One token for each sequence through the native Decoder (native_decode.py), same pool, same math."""
+        """One token for each sequence through the native Decoder (native_decode.py), same pool, same math.
+
+        Everything here is per token, so it is kept to a few tensor constructions: at int8 a step is ~4 ms and
+        building its inputs with small ops took ~0.15 ms of it (docs/LOG.md)."""
         b = self.pool.block_size
         lengths = [s.num_computed + 1 for s in seqs]
-        nb = max(-(-n // b) for n in lengths)
-        tables = torch.zeros(len(seqs), nb, dtype=torch.long)
-        for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
-            table = seq.block_table[: -(-n // b)]
-            tables[i, : len(table)] = torch.tensor(table)
-        positions = torch.tensor([[n - 1 for n in lengths]])
-        cos, sin = self.model.rope(positions, torch.float32)  # (1, D, 1, hd)
+        used = [-(-n // b) for n in lengths]  # blocks holding each sequence's keys
+        nb = max(used)
+        tables = torch.tensor([s.block_table[:u] + [0] * (nb - u) for s, u in zip(seqs, used, strict=True)])
+        cos, sin = self._rope_rows(torch.tensor(lengths) - 1)
         tokens = torch.tensor([s.token_ids[s.num_computed] for s in seqs])
-        hd = cos.shape[-1]
         return self.decoder.step(
-            tokens, cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous(), self.pool.k, self.pool.v,
-            tables, torch.tensor(lengths), b, torch.tensor(sample_rows, dtype=torch.long), bf16_products(),
+            tokens, cos, sin, self.pool.k, self.pool.v, tables, torch.tensor(lengths), b,
+            torch.tensor(sample_rows, dtype=torch.long), bf16_products(),
         )  # fmt: skip
+
+    def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and signed sin (D, hd) at `positions`, rows of a table grown by doubling (the model's own
+        rope() over all positions so far, so the same values as computing them per step)."""
+        top = int(positions.max()) + 1
+        if self._rope is None or top > self._rope[0].shape[0]:
+            n = max(top, 1024, 2 * (0 if self._rope is None else self._rope[0].shape[0]))
+            cos, sin = self.model.rope(torch.arange(n)[None], torch.float32)  # (1, n, 1, hd)
+            self._rope = cos.reshape(n, -1), sin.reshape(n, -1)
+        return self._rope[0][positions], self._rope[1][positions]

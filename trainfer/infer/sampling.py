@@ -132,7 +132,8 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     """One token id from a (vocab,) row of (already penalized) logits."""
     logits = logits.float()
     if params.greedy:  # one pass in the common case: argmax lands on a NaN if there is one, then look closer
-        best = int(logits.argmax())
+        # numpy's argmax over a 49k vocabulary: ~3 us against torch's ~35 us (its reduction machinery), per token
+        best = int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax())
         if math.isfinite(float(logits[best])):
             return best
     if torch.isnan(logits).all() or torch.isneginf(logits).all():
