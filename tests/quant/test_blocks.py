@@ -118,9 +118,9 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 3, 96), (1, 577, 576), (1, 49152, 64), (1, 9, 1536), (2, 5, 96),
-                                   (4, 7, 64), (5, 33, 64), (64, 130, 576)])  # fmt: skip
+                                   (2, 9, 32), (3, 5, 96), (4, 7, 64), (5, 33, 64), (64, 130, 576)])  # fmt: skip
 def test_fp32_kernel_equals_f_linear(m, n, k):
-    """fp32 weights: one row streams each weight row whole (K a multiple of 64 and not), more rows take the tiles;
+    """fp32 weights: one or two rows stream each weight row whole (K a multiple of 64 and not), more take the tiles;
     equal to F.linear up to summation order."""
     ext = native.extension()
     if ext is None:

@@ -12,7 +12,7 @@
 // here that was 7-15% faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). Single-stream decode
 // is memory-bound: each weight is read from memory once per step and turned into fp32 in registers, where it meets up
 // to four input rows at a time (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead.
-// fp32 weights against one input row are read instead as one sequential stream per thread (rows_f32).
+// fp32 weights against one or two input rows are read instead as one sequential stream per thread (rows_f32).
 // More rows (batched decode) are bound by arithmetic: a tile's rows are dequantized once into an L1-sized buffer, in
 // bf16 for bf16 dot products where the CPU has them (the caller may forbid it). Many rows (prefill): chunks of output
 // rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM (bf16 likewise).
@@ -359,28 +359,44 @@ void tiles_bf16(const Lin&, const float*, int64_t, float*, bool, int64_t, int64_
 }
 #endif
 
-// fp32 weights against one input row (single-stream decode): a thread's rows n0..n1 are one contiguous stretch of
-// memory, read as one sequential stream, every line prefetched kAhead bytes ahead and marked non-temporal (each
-// weight is read once per step). Measured in the decode step against the 4-row tiles: 1.10-1.17x (docs/LOG.md).
+// fp32 weights against one or two input rows (decode of one or two sequences): a thread's rows n0..n1 are one
+// contiguous stretch of memory, read as one sequential stream, every line prefetched kAhead bytes ahead and marked
+// non-temporal (each weight is read once per step). Measured in the decode step against the 4-row tiles: one row
+// 1.10-1.17x, two rows 1.10x, three 0.96x (docs/LOG.md).
 constexpr int kAhead = 1024;
-void rows_f32(const Lin& L, const float* x, float* Y, bool add, int64_t n0, int64_t n1) {
+template <int MB>
+void rows_f32(const Lin& L, const float* X, float* Y, int64_t ldy, bool add, int64_t n0, int64_t n1) {
   const int64_t K = L.K;
   for (int64_t n = n0; n < n1; ++n) {
     const float* p = L.w + n * K;
-    V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    V a[MB][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) a[i][j] = vzero();
     int64_t k = 0;
     for (; k + 4 * W <= K; k += 4 * W) {
       const char* ahead = reinterpret_cast<const char*>(p + k) + kAhead;
 #pragma GCC unroll 4
       for (int j = 0; j < 4 * W * 4 / 64; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_NTA);
-      a0 = vfma(vload(p + k), vload(x + k), a0);
-      a1 = vfma(vload(p + k + W), vload(x + k + W), a1);
-      a2 = vfma(vload(p + k + 2 * W), vload(x + k + 2 * W), a2);
-      a3 = vfma(vload(p + k + 3 * W), vload(x + k + 3 * W), a3);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const V w = vload(p + k + j * W);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) a[i][j] = vfma(w, vload(X + i * K + k + j * W), a[i][j]);
+      }
     }
-    for (; k < K; k += W) a0 = vfma(vload(p + k), vload(x + k), a0);  // K is a multiple of 32: whole registers
-    float& y = Y[n];
-    y = (add ? y : 0.0f) + vsum(vadd(vadd(a0, a1), vadd(a2, a3))) + (L.bias ? L.bias[n] : 0.0f);
+    for (; k < K; k += W) {
+      const V w = vload(p + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) a[i][0] = vfma(w, vload(X + i * K + k), a[i][0]);
+    }
+    const float bias = L.bias ? L.bias[n] : 0.0f;
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      float& y = Y[i * ldy + n];
+      y = (add ? y : 0.0f) + vsum(vadd(vadd(a[i][0], a[i][1]), vadd(a[i][2], a[i][3]))) + bias;
+    }
   }
 }
 
@@ -390,7 +406,10 @@ void rows_f32(const Lin& L, const float* x, float* Y, bool add, int64_t n0, int6
 // group of kM input rows.
 template <int KIND>
 void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1, bool bf16) {
-  if (KIND == kF32 && M == 1) return rows_f32(L, X, Y, add, t0 * kRows, std::min(t1 * kRows, L.N));
+  if (KIND == kF32 && M <= 2) {  // 3 and 4 rows: the tiles, which load each input vector once per 4 weight rows
+    const int64_t n0 = t0 * kRows, n1 = std::min(t1 * kRows, L.N);
+    return M == 1 ? rows_f32<1>(L, X, Y, L.N, add, n0, n1) : rows_f32<2>(L, X, Y, L.N, add, n0, n1);
+  }
   if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, add, t0, t1);
   if (KIND != kF32 && M > kM) {
     thread_local std::vector<float> buf;
