@@ -230,18 +230,19 @@ class ModelRunner:
     def _native_decode(self, seqs: list[Sequence], sample_rows: list[int]) -> Tensor:
         """One token for each sequence through the native Decoder (native_decode.py), same pool, same math.
 
-        Everything here is per token, so it is kept to a few tensor constructions: at int8 a step is ~4 ms and
-        building its inputs with small ops took ~0.15 ms of it (docs/LOG.md)."""
+        Everything here is per token, so it is kept to a few tensor constructions: at int8 a step is ~4 ms, and
+        building its inputs from small ops took ~0.11 ms (now ~0.07; docs/LOG.md)."""
         b = self.pool.block_size
         lengths = [s.num_computed + 1 for s in seqs]
         used = [-(-n // b) for n in lengths]  # blocks holding each sequence's keys
         nb = max(used)
         tables = torch.tensor([s.block_table[:u] + [0] * (nb - u) for s, u in zip(seqs, used, strict=True)])
-        cos, sin = self._rope_rows(torch.tensor(lengths) - 1)
+        lens = torch.tensor(lengths)
+        cos, sin = self._rope_rows(lens - 1)
         tokens = torch.tensor([s.token_ids[s.num_computed] for s in seqs])
         return self.decoder.step(
-            tokens, cos, sin, self.pool.k, self.pool.v, tables, torch.tensor(lengths), b,
-            torch.tensor(sample_rows, dtype=torch.long), bf16_products(),
+            tokens, cos, sin, self.pool.k, self.pool.v, tables, lens, b, torch.tensor(sample_rows, dtype=torch.long),
+            bf16_products(),
         )  # fmt: skip
 
     def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:

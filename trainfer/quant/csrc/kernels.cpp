@@ -378,7 +378,7 @@ void rows_f32(const Lin& L, const float* X, float* Y, int64_t ldy, bool add, int
     for (; k + 4 * W <= K; k += 4 * W) {
       const char* ahead = reinterpret_cast<const char*>(p + k) + kAhead;
 #pragma GCC unroll 4
-      for (int j = 0; j < 4 * W * 4 / 64; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_NTA);
+      for (int j = 0; j < 4 * W * 4 / 64; ++j) _mm_prefetch(ahead + 64 * j, _MM_HINT_NTA);  // the step's lines
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const V w = vload(p + k + j * W);
