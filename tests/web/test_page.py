@@ -134,7 +134,13 @@ def test_stop_aborts_the_generation_on_the_server(page, chat_server):
     page.wait_for_function(
         "() => Number(document.querySelector('.msg.assistant')?.dataset.chunks || 0) > 5", timeout=30_000
     )
-    assert "TTFT" in last_answer(page).locator(".stats").inner_text()  # live, before the answer is done
+    # live, before the answer is done: the stats are painted on the next animation frame, which may come after
+    # a few more chunks have landed, so wait for it while the answer is still streaming
+    page.wait_for_function(
+        "() => { const m = document.querySelector('.msg.assistant');"
+        " return m?.dataset.state === 'streaming' && m.querySelector('.stats').textContent.includes('TTFT'); }",
+        timeout=10_000,
+    )
     page.keyboard.press("Escape")  # Esc stops, as the Stop button does
     page.wait_for_selector(".msg.assistant[data-state='stopped']", timeout=10_000)
     deadline = time.time() + 10
