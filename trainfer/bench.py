@@ -93,12 +93,16 @@ def hf_decode(model, prompt: list[int], n: int, batch: int = 1) -> tuple[float, 
     return first, batch * (n - 1) / (timed(n) - first)
 
 
+def llama_bench_rows(binary: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int) -> list[dict]:
+    """llama-bench's JSON rows for a `prompt`-token prefill and a `gen`-token generation (0: skip), `reps` each."""
+    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", str(reps)]
+    return json.loads(subprocess.run([*cmd, "-o", "json"], capture_output=True, text=True, check=True).stdout)
+
+
 def llama_bench(binary: Path, gguf: Path, threads: int) -> dict[str, float]:
     """llama.cpp's own benchmark: 512-token prefill and 128-token generation, tokens/s."""
-    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", "512", "-n", "128", "-r", "3", "-o", "json"]
-    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     out = {}
-    for r in rows:
+    for r in llama_bench_rows(binary, gguf, threads, 512, 128, 3):
         key = "prefill_512_tok_s" if r["n_prompt"] else "decode_tok_s"
         out[key] = round(r["avg_ts"], 1)
     return out
@@ -109,12 +113,10 @@ def paired_decode(llm: LLM, binary: Path, gguf: Path, threads: int, new_tokens: 
     ratios: on a shared machine the bandwidth both are bound by drifts by tens of percent within minutes, so two
     back-to-back blocks of runs can favour either side (docs/LOG.md)."""
     rng = random.Random(3)
-    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(new_tokens), "-r", "1", "-o", "json"]
     ours, theirs = [], []
     for _ in range(rounds):
         ours.append(engine_decode(llm, random_prompt(16, llm.model.cfg.vocab_size, rng), new_tokens))
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        theirs.append(json.loads(out)[0]["avg_ts"])
+        theirs.append(llama_bench_rows(binary, gguf, threads, 0, new_tokens, 1)[0]["avg_ts"])
     ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
     return {
         "rounds": rounds,
