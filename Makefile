@@ -13,7 +13,7 @@ setup: $(STAMP) $(KERNEL)
 
 # The int8 matmul kernel (torch.utils.cpp_extension, the system g++, -march=native): ~20 s once. Without
 # it trainfer runs the same math in PyTorch (slower); the test suite checks that it built.
-$(KERNEL): trainfer/quant/csrc/kernels.cpp $(STAMP)
+$(KERNEL): trainfer/quant/csrc/kernels.cpp trainfer/quant/csrc/ggml_formats.h $(STAMP)
 	$(PY) -m trainfer.quant.native || echo "warning: the native int8 kernel did not build; using the PyTorch fallback"
 
 $(STAMP): pyproject.toml

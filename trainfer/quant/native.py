@@ -9,6 +9,7 @@ to float summation order). `TRAINFER_NATIVE=0` forces the PyTorch path (the test
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import os
@@ -23,14 +24,19 @@ NAME = "trainfer_native"
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 BUILD_DIR = Path(__file__).parent / "_build"
 # -march=native: the kernel is built on the machine that runs it (AVX2 at least; AVX-512 where present).
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffp-contract=off: a multiply and an add written apart stay apart (the GGUF formats dequantize bit-exactly as
+# gguf-py does); the FMAs the kernels want are written as FMAs.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
 
 def build(verbose: bool = False) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     BUILD_DIR.mkdir(exist_ok=True)
-    return load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+    # torch rebuilds when the source or the flags change, not a header: the headers' hash goes into the flags
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.h")))).hexdigest()[:16]
+    cflags = [*CFLAGS, f"-DTRAINFER_HEADERS={headers}"]
+    return load(NAME, [str(SOURCE)], extra_include_paths=[str(SOURCE.parent)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                 build_directory=str(BUILD_DIR), verbose=verbose)  # fmt: skip
 
 

@@ -81,6 +81,7 @@ inline V q4_load(const uint8_t* q, int c) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, _mm_set1_epi8(0x0F))));
 }
 #endif
+#include "ggml_formats.h"
 constexpr int kChunksPerBlock = kBlock / W;
 // Input rows multiplied per pass over a tile: the accumulators (kRows x kM vectors) must fit in registers.
 constexpr int kM = W == 16 ? 4 : 2;
@@ -94,8 +95,42 @@ struct Lin {
   const float* s = nullptr;    // (N, K / 32)
   const float* m = nullptr;    // (N, K / 32), int4 only
   const float* bias = nullptr; // (N,) or none
+  const uint8_t* raw = nullptr; // a GGUF tensor's own blocks (kind > kGgml), (N, rb) bytes
+  int64_t rb = 0;
+  std::vector<Lin> parts;      // a stack: these matrices' rows one after another (same K), none stored twice
   std::vector<torch::Tensor> keep;
 };
+
+// fn(std::integral_constant<int64_t, KIND>) for the kernel kind `kind`.
+template <typename Fn>
+void with_kind(int64_t kind, Fn fn) {
+  switch (kind) {
+    case kF32: return fn(std::integral_constant<int64_t, kF32>{});
+    case kQ8: return fn(std::integral_constant<int64_t, kQ8>{});
+    case kQ4: return fn(std::integral_constant<int64_t, kQ4>{});
+    case kF16: return fn(std::integral_constant<int64_t, kF16>{});
+    case kBF16: return fn(std::integral_constant<int64_t, kBF16>{});
+    case kQ8_0: return fn(std::integral_constant<int64_t, kQ8_0>{});
+    case kQ4_0: return fn(std::integral_constant<int64_t, kQ4_0>{});
+    case kQ4_1: return fn(std::integral_constant<int64_t, kQ4_1>{});
+    case kQ5_0: return fn(std::integral_constant<int64_t, kQ5_0>{});
+    case kQ5_1: return fn(std::integral_constant<int64_t, kQ5_1>{});
+    case kQ4_K: return fn(std::integral_constant<int64_t, kQ4_K>{});
+    case kQ5_K: return fn(std::integral_constant<int64_t, kQ5_K>{});
+    case kQ6_K: return fn(std::integral_constant<int64_t, kQ6_K>{});
+    default: TORCH_CHECK(false, "unknown weight kind ", kind);
+  }
+}
+
+// Bytes per block and weights per block of a GGUF kind.
+std::pair<int64_t, int64_t> ggml_geometry(int64_t kind) {
+  std::pair<int64_t, int64_t> out{0, 0};
+  with_kind(kind, [&](auto k) {
+    if constexpr (k.value > kGgml) out = {Fmt<k.value>::bytes, Fmt<k.value>::vals};
+  });
+  TORCH_CHECK(out.first > 0, "kind ", kind, " is not a GGUF block format");
+  return out;
+}
 
 void check(const torch::Tensor& t, c10::ScalarType type, std::vector<int64_t> shape, const char* what) {
   TORCH_CHECK(t.scalar_type() == type && t.is_contiguous() && t.device().is_cpu(), what, ": wrong dtype, layout or device");
@@ -107,6 +142,21 @@ Lin make_lin(int64_t kind, const torch::Tensor& w, const c10::optional<torch::Te
   Lin L;
   L.kind = kind;
   L.N = w.size(0);
+  if (kind > kGgml) {  // a GGUF tensor as it is in the file: (N, rb) bytes of whole blocks per row
+    const auto [bytes, vals] = ggml_geometry(kind);
+    TORCH_CHECK(w.dim() == 2 && w.size(1) % bytes == 0, "GGUF weights: (N, row bytes), whole blocks of ", bytes);
+    check(w, torch::kUInt8, {w.size(0), w.size(1)}, "GGUF weights");
+    L.rb = w.size(1);
+    L.K = L.rb / bytes * vals;
+    L.raw = w.data_ptr<uint8_t>();
+    L.keep.push_back(w);
+    if (bias.has_value()) {
+      check(*bias, torch::kFloat32, {L.N}, "bias");
+      L.bias = bias->data_ptr<float>();
+      L.keep.push_back(*bias);
+    }
+    return L;
+  }
   L.K = kind == kQ4 ? w.size(1) * 2 : w.size(1);
   TORCH_CHECK(w.dim() == 2 && L.K % kBlock == 0, "weights: (N, K) with K a multiple of 32");
   const int64_t nb = L.K / kBlock;
@@ -139,8 +189,30 @@ Lin make_lin(int64_t kind, const torch::Tensor& w, const c10::optional<torch::Te
   return L;
 }
 
+// Several matrices on the same input as one (qkv, gate|up) without copying them: their rows one after another.
+Lin make_stack(std::vector<Lin> parts) {
+  TORCH_CHECK(!parts.empty(), "a stack needs matrices");
+  Lin L;
+  L.kind = -1;
+  L.K = parts[0].K;
+  for (const Lin& P : parts) {
+    TORCH_CHECK(P.K == L.K && P.parts.empty(), "stacked matrices share their input size");
+    L.N += P.N;
+  }
+  L.parts = std::move(parts);
+  return L;
+}
+
+// Block row n, 32-weight group b of a GGUF-format Lin: its block's bytes and the group within the block.
+template <int64_t KIND>
+inline const uint8_t* raw_block(const Lin& L, int64_t n, int64_t b, int& g) {
+  constexpr int groups = Fmt<KIND>::vals / kBlock;
+  g = static_cast<int>(b % groups);
+  return L.raw + n * L.rb + (b / groups) * Fmt<KIND>::bytes;
+}
+
 // Chunk c of block b of weight row n, as fp32 (w = q * s, or q * s + m).
-template <int KIND>
+template <int64_t KIND>
 inline V wvec(const Lin& L, int64_t n, int64_t b, int c, V s, V m) {
   if constexpr (KIND == kF32) return vload(L.w + n * L.K + b * kBlock + c * W);
   if constexpr (KIND == kQ8) return vmul(q8_load(L.q8 + n * L.K + b * kBlock + c * W), s);
@@ -148,8 +220,14 @@ inline V wvec(const Lin& L, int64_t n, int64_t b, int c, V s, V m) {
 }
 
 // Block b of weight row n (past the last row: prefetches never fault).
-template <int KIND>
+template <int64_t KIND>
 inline void prefetch(const Lin& L, int64_t n, int64_t b) {
+  if constexpr (KIND > kGgml) {
+    constexpr int groups = Fmt<KIND>::vals / kBlock;
+    const uint8_t* p = L.raw + n * L.rb + (b / groups) * Fmt<KIND>::bytes + (b % groups) * Fmt<KIND>::bytes / groups;
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+    return;
+  }
   const void* p = KIND == kF32 ? static_cast<const void*>(L.w + n * L.K + b * kBlock)
                   : KIND == kQ8 ? static_cast<const void*>(L.q8 + n * L.K + b * kBlock)
                                 : static_cast<const void*>(L.q4 + n * (L.K / 2) + b * (kBlock / 2));
@@ -157,7 +235,7 @@ inline void prefetch(const Lin& L, int64_t n, int64_t b) {
 }
 
 // Y[i][n0 + r] (+)= sum_k X[i][k] w[n0 + r][k] for r < R, i < MB: R weight rows meet MB input rows in registers.
-template <int KIND, int R, int MB>
+template <int64_t KIND, int R, int MB>
 inline void tile(const Lin& L, int64_t n0, const float* X, float* Y, int64_t ldy, bool add) {
   V acc[R][MB];
 #pragma GCC unroll 8
@@ -183,6 +261,61 @@ inline void tile(const Lin& L, int64_t n0, const float* X, float* Y, int64_t ldy
         const V w = wvec<KIND>(L, n0 + r, b, c, s[r], m[r]);
 #pragma GCC unroll 8
         for (int i = 0; i < MB; ++i) acc[r][i] = vfma(w, x[i], acc[r][i]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float& y = Y[i * ldy + n0 + r];
+      y = (add ? y : 0.0f) + vsum(acc[r][i]) + bias;
+    }
+  }
+}
+
+// tile() for a GGUF block format: per (row, block) the groups' scales and mins are decoded once (for K-quants, 8 or
+// 16 of them), then per 32-weight group each W-weight chunk becomes fp32 in registers (through a lookup table on
+// AVX-512 for 4- and 5-bit formats) and meets MB input rows.
+template <int64_t KIND, int R, int MB>
+inline void tile_raw(const Lin& L, int64_t n0, const float* X, float* Y, int64_t ldy, bool add) {
+  using F = Fmt<KIND>;
+  constexpr int groups = F::vals / kBlock;
+  V acc[R][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[r][i] = vzero();
+  const int64_t K = L.K, nblk = K / F::vals;
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const uint8_t* p[R];
+    alignas(64) float s[R][16], m2[R][16];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      p[r] = L.raw + (n0 + r) * L.rb + blk * F::bytes;
+      const char* next = reinterpret_cast<const char*>(p[r] + R * L.rb);  // the next tile's row: loads in flight
+#pragma GCC unroll 4
+      for (int off = 0; off < F::bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      block_scales<KIND>(p[r], s[r], m2[r]);
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < groups; ++g) {
+      const float* xg = X + blk * F::vals + g * kBlock;
+      V x[MB][kChunksPerBlock];
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+        for (int c = 0; c < kChunksPerBlock; ++c) x[i][c] = vload(xg + i * K + c * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const GroupScale G = group_from<KIND>(s[r], m2[r], g);
+#pragma GCC unroll 4
+        for (int c = 0; c < kChunksPerBlock; ++c) {
+          const V w = group_weights<KIND>(p[r], g, c * W, G);
+#pragma GCC unroll 8
+          for (int i = 0; i < MB; ++i) acc[r][i] = vfma(w, x[i][c], acc[r][i]);
+        }
       }
     }
   }
@@ -238,8 +371,25 @@ inline void tile_q4(const Lin& L, int64_t n0, const float* X, float* Y, int64_t 
 }
 #endif
 
+// Row n of a GGUF-format Lin as fp32, exactly as gguf-py dequantizes it.
+template <int64_t KIND>
+void dequant_row_raw(const Lin& L, int64_t n, float* out) {
+  for (int64_t b = 0; b < L.K / kBlock; ++b) {
+    int g;
+    const uint8_t* p = raw_block<KIND>(L, n, b, g);
+    const GroupScale G = group_scale<KIND>(p, g);
+    for (int c = 0; c < kChunksPerBlock; ++c) vstore(out + b * kBlock + c * W, group_exact<KIND>(p, g, c * W, G));
+  }
+}
+
 void dequant_row(const Lin& L, int64_t n, float* out) {
   const int64_t K = L.K, nb = K / kBlock;
+  if (L.kind > kGgml) {
+    with_kind(L.kind, [&](auto k) {
+      if constexpr (k.value > kGgml) dequant_row_raw<k.value>(L, n, out);
+    });
+    return;
+  }
   if (L.kind == kF32) {
     std::copy(L.w + n * K, L.w + (n + 1) * K, out);
     return;
@@ -255,18 +405,21 @@ void dequant_row(const Lin& L, int64_t n, float* out) {
 }
 
 // Rows n0..n0+R-1 of the weights against all M input rows; Y's rows are ldy apart.
-template <int KIND, int R>
+template <int64_t KIND, int R>
 inline void tile_rows(const Lin& L, int64_t n0, const float* X, int64_t M, float* Y, int64_t ldy, bool add) {
   int64_t i = 0;
+  if constexpr (KIND > kGgml) {
+    for (; i + kM <= M; i += kM) tile_raw<KIND, R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
+    for (; i < M; ++i) tile_raw<KIND, R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
 #ifdef __AVX512F__
-  if constexpr (KIND == kQ4) {
+  } else if constexpr (KIND == kQ4) {
     for (; i + kM <= M; i += kM) tile_q4<R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
     for (; i < M; ++i) tile_q4<R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
-    return;
-  }
 #endif
-  for (; i + kM <= M; i += kM) tile<KIND, R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
-  for (; i < M; ++i) tile<KIND, R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
+  } else {
+    for (; i + kM <= M; i += kM) tile<KIND, R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
+    for (; i < M; ++i) tile<KIND, R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
+  }
 }
 
 // Where the CPU has bf16 dot products (AVX512_BF16): weights dequantized to bf16, and products in bf16.
@@ -274,6 +427,14 @@ inline void tile_rows(const Lin& L, int64_t n0, const float* X, int64_t M, float
 constexpr bool kBf16 = true;
 void dequant_row_bf16(const Lin& L, int64_t n, at::BFloat16* out) {
   const int64_t nb = L.K / kBlock;
+  if (L.kind > kGgml) {  // through an fp32 row: the GGUF formats' decoding is longer than the store
+    thread_local std::vector<float> row;
+    row.resize(L.K);
+    dequant_row(L, n, row.data());
+    for (int64_t j = 0; j < L.K; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + j)));
+    return;
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const V s = vset(L.s[n * nb + b]);
     const V m = L.kind == kQ4 ? vset(L.m[n * nb + b]) : vzero();
@@ -322,8 +483,8 @@ void to_bf16(const float* x, int64_t n, uint16_t* out) {  // n: a multiple of 16
 }
 
 // Tiles [t0, t1) for more than kM input rows in bf16: X converted once, each tile's rows dequantized once to bf16.
-template <int KIND>
-void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1) {
+template <int64_t KIND>
+void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
   thread_local std::vector<uint16_t> xb, wb;
   xb.resize(M * L.K);
   wb.resize(kRows * L.K);
@@ -341,11 +502,11 @@ void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, bool add, int
       const float* b = bias ? bias + r0 : nullptr;
       int64_t i = 0;
       if (rows == kRows) {
-        for (; i + kM <= M; i += kM) tile_bf16<kRows, kM>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
-        for (; i < M; ++i) tile_bf16<kRows, 1>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
+        for (; i + kM <= M; i += kM) tile_bf16<kRows, kM>(w, xb.data() + i * L.K, L.K, y + i * ldy, ldy, add, b);
+        for (; i < M; ++i) tile_bf16<kRows, 1>(w, xb.data() + i * L.K, L.K, y + i * ldy, ldy, add, b);
       } else {
-        for (; i + kM <= M; i += kM) tile_bf16<1, kM>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
-        for (; i < M; ++i) tile_bf16<1, 1>(w, xb.data() + i * L.K, L.K, y + i * L.N, L.N, add, b);
+        for (; i + kM <= M; i += kM) tile_bf16<1, kM>(w, xb.data() + i * L.K, L.K, y + i * ldy, ldy, add, b);
+        for (; i < M; ++i) tile_bf16<1, 1>(w, xb.data() + i * L.K, L.K, y + i * ldy, ldy, add, b);
       }
     }
   }
@@ -353,8 +514,8 @@ void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, bool add, int
 #else
 constexpr bool kBf16 = false;
 void dequant_row_bf16(const Lin&, int64_t, at::BFloat16*) { TORCH_CHECK(false, "built without AVX512_BF16"); }
-template <int KIND>
-void tiles_bf16(const Lin&, const float*, int64_t, float*, bool, int64_t, int64_t) {
+template <int64_t KIND>
+void tiles_bf16(const Lin&, const float*, int64_t, float*, int64_t, bool, int64_t, int64_t) {
   TORCH_CHECK(false, "built without AVX512_BF16");
 }
 #endif
@@ -404,13 +565,13 @@ void rows_f32(const Lin& L, const float* X, float* Y, int64_t ldy, bool add, int
 // registers; beyond (batched decode), a tile's rows are dequantized once into an L1-sized buffer that every input
 // row then reads (bf16 with `bf16` where the CPU has it, else fp32), instead of converting each weight once per
 // group of kM input rows.
-template <int KIND>
-void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1, bool bf16) {
+template <int64_t KIND>
+void tiles(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1, bool bf16) {
   if (KIND == kF32 && M <= 2) {  // 3 and 4 rows: the tiles, which load each input vector once per 4 weight rows
     const int64_t n0 = t0 * kRows, n1 = std::min(t1 * kRows, L.N);
-    return M == 1 ? rows_f32<1>(L, X, Y, L.N, add, n0, n1) : rows_f32<2>(L, X, Y, L.N, add, n0, n1);
+    return M == 1 ? rows_f32<1>(L, X, Y, ldy, add, n0, n1) : rows_f32<2>(L, X, Y, ldy, add, n0, n1);
   }
-  if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, add, t0, t1);
+  if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, ldy, add, t0, t1);
   if (KIND != kF32 && M > kM) {
     thread_local std::vector<float> buf;
     buf.resize(kRows * L.K);
@@ -423,9 +584,9 @@ void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t 
       Lin F;
       F.N = rows, F.K = L.K, F.w = buf.data(), F.bias = L.bias ? L.bias + n0 : nullptr;
       if (rows == kRows) {
-        tile_rows<kF32, kRows>(F, 0, X, M, Y + n0, L.N, add);
+        tile_rows<kF32, kRows>(F, 0, X, M, Y + n0, ldy, add);
       } else {
-        for (int64_t r = 0; r < rows; ++r) tile_rows<kF32, 1>(F, r, X, M, Y + n0, L.N, add);
+        for (int64_t r = 0; r < rows; ++r) tile_rows<kF32, 1>(F, r, X, M, Y + n0, ldy, add);
       }
     }
     return;
@@ -433,27 +594,28 @@ void tiles(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t 
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * kRows;
     if (n0 + kRows <= L.N) {
-      tile_rows<KIND, kRows>(L, n0, X, M, Y, L.N, add);
+      tile_rows<KIND, kRows>(L, n0, X, M, Y, ldy, add);
     } else {
-      for (int64_t n = n0; n < L.N; ++n) tile_rows<KIND, 1>(L, n, X, M, Y, L.N, add);
+      for (int64_t n = n0; n < L.N; ++n) tile_rows<KIND, 1>(L, n, X, M, Y, ldy, add);
     }
   }
 }
 
-void tiles_any(const Lin& L, const float* X, int64_t M, float* Y, bool add, int64_t t0, int64_t t1, bool bf16) {
-  switch (L.kind) {
-    case kF32: return tiles<kF32>(L, X, M, Y, add, t0, t1, false);
-    case kQ8: return tiles<kQ8>(L, X, M, Y, add, t0, t1, bf16);
-    default: return tiles<kQ4>(L, X, M, Y, add, t0, t1, bf16);
-  }
+void tiles_any(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1,
+               bool bf16) {
+  with_kind(L.kind, [&](auto k) { tiles<k.value>(L, X, M, Y, ldy, add, t0, t1, k.value != kF32 && bf16); });
 }
 
 // Inside an OpenMP parallel region: this thread's share of the tiles, then a barrier.
+// A stack's matrices one after another, each shared out among the threads, with one barrier at the end.
 void linear_team(const Lin& L, const float* X, int64_t M, float* Y, bool bf16, bool add = false) {
-  const int64_t ntiles = (L.N + kRows - 1) / kRows;
   const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-  const int64_t per = (ntiles + nt - 1) / nt;
-  tiles_any(L, X, M, Y, add, std::min(ntiles, id * per), std::min(ntiles, (id + 1) * per), bf16);
+  int64_t offset = 0;
+  for (const Lin* P = L.parts.empty() ? &L : L.parts.data(); offset < L.N; ++P) {
+    const int64_t ntiles = (P->N + kRows - 1) / kRows, per = (ntiles + nt - 1) / nt;
+    tiles_any(*P, X, M, Y + offset, L.N, add, std::min(ntiles, id * per), std::min(ntiles, (id + 1) * per), bf16);
+    offset += P->N;
+  }
 #pragma omp barrier
 }
 
@@ -473,7 +635,7 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, c10::option
   if (M <= kFusedRows) {
     const bool bf16 = allow_bf16 && kBf16;
     at::parallel_for(0, (N + kRows - 1) / kRows, 8, [&](int64_t t0, int64_t t1) {
-      tiles_any(L, xp, M, yp, false, t0, t1, bf16);
+      tiles_any(L, xp, M, yp, N, false, t0, t1, bf16);
     });
     return y;
   }
@@ -756,5 +918,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("bf16_gemm") = kBf16;
   m.def("linear", &linear, "x @ w^T (+ bias) for fp32 / int8 / int4 weights (allow_bf16: prefill GEMMs in bf16)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("dequantize", &dequantize, "int8 / int4 blocks -> fp32 (N, K)");
+  m.def("dequantize", &dequantize, "int8 / int4 / GGUF blocks -> fp32 (N, K)");
+  m.def("stack", &make_stack, "matrices on the same input as one, rows one after another (no copy)");
 }
