@@ -71,7 +71,7 @@ def smollm2_path() -> Path:
 def smollm2(smollm2_path):
     from trainfer import LLM
 
-    return LLM.load(SMOLLM2)
+    return LLM.load(SMOLLM2, dtype="float32")  # the fp32 reference the tests compare with
 
 
 @pytest.fixture(scope="session")

@@ -28,9 +28,12 @@ _SAMPLING_HELP = {
 }
 
 
-WEIGHT_DTYPES = ["float32", "bfloat16", "int8", "int4"]
+WEIGHT_DTYPES = ["auto", "float32", "bfloat16", "int8", "int4"]
 REASON_STRATEGIES = ["greedy", "cot", "self-consistency", "adaptive", "best-of-n", "self-correction"]
-DTYPE_HELP = "weights: float32, bfloat16, int8 (Q8_0 blocks) or int4 (Q4_1 blocks) (default float32)"
+DTYPE_HELP = (
+    "weights: auto (the file's own: a Q4_K_M GGUF runs as Q4_K_M, memory-mapped), float32, bfloat16, int8 (Q8_0 "
+    "blocks) or int4 (Q4_1 blocks) (default auto)"
+)
 
 
 THREADS_HELP = (
@@ -41,7 +44,7 @@ THREADS_HELP = (
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an alias (see `trainfer models`), a .gguf file or a Hugging Face directory")
-    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=WEIGHT_DTYPES, help=DTYPE_HELP)
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache (default 1.0)")
     _add_threads_flag(p)
 

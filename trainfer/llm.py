@@ -51,22 +51,26 @@ class LLM:
     def load(
         cls,
         name_or_path: str | os.PathLike[str],
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         adapters: dict[str, str | os.PathLike[str]] | None = None,
         **engine_args: Any,
     ) -> LLM:
         """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json.
 
-        dtype: float32, bfloat16, int8 or int4 (weights in llama.cpp-style Q8_0 / Q4_1 blocks, quantized at
-        load; see quant/blocks.py).
+        dtype: auto (the file's own format: a Q4_K_M GGUF runs as Q4_K_M, memory-mapped), float32, bfloat16,
+        int8 or int4 (weights in llama.cpp-style Q8_0 / Q4_1 blocks, quantized at load; see quant/blocks.py).
+        Before loading, the weights and the KV cache are checked against the machine's available memory.
         A directory written by `trainfer quantize` loads as it was saved.
         adapters: {name: LoRA adapter directory or LoRA run}, kept unmerged next to the base so one batch mixes
         them (`complete(..., adapter=name)`, the server's `model` field); the base's own path stays native.
         engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens.
         """
+        from trainfer.io.loader import check_memory
         from trainfer.quant.checkpoint import load
 
+        if engine_args.get("num_blocks") is None:
+            check_memory(name_or_path, dtype, int(engine_args.get("kv_cache_gb", 1.0) * (1 << 30)))
         model, tokenizer = load(name_or_path, dtype, device)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")

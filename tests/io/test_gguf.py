@@ -26,7 +26,12 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, hf_model, qtype: Q = Q.F32, arch: str = "llama", drop: str | None = None) -> None:
+def write_gguf(
+    path: Path, hf_model, qtype: Q = Q.F32, arch: str = "llama", drop: str | None = None, encode=None,
+    feed_forward_length: int | None = None,
+) -> None:
+    """`encode(gguf name, array) -> (blocks, type, dequantized)` writes each matrix its own way and sets the model's
+    weight to what the file holds; `feed_forward_length` overrides the metadata (an inconsistent file)."""
     cfg = hf_model.config
     tokens = SPECIALS + BYTE_TOKENS
     vocab = len(tokens)
@@ -35,7 +40,7 @@ def write_gguf(path: Path, hf_model, qtype: Q = Q.F32, arch: str = "llama", drop
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_feed_forward_length(feed_forward_length or cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
@@ -74,9 +79,17 @@ def write_gguf(path: Path, hf_model, qtype: Q = Q.F32, arch: str = "llama", drop
         if gname == drop or (cfg.tie_word_embeddings and gname == "output.weight"):
             continue
         a = t.numpy().astype(np.float32)
-        if arch == "llama" and gname.split(".")[-2] in ("attn_q", "attn_k"):
-            a = permute(a, cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads)
-        if a.ndim == 2 and qtype != Q.F32:
+        heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
+        permuted = arch == "llama" and gname.split(".")[-2] in ("attn_q", "attn_k")
+        if permuted:
+            a = permute(a, heads)
+        if a.ndim == 2 and encode is not None:
+            raw, raw_type, values = encode(gname, a)
+            w.add_tensor(gname, raw, raw_dtype=raw_type)
+            values = unpermute(values, heads) if permuted else values
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
+        elif a.ndim == 2 and qtype != Q.F32:
             w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, a)
@@ -84,6 +97,10 @@ def write_gguf(path: Path, hf_model, qtype: Q = Q.F32, arch: str = "llama", drop
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def tiny_hf(**overrides):

@@ -239,25 +239,28 @@ def test_quantized_smollm2_answers_and_tracks_fp32(smollm2, kind):
 
 @pytest.mark.real
 def test_gguf_blocks_are_used_as_they_are(smollm2, smollm2_path, monkeypatch):
-    """SmolLM2's file is Q4_1 (every Linear) + Q8_0 (the tied embedding): with int4 those blocks are taken as they
-    are, so its weights equal the fp32 dequantization exactly, and so do its logits up to summation order."""
+    """SmolLM2's file is Q4_1 (every Linear) + Q8_0 (the tied embedding). auto keeps those blocks as they are in the
+    file; int4 converts them to trainfer's layout exactly. Either way the weights equal the fp32 dequantization
+    exactly, and the logits do up to summation order."""
     from trainfer import LLM
+    from trainfer.quant import ggml
 
     monkeypatch.setenv("TRAINFER_BF16", "0")  # fp32 products: bf16's rounding has its own test
-    from trainfer.io.gguf import native_blocks
-
-    blocks = native_blocks(smollm2_path, "int4")
-    assert len(blocks) == 30 * 7 + 1 and blocks["lm_head"][2] is None  # Q8_0 head: int8, no mins
     int4 = LLM.load(smollm2_path, dtype="int4", kv_cache_gb=0.1)
+    auto = LLM.load(smollm2_path, kv_cache_gb=0.1)
+    assert int4.model.lm_head.mins is None and auto.weights == "Q4_1+Q8_0"
     for name in ("layers.0.self_attn.q_proj", "layers.29.mlp.down_proj", "lm_head"):
-        mod = int4.model.get_submodule(name)
-        assert torch.equal(mod.qweight, blocks[name][0])
         want = smollm2.model.get_submodule(name).weight
+        mod = int4.model.get_submodule(name)
         assert torch.equal(dequantize(mod.qweight, mod.scales, mod.mins), want), name
+        raw = auto.model.get_submodule(name)
+        assert isinstance(raw, ggml.GGMLLinear) and torch.equal(ggml.dequantize(raw.blocks, raw.qtype), want), name
     ids = torch.tensor([smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog.")])
     with torch.no_grad():
-        a, b = smollm2.model(ids), int4.model(ids)
-    assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+        a = smollm2.model(ids)
+        for other in (int4, auto):
+            b = other.model(ids)
+            assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

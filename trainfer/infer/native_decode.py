@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from trainfer.model.transformer import Transformer
 from trainfer.quant.blocks import BLOCK, KINDS, QEmbedding, QLinear
+from trainfer.quant.ggml import GGMLEmbedding, GGMLLinear, kernel_kind
 from trainfer.quant.native import extension
 
 MAX_ROWS = 16  # beyond this many sequences, dequantize + GEMM (the module path) is faster than the fused tiles
@@ -48,8 +49,24 @@ def fuse(parent: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return fused
 
 
+def fused_or_stacked(ext, parent: nn.Module, names: tuple[str, ...]):
+    """The kernel's one matrix for projections on the same input: fused (fuse()) where they share a trainer-made
+    format, else a stack of the matrices as they are (GGUF tensors stay views into the file, whatever their mix of
+    formats: Q4_K_M keeps some v projections in Q6_K); None if a projection has no kernel format."""
+    mods = [getattr(parent, n) for n in names]
+    if any(isinstance(m, GGMLLinear) for m in mods):
+        if not all(isinstance(m, (GGMLLinear, QLinear)) or type(m) is nn.Linear for m in mods):
+            return None
+        return ext.stack([lin(ext, m) for m in mods])
+    fused = fuse(parent, names)
+    return None if fused is None else lin(ext, fused)
+
+
 def lin(ext, module: nn.Module):
-    """The kernel's view of a Linear or QLinear."""
+    """The kernel's view of a Linear, QLinear or GGMLLinear."""
+    if isinstance(module, GGMLLinear):
+        bias = None if module.bias is None else module.bias.detach()
+        return ext.Lin(kernel_kind(module.qtype), module.blocks, None, None, bias)
     if isinstance(module, QLinear):
         return ext.Lin(KINDS[module.kind], module.qweight, module.scales, module.mins, module.bias)
     bias = None if module.bias is None else module.bias.detach()
@@ -70,14 +87,17 @@ def build_decoder(model: Transformer):
     lins, norms = [], []
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
-        qkv = fuse(attn, ("q_proj", "k_proj", "v_proj"))
-        gate_up = fuse(mlp, ("gate_proj", "up_proj"))
+        qkv = fused_or_stacked(ext, attn, ("q_proj", "k_proj", "v_proj"))
+        gate_up = fused_or_stacked(ext, mlp, ("gate_proj", "up_proj"))
         if qkv is None or gate_up is None:
             return None
-        lins += [lin(ext, m) for m in (qkv, attn.o_proj, gate_up, mlp.down_proj)]
+        lins += [qkv, lin(ext, attn.o_proj), gate_up, lin(ext, mlp.down_proj)]
         norms += [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
     norms.append(model.norm.weight.detach())
     head = lin(ext, model.lm_head)
     emb = model.embed_tokens
-    embed = lin(ext, emb.head) if isinstance(emb, QEmbedding) else ext.Lin(0, emb.weight.detach(), None, None, None)
+    if isinstance(emb, (QEmbedding, GGMLEmbedding)):
+        embed = lin(ext, emb.head)
+    else:
+        embed = ext.Lin(0, emb.weight.detach(), None, None, None)
     return ext.Decoder(lins, norms, embed, head, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)

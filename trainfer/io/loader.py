@@ -1,8 +1,7 @@
-"""One entry point for weights: an alias, a .gguf file or a Hugging Face directory -> model + tokenizer.
+"""Float weights of any model: an alias, a .gguf file or a Hugging Face directory -> config, state dict, tokenizer
+(for training, pruning, distilling and export); and the memory check every load makes first.
 
-A GGUF is dequantized once and cached as an fp32 Hugging Face directory under $TRAINFER_HOME/converted
-(keyed by the file's sha256), because the `gguf` reader and numpy dequantization take seconds while
-memory-mapped safetensors load in well under one.
+For inference, quant/checkpoint.load keeps a GGUF's own blocks instead (io/gguf.load_gguf_model).
 """
 
 from __future__ import annotations
@@ -69,35 +68,6 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | 
     return model.to(device).eval()
 
 
-def _gguf_cache_dir(path: Path) -> Path:
-    return registry.home() / "converted" / registry.sha256_of(path)[:20]
-
-
-def _convert_gguf(path: Path) -> Path:
-    """Dequantize a GGUF to an fp32 HF directory in the cache (atomically) and return it."""
-    out = _gguf_cache_dir(path)
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=0, desc=f"dequantize {path.name}", unit="tensor", disable=None) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        cfg, state, tok = load_gguf(path, torch.float32, progress)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        save_hf(tmp, cfg, state, torch.float32)
-        tok.save(tmp)
-        os.replace(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").exists():  # a concurrent writer may have won the rename
-            raise
-    return out
-
-
 def load_checkpoint(
     name_or_path: str | os.PathLike[str], dtype: str | torch.dtype = "float32", base: str | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
@@ -119,11 +89,64 @@ def load_checkpoint(
     if path.is_file():
         if path.suffix != ".gguf":
             raise TrainferError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
-        path = _convert_gguf(path)
+        cfg, state, tok = load_gguf(path, dtype)  # one tensor at a time, no cache on disk
+        return cfg, state, tok
     cfg = read_config(path)
     state = load_state_dict(path, dtype)
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     return cfg, state, tok
+
+
+GIB = 1 << 30
+RUNTIME_BYTES = GIB // 2  # the Python/torch process itself and the step's buffers, measured ~0.3-0.5 GiB
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new process can have without swapping (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def weight_bytes(name_or_path: str | os.PathLike[str], dtype: str = "auto") -> int:
+    """Memory a model's weights take once loaded as `dtype`, from its header or config (nothing is loaded)."""
+    from trainfer.io import gguf
+
+    path = registry.resolve(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf.weight_bytes(path, dtype)
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        base = peft.read_settings(path)["base"]
+        return weight_bytes(base, dtype) if base else 0
+    if (path / "config.json").exists() and "quantization_config" in (path / "config.json").read_text():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    per = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.125, "int4": 0.75}
+    if dtype == "auto":
+        from trainfer.quant.checkpoint import read_config_dtype
+
+        dtype = "bfloat16" if read_config_dtype(path) == "bfloat16" else "float32"
+    return int(read_config(path).n_params * per.get(str(dtype), 4.0))
+
+
+def check_memory(name_or_path: str | os.PathLike[str], dtype: str, kv_bytes: int) -> None:
+    """Refuse, before loading anything, a model whose weights and KV cache cannot fit in this machine's memory
+    (running out halfway would take the whole machine down, or read as a corrupt file)."""
+    available = available_memory()
+    if available is None:
+        return
+    weights = weight_bytes(name_or_path, dtype)
+    need = weights + kv_bytes + RUNTIME_BYTES
+    if need > available:
+        raise TrainferError(
+            f"not enough memory for {name_or_path}: it needs about {need / GIB:.1f} GiB ({weights / GIB:.1f} GiB of "
+            f"weights as {dtype}, {kv_bytes / GIB:.1f} GiB of KV cache, {RUNTIME_BYTES / GIB:.1f} GiB for the "
+            f"runtime) and this machine has {available / GIB:.1f} GiB available; try --dtype int4, a smaller "
+            "--kv-cache-gb, or close other programs"
+        )
 
 
 def load_model(

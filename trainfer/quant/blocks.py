@@ -191,6 +191,8 @@ def quantize_model(model: nn.Module, kind: str = "int8", given: dict[str, tuple]
 
 
 def weights_kind(model: nn.Module) -> str | None:
-    """int4 if any Linear is int4, else int8 if any is int8, else None (float weights)."""
+    """int4 if any Linear is int4, else int8 if any is int8, else the GGUF formats the weights are kept in (e.g.
+    "Q4_K+Q6_K"), else None (float weights)."""
     kinds = {m.kind for m in model.modules() if isinstance(m, QLinear)}
-    return "int4" if "int4" in kinds else "int8" if kinds else None
+    ggml = sorted({m.qtype.name for m in model.modules() if hasattr(m, "qtype")})
+    return "int4" if "int4" in kinds else "int8" if kinds else "+".join(ggml) if ggml else None

@@ -11,6 +11,7 @@ as they are computed, so it loads again without re-quantizing (`trainfer quantiz
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,23 +26,41 @@ from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear, quantize_model, we
 FORMATS = {"int8": "q8_0", "int4": "q4_1"}
 
 
-def load(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Transformer, Tokenizer | None]:
-    """Any model for inference: float32 / bfloat16 as loaded, int8 / int4 quantized at load (a GGUF's tensors
-    that are already in that kind keep their own blocks), or a `trainfer quantize` directory as it was saved
-    (whatever dtype says)."""
+def load(name_or_path: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[Transformer, Tokenizer | None]:
+    """Any model for inference. auto: as the file stores it (a GGUF's own blocks, memory-mapped; a Hugging Face
+    directory as float32, or bfloat16 when its config says so). float32 / bfloat16: expanded. int8 / int4:
+    quantized at load (a GGUF one tensor at a time; its tensors already in that kind keep their blocks). A
+    `trainfer quantize` directory loads as it was saved (whatever dtype says)."""
     from trainfer import registry
-    from trainfer.io.gguf import native_blocks
-    from trainfer.io.loader import load_model
+    from trainfer.io.gguf import load_gguf_model
+    from trainfer.io.loader import load_model, parse_dtype
 
     path = registry.resolve(name_or_path)
     if is_quantized(path):
         model, tok = load_quantized(path)
         return model.to(device), tok
+    if path.is_file() and path.suffix == ".gguf":
+        log: list[str] = []
+        model, tok = load_gguf_model(path, dtype, log)
+        for line in log:
+            print(f"trainfer: {line}", file=sys.stderr)
+        return model.to(device), tok
+    if dtype == "auto":
+        dtype = "bfloat16" if read_config_dtype(path) == "bfloat16" else "float32"
     if dtype not in ("int8", "int4"):
-        return load_model(path, dtype, device)
+        return load_model(path, parse_dtype(dtype), device)
     model, tok = load_model(path, "float32", device)
-    given = native_blocks(path, dtype) if path.is_file() and path.suffix == ".gguf" else {}
-    return quantize_model(model, dtype, given), tok
+    return quantize_model(model, dtype), tok
+
+
+def read_config_dtype(path: Path) -> str | None:
+    """The torch_dtype (or dtype) a Hugging Face config.json names, if any."""
+    config = Path(path) / "config.json"
+    try:
+        hf = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return hf.get("torch_dtype") or hf.get("dtype")
 
 
 def is_quantized(path: Path) -> bool:

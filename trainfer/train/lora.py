@@ -83,7 +83,9 @@ class LoRALinear(nn.Module):
         bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on (r, in)
         a = (torch.rand(r, self.in_features, generator=gen) * 2 - 1) * bound
         ref = getattr(self.base, "weight", None)
-        device = (ref if ref is not None else self.base.qweight).device  # QLinear holds qweight
+        if ref is None:  # QLinear holds qweight, GGMLLinear blocks
+            ref = self.base.qweight if hasattr(self.base, "qweight") else self.base.blocks
+        device = ref.device
         self.lora_A[name] = nn.Parameter(a.to(device))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         self.scaling[name], self.dropout[name] = scaling, dropout
