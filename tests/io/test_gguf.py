@@ -27,7 +27,12 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_gguf(
-    path: Path, hf_model, qtype: Q = Q.F32, arch: str = "llama", drop: str | None = None, encode=None,
+    path: Path,
+    hf_model,
+    qtype: Q = Q.F32,
+    arch: str = "llama",
+    drop: str | None = None,
+    encode=None,
     feed_forward_length: int | None = None,
 ) -> None:
     """`encode(gguf name, array) -> (blocks, type, dequantized)` writes each matrix its own way and sets the model's

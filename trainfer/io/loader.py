@@ -7,12 +7,9 @@ For inference, quant/checkpoint.load keeps a GGUF's own blocks instead (io/gguf.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from trainfer import registry
 from trainfer.errors import TrainferError

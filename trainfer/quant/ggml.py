@@ -38,7 +38,8 @@ def row_bytes(qtype: Q, cols: int) -> int:
 def dequantize(blocks: Tensor, qtype: Q) -> Tensor:
     """(N, row bytes) uint8 blocks -> fp32 (N, K): the kernel where it is built (bit-exact to gguf-py), else gguf-py."""
     ext = extension()
-    if ext is not None and has_kernel(qtype, blocks.shape[1] // GGML_QUANT_SIZES[qtype][1] * GGML_QUANT_SIZES[qtype][0]):
+    block, size = GGML_QUANT_SIZES[qtype]
+    if ext is not None and has_kernel(qtype, blocks.shape[1] // size * block):
         return ext.dequantize(kernel_kind(qtype), blocks.contiguous(), None, None)
     values = quants.dequantize(blocks.numpy(), qtype)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(blocks.shape[0], -1)

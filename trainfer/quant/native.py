@@ -36,8 +36,8 @@ def build(verbose: bool = False) -> ModuleType:
     # torch rebuilds when the source or the flags change, not a header: the headers' hash goes into the flags
     headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(SOURCE.parent.glob("*.h")))).hexdigest()[:16]
     cflags = [*CFLAGS, f"-DTRAINFER_HEADERS={headers}"]
-    return load(NAME, [str(SOURCE)], extra_include_paths=[str(SOURCE.parent)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                build_directory=str(BUILD_DIR), verbose=verbose)  # fmt: skip
+    return load(NAME, [str(SOURCE)], extra_include_paths=[str(SOURCE.parent)], extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"], build_directory=str(BUILD_DIR), verbose=verbose)  # fmt: skip
 
 
 @cache
