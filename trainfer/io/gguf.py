@@ -234,7 +234,7 @@ def _weight_module(t: ReaderTensor, cfg: ModelConfig, dtype: str, int8: bool, lo
 def _nn_linear(w: torch.Tensor) -> nn.Linear:
     with torch.device("meta"):
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight = nn.Parameter(w, requires_grad=False)
+    lin.weight = nn.Parameter(w)  # trainable, as build_model's are (cost advise times a training step)
     return lin
 
 
@@ -310,7 +310,7 @@ def load_gguf_model(path: Path, dtype: str = "auto", log: list[str] | None = Non
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module)
         else:  # norms and biases: small, fp32 copies
-            setattr(model.get_submodule(module_name), leaf, nn.Parameter(_float(t, cfg), requires_grad=False))
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(_float(t, cfg)))
     missing = sorted(n for n in expected if n not in seen and not (n == "lm_head.weight" and cfg.tie_embeddings))
     if missing:
         raise TrainferError(f"{path}: the file lacks tensors {missing[:5]} of a {cfg.arch} model")
@@ -327,7 +327,7 @@ def _embedding(t: ReaderTensor, cfg: ModelConfig, dtype: str, log: list[str]) ->
             table = torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(cfg.vocab_size, cfg.dim))
         else:
             table = _float(t, cfg).to(FLOATS[dtype])
-        return nn.Embedding.from_pretrained(table, freeze=True)
+        return nn.Embedding.from_pretrained(table, freeze=False)
     table = _weight_module(t, cfg, dtype, True, log)
     return ggml.GGMLEmbedding(table) if isinstance(table, ggml.GGMLLinear) else QEmbedding(table)
 

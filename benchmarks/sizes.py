@@ -1,0 +1,214 @@
+"""Real sizes: 1.7B- and 8B-shaped GGUF files (random weights, SmolLM2's tokenizer) run by trainfer (dtype auto: the
+file's own blocks, memory-mapped) and by llama.cpp, alternated in rounds: peak RSS, launch to first token, decode
+at one stream and prefill.
+
+    .venv/bin/python benchmarks/sizes.py [--shape 1.7b|8b ...] [--rounds 3] [--gen 64] [--prompt 256]
+
+The files are written once under $TRAINFER_HOME/peers/sizes/ with gguf's writer (Q8_0 blocks of random bytes: speed
+and memory do not depend on the values) and llama.cpp's llama-quantize (Q4_K_M). Each run of either side is its own
+process, so its peak RSS is its own (os.wait4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp  # noqa: E402
+
+from trainfer import registry  # noqa: E402
+
+SHAPES = {  # (dim, layers, heads, kv heads, MLP width, tied)
+    "1.7b": (2048, 24, 32, 32, 8192, True),  # SmolLM2-1.7B
+    "8b": (4096, 32, 32, 8, 14336, False),  # Llama-3.1-8B
+}
+GIB = 1 << 30
+
+
+def write_q8_0(path: Path, shape: str) -> None:
+    """A Llama-architecture GGUF of this shape in Q8_0 (norms F32), tokenizer and chat template from SmolLM2's file."""
+    dim, layers, heads, kv, hidden, tied = SHAPES[shape]
+    src = gguf.GGUFReader(registry.pull("smollm2-135m-instruct"))
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            value = field.contents()
+            vtype = field.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, value, vtype, sub_type=field.types[-1])
+            else:
+                w.add_key_value(key, value, vtype)
+    vocab = len(src.fields["tokenizer.ggml.tokens"].contents())
+    w.add_block_count(layers)
+    w.add_context_length(8192)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    hd = dim // heads
+    tensors = [("token_embd.weight", (vocab, dim)), ("output_norm.weight", (dim,))]
+    if not tied:
+        tensors.append(("output.weight", (vocab, dim)))
+    for i in range(layers):
+        tensors += [(f"blk.{i}.attn_norm.weight", (dim,)), (f"blk.{i}.ffn_norm.weight", (dim,)),
+                    (f"blk.{i}.attn_q.weight", (heads * hd, dim)), (f"blk.{i}.attn_k.weight", (kv * hd, dim)),
+                    (f"blk.{i}.attn_v.weight", (kv * hd, dim)), (f"blk.{i}.attn_output.weight", (dim, heads * hd)),
+                    (f"blk.{i}.ffn_gate.weight", (hidden, dim)), (f"blk.{i}.ffn_up.weight", (hidden, dim)),
+                    (f"blk.{i}.ffn_down.weight", (dim, hidden))]  # fmt: skip
+    rng = np.random.default_rng(0)
+    pool = rng.integers(-127, 128, 1 << 24, dtype=np.int8).view(np.uint8)  # 16 MB of random quants, reused
+    d = np.array([0.02 / 127], dtype=np.float16).view(np.uint8).tobytes()
+
+    def data(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if len(shape) == 1:
+            return np.ones(shape, dtype=np.float32)
+        rows, cols = shape
+        blocks = rows * cols // 32
+        out = np.empty((blocks, 34), dtype=np.uint8)
+        out[:, :2] = np.frombuffer(d, dtype=np.uint8)
+        start = rng.integers(0, pool.size - 32)
+        out[:, 2:] = np.resize(np.roll(pool, -int(start)), blocks * 32).reshape(blocks, 32)
+        return out.reshape(rows, cols // 32 * 34)
+
+    for name, shape in tensors:
+        raw_type = Q.F32 if len(shape) == 1 else Q.Q8_0
+        nbytes = 4 * shape[0] if len(shape) == 1 else shape[0] * shape[1] // 32 * 34
+        w.add_tensor_info(name, tuple(reversed(shape)) if raw_type == Q.F32 else (shape[0], shape[1] // 32 * 34),
+                          np.float32 if raw_type == Q.F32 else np.uint8, nbytes, raw_dtype=raw_type)  # fmt: skip
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, shape in tensors:
+        w.write_tensor_data(data(name, shape))
+    w.close()
+
+
+def make_files(bin_dir: Path, out: Path, shape: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    q8 = out / f"{shape}.Q8_0.gguf"
+    if not q8.exists():
+        tmp = q8.with_suffix(".tmp")
+        write_q8_0(tmp, shape)
+        tmp.rename(q8)
+    files = {"Q8_0": q8}
+    q4 = out / f"{shape}.Q4_K_M.gguf"
+    if not q4.exists():
+        cmd = [
+            str(bin_dir / "llama-quantize"),
+            "--allow-requantize",
+            str(q8),
+            str(q4.with_suffix(".tmp")),
+            "Q4_K_M",
+            "2",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+        q4.with_suffix(".tmp").rename(q4)
+    files["Q4_K_M"] = q4
+    return files
+
+
+TRAINFER_RUN = r"""
+import json, sys, time
+t0 = float(sys.argv[1])
+import torch
+from trainfer import LLM
+path, prompt, gen = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+llm = LLM.load(path, kv_cache_gb=0.25)
+first = llm.complete([[1, 2, 3, 4]], temperature=0, max_tokens=1, ignore_eos=True)[0]
+launch = time.time() - t0
+ids = [(7 * i + 3) % 40000 + 100 for i in range(prompt)]
+t = time.perf_counter()
+llm.complete([ids], temperature=0, max_tokens=1, ignore_eos=True)
+prefill = prompt / (time.perf_counter() - t)
+out = llm.complete([[5, 6, 7, 8]], temperature=0, max_tokens=gen, ignore_eos=True)[0]
+print(json.dumps({"launch_s": launch, "prefill_tok_s": prefill, "decode_tok_s": out.decode_tokens_per_s,
+                  "weights": llm.weights}))
+"""
+
+
+def peak_rss(cmd: list[str]) -> tuple[str, float, int]:
+    """stdout, wall seconds and peak RSS (bytes) of a child process (its own rusage)."""
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise RuntimeError(f"{cmd[0]} failed ({status}): {err.decode()[-2000:]}")
+    return out.decode(), time.time() - start, usage.ru_maxrss * 1024
+
+
+def round_trainfer(path: Path, prompt: int, gen: int) -> dict:
+    cmd = [sys.executable, "-c", TRAINFER_RUN, repr(time.time()), str(path), str(prompt), str(gen)]
+    out, wall, rss = peak_rss(cmd)
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_gib": rss / GIB}
+
+
+def round_llama(bin_dir: Path, path: Path, prompt: int, gen: int) -> dict:
+    """llama-bench: prefill `prompt` and decode `gen` once each (its own process: peak RSS and load time included
+    in the wall; launch to first token is timed as a 1-token generation run)."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(path), "-t", "2", "-p", str(prompt), "-n", str(gen), "-r", "1"]
+    out, _, rss = peak_rss([*cmd, "-o", "json"])
+    rows = json.loads(out)
+    first = [str(bin_dir / "llama-bench"), "-m", str(path), "-t", "2", "-p", "0", "-n", "1", "-r", "1", "-o", "json"]
+    _, launch, _ = peak_rss(first)
+    return {
+        "launch_s": launch,
+        "prefill_tok_s": next(r["avg_ts"] for r in rows if r["n_prompt"]),
+        "decode_tok_s": next(r["avg_ts"] for r in rows if r["n_gen"]),
+        "peak_rss_gib": rss / GIB,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", action="append", choices=list(SHAPES))
+    ap.add_argument("--kind", action="append", choices=["Q8_0", "Q4_K_M"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--gen", type=int, default=64)
+    args = ap.parse_args()
+    peers = registry.home() / "peers"
+    bin_dir = llama_cpp.build(peers / "llama.cpp")
+    results = []
+    for shape in args.shape or ["1.7b"]:
+        files = make_files(bin_dir, peers / "sizes", shape)
+        for kind in args.kind or list(files):
+            path = files[kind]
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(round_trainfer(path, args.prompt, args.gen))
+                theirs.append(round_llama(bin_dir, path, args.prompt, args.gen))
+            row = {"shape": shape, "kind": kind, "file_gib": path.stat().st_size / GIB, "rounds": args.rounds}
+            for key in ("decode_tok_s", "prefill_tok_s", "launch_s", "peak_rss_gib"):
+                ratios = sorted(a[key] / b[key] for a, b in zip(ours, theirs, strict=True))
+                row[key] = round(statistics.median(a[key] for a in ours), 2)
+                row[f"llama_cpp_{key}"] = round(statistics.median(b[key] for b in theirs), 2)
+                row[f"{key}_ratio"] = [round(statistics.median(ratios), 3), round(ratios[0], 3), round(ratios[-1], 3)]
+            row["weights"] = ours[0]["weights"]
+            results.append(row)
+            print(f"{shape} {kind} ({row['file_gib']:.2f} GiB, trainfer runs it as {row['weights']}):")
+            for key in ("decode_tok_s", "prefill_tok_s", "launch_s", "peak_rss_gib"):
+                med, lo, hi = row[f"{key}_ratio"]
+                print(f"  {key:14s} trainfer {row[key]:8.2f}  llama.cpp {row['llama_cpp_' + key]:8.2f}  "
+                      f"ratio {med:.2f} ({lo:.2f}-{hi:.2f})")  # fmt: skip
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
