@@ -20,6 +20,7 @@ from trainfer.quant.blocks import (
     quantize_int8,
     quantize_model,
     unpack_int4,
+    weights_kind,
 )
 
 
@@ -307,3 +308,23 @@ def test_serve_quantized_answers_like_the_library(tmp_path, kind):
         server.stop()
     want = LLM.load(src, dtype=kind, num_blocks=16).generate("hello", max_tokens=12, temperature=0, ignore_eos=True)
     assert got == want.text
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_hugging_face_model_quantizes_one_tensor_at_a_time(tmp_path, kind, tied):
+    """int8 / int4 from safetensors, converted as each tensor is read: the same blocks and logits as quantizing the
+    whole fp32 model, a tied head in int8 read by the embedding too."""
+    from trainfer.io.loader import load_model
+    from trainfer.quant.checkpoint import load
+
+    hf = make_hf_model("llama", vocab_size=96, hidden_size=64, intermediate_size=128, tie_word_embeddings=tied)
+    hf.save_pretrained(tmp_path / "m")
+    model, _ = load(tmp_path / "m", kind)
+    whole = quantize_model(load_model(tmp_path / "m")[0], kind)
+    assert weights_kind(model) == kind and model.lm_head.kind == ("int8" if tied else kind)
+    for (name, a), (_, b) in zip(model.state_dict().items(), whole.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), whole(ids))

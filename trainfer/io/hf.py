@@ -6,6 +6,7 @@ Only safetensors are read, so loading never executes code from the checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,12 @@ def read_config(path: Path) -> ModelConfig:
         raise TrainferError(f"{path}/config.json lacks the field {e}") from None
 
 
-def load_state_dict(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory, cast to dtype (None: as stored, e.g. int8 weights and their scales)."""
+def load_state_dict(
+    path: Path, dtype: torch.dtype | None, each: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, cast to dtype (None: as stored, e.g. int8 weights and their scales).
+    `each(name, tensor)`, if given, sees every tensor as it is read (memory-mapped) and returns what to keep
+    (None: nothing), so a model can be converted one tensor at a time."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -123,9 +128,15 @@ def load_state_dict(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Te
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     t = f.get_tensor(key)
-                    state[key.removeprefix("model.")] = t if dtype is None else t.to(dtype)
+                    t = t if dtype is None else t.to(dtype)
+                    name = key.removeprefix("model.")
+                    t = t if each is None else each(name, t)
+                    if t is not None:
+                        state[name] = t
         except FileNotFoundError:
             raise TrainferError(f"missing weight shard {file}") from None
+        except (TrainferError, MemoryError):
+            raise
         except Exception as e:  # safetensors raises SafetensorError for damaged headers/data
             raise TrainferError(f"cannot read {file} (corrupt or truncated?): {e}") from None
     return state

@@ -21,7 +21,7 @@ from trainfer.errors import TrainferError
 from trainfer.io.hf import config_to_hf, load_state_dict, read_config
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer, rope_frequencies
-from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear, quantize_model, weights_kind
+from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear, quantize_int4, quantize_int8, quantize_model, weights_kind
 
 FORMATS = {"int8": "q8_0", "int4": "q4_1"}
 
@@ -49,8 +49,48 @@ def load(name_or_path: str | Path, dtype: str = "auto", device: str = "cpu") -> 
         dtype = "bfloat16" if read_config_dtype(path) == "bfloat16" else "float32"
     if dtype not in ("int8", "int4"):
         return load_model(path, parse_dtype(dtype), device)
-    model, tok = load_model(path, "float32", device)
-    return quantize_model(model, dtype), tok
+    model = load_hf_quantized(path, dtype)
+    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    return model.to(device), tok
+
+
+def load_hf_quantized(path: Path, kind: str) -> Transformer:
+    """A Hugging Face directory (or a float run) quantized one tensor at a time as its safetensors are read: never
+    a float copy of the whole model (an 8B model in bf16 is 16 GB; its int4 blocks 4.5 GB)."""
+    from trainfer.io import peft
+    from trainfer.io.loader import build_model, load_checkpoint
+
+    if peft.is_adapter(path) or not (Path(path) / "config.json").exists():  # an adapter merges into float first
+        cfg, state, _ = load_checkpoint(path, "float32")
+        return quantize_model(build_model(cfg, state), kind)
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % BLOCK == 0}
+    given: dict[str, tuple] = {}
+
+    def each(name: str, t: torch.Tensor) -> torch.Tensor | None:
+        module = name.removesuffix(".weight")
+        if cfg.tie_embeddings and module in ("embed_tokens", "lm_head"):
+            if module == "lm_head":
+                return None  # the same table as the embedding, which the tied head reads
+            module = "lm_head"
+        if module not in linears or not name.endswith(".weight"):
+            return t.float()
+        w = t.float()
+        int8 = kind == "int8" or (module == "lm_head" and cfg.tie_embeddings)
+        given[module] = (*quantize_int8(w), None) if int8 else quantize_int4(w)
+        return None
+
+    state = load_state_dict(path, None, each)
+    model.load_state_dict(state, strict=False, assign=True)
+    quantize_model(model, kind, given)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left or set(given) != linears:
+        missing = left or sorted(linears - set(given))
+        raise TrainferError(f"{path}: weights do not match the config: missing {missing[:5]}")
+    model.inv_freq = rope_frequencies(cfg)
+    return model.eval()
 
 
 def read_config_dtype(path: Path) -> str | None:

@@ -176,6 +176,14 @@ inline void block_scales(const uint8_t* p, float* s, float* m2) {
     const float d = fp16(p + 208);
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) s[i] = d * static_cast<float>(sc[i]), m2[i] = -32.0f * s[i];
+  } else if constexpr (KIND == kQ4_K || KIND == kQ5_K) {  // the super-block's d and dmin converted once
+    const float d = fp16(p), dmin = fp16(p + 2);
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      int sc, mn;
+      k_scale_min(p + 4, g, sc, mn);
+      s[g] = d * static_cast<float>(sc), m2[g] = -(dmin * static_cast<float>(mn));
+    }
   } else if constexpr (KIND != kF16 && KIND != kBF16) {
 #pragma GCC unroll 8
     for (int g = 0; g < groups; ++g) {
@@ -185,6 +193,17 @@ inline void block_scales(const uint8_t* p, float* s, float* m2) {
     }
   }
 }
+
+#ifdef __AVX512F__
+// Q4_K's groups 2k and 2k + 1 read the low and the high nibbles of the same 32 bytes: for chunk c (16 of those
+// bytes) one load gives both groups' weights, each through its own table (vpermps reads the low 4 bits of each
+// index, so neither needs a mask).
+inline void q4k_pair(const uint8_t* p, int k, int c, const GroupScale& lo, const GroupScale& hi, V& w_lo, V& w_hi) {
+  const VI q = u8_lanes(p + 16 + 32 * k + 16 * c);
+  w_lo = _mm512_permutexvar_ps(q, lo.t0);
+  w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), hi.t0);
+}
+#endif
 
 // Group g's registers from block_scales' arrays: the fused path's scale and min, or its lookup tables.
 template <int KIND>

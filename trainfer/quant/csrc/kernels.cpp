@@ -299,6 +299,31 @@ inline void tile_raw(const Lin& L, int64_t n0, const float* X, float* Y, int64_t
       for (int off = 0; off < F::bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
       block_scales<KIND>(p[r], s[r], m2[r]);
     }
+#ifdef __AVX512F__
+    if constexpr (KIND == kQ4_K) {  // groups in pairs that share their bytes (q4k_pair)
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const float* xg = X + blk * F::vals + 2 * k * kBlock;
+        V x[MB][4];
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) x[i][c] = vload(xg + i * K + c * W);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const GroupScale lo = group_from<KIND>(s[r], m2[r], 2 * k), hi = group_from<KIND>(s[r], m2[r], 2 * k + 1);
+#pragma GCC unroll 2
+          for (int c = 0; c < 2; ++c) {
+            V w_lo, w_hi;
+            q4k_pair(p[r], k, c, lo, hi, w_lo, w_hi);
+#pragma GCC unroll 8
+            for (int i = 0; i < MB; ++i) acc[r][i] = vfma(w_hi, x[i][2 + c], vfma(w_lo, x[i][c], acc[r][i]));
+          }
+        }
+      }
+      continue;
+    }
+#endif
 #pragma GCC unroll 8
     for (int g = 0; g < groups; ++g) {
       const float* xg = X + blk * F::vals + g * kBlock;
