@@ -33,6 +33,12 @@ def make_hf_model(kind: str = "llama", seed: int = 0, **overrides):
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**common)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**common)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**common)
+        model = transformers.MistralForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(cfg)

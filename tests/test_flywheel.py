@@ -39,8 +39,8 @@ def test_served_answers_rated_up_become_the_tuned_model_s_answers(tmp_path):
     assert made.returncode == 0, made.stderr
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     assert sorted(r["messages"][-1]["content"] for r in rows) == sorted(liked.values())
-    settings = ["max_steps=60", "lr=1e-2", "batch_size=1", "grad_accum=1", "seq_len=128", "warmup_steps=2",
-                "dtype=float32", "val_fraction=0", "lora_dropout=0", "sample_tokens=0", "eval_every=60"]  # fmt: skip
+    settings = ["max_steps=120", "lr=1e-2", "batch_size=1", "grad_accum=1", "seq_len=128", "warmup_steps=2",
+                "dtype=float32", "val_fraction=0", "lora_dropout=0", "sample_tokens=0", "eval_every=120"]  # fmt: skip
     tuned = cli("finetune", str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--lora",
                 *[a for s in settings for a in ("--set", s)])  # fmt: skip
     assert tuned.returncode == 0, tuned.stderr

@@ -164,7 +164,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from trainfer.io.export import export_model
 
-    kind = {"float32": "F32", "bfloat16": "BF16"}.get(args.dtype, args.dtype)
+    kind = {"auto": "F32", "float32": "F32", "bfloat16": "BF16"}.get(args.dtype, args.dtype)
     print(export_model(args.model, args.to, Path(args.out_dir), kind))
 
 

@@ -49,7 +49,8 @@ def compare_both_paths(engine: Engine, same_argmax: bool = True) -> tuple[list[f
 
 @pytest.mark.parametrize("weights", ["float32", "int8", "int4"])
 @pytest.mark.parametrize("kind,overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
-                                            ("qwen2", {})], ids=["llama", "tied", "qwen2-bias"])  # fmt: skip
+                                            ("qwen2", {}), ("qwen3", {})],
+                         ids=["llama", "tied", "qwen2-bias", "qwen3-qk-norm"])  # fmt: skip
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, bf16, monkeypatch):
     """fp32 products: equal up to summation order. bf16 products (more than 4 rows of int8 / int4 weights on a CPU

@@ -30,6 +30,8 @@ CASES = {
         },
     ),
     "head-dim-32": ("llama", {"head_dim": 32}),
+    "qwen3-qk-norm": ("qwen3", {"head_dim": 32}),
+    "mistral": ("mistral", {"sliding_window": None}),
 }
 
 

@@ -111,7 +111,7 @@ def mixed_model(path, arch: str = "llama", tied: bool = False):
     return hf
 
 
-@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", True)])
 def test_a_mixed_format_gguf_gives_transformers_logits(tmp_path, arch, tied, monkeypatch):
     """auto keeps every tensor in its file format; the module path (prefill) and the native decode step (the
     engine, stacked q/k/v of three formats) both give the reference's logits / greedy tokens."""

@@ -84,7 +84,7 @@ def build_decoder(model: Transformer):
         return None
     if (cfg.n_heads * cfg.head_dim) % BLOCK:
         return None
-    lins, norms = [], []
+    lins, norms, qk_norms = [], [], []
     for block in model.layers:
         attn, mlp = block.self_attn, block.mlp
         qkv = fused_or_stacked(ext, attn, ("q_proj", "k_proj", "v_proj"))
@@ -93,6 +93,8 @@ def build_decoder(model: Transformer):
             return None
         lins += [qkv, lin(ext, attn.o_proj), gate_up, lin(ext, mlp.down_proj)]
         norms += [block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach()]
+        if cfg.qk_norm:
+            qk_norms += [attn.q_norm.weight.detach(), attn.k_norm.weight.detach()]
     norms.append(model.norm.weight.detach())
     head = lin(ext, model.lm_head)
     emb = model.embed_tokens
@@ -100,4 +102,4 @@ def build_decoder(model: Transformer):
         embed = lin(ext, emb.head)
     else:
         embed = ext.Lin(0, emb.weight.detach(), None, None, None)
-    return ext.Decoder(lins, norms, embed, head, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
+    return ext.Decoder(lins, norms, qk_norms, embed, head, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)

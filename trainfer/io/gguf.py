@@ -28,7 +28,7 @@ from trainfer.quant.blocks import QEmbedding, QLinear, quantize_int4, quantize_i
 
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_TYPES = {
     Q.F32,
     Q.F16,
@@ -52,6 +52,8 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -133,6 +135,7 @@ def config_from_metadata(
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         out_bias="blk.0.attn_output.bias" in tensor_names,
         mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )
@@ -310,7 +313,8 @@ def load_gguf_model(path: Path, dtype: str = "auto", log: list[str] | None = Non
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module)
         else:  # norms and biases: small, fp32 copies
-            setattr(model.get_submodule(module_name), leaf, nn.Parameter(_float(t, cfg)))
+            value = _float(t, cfg).to(FLOATS.get(dtype, torch.float32))  # a bf16 model is bf16 throughout
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(value))
     missing = sorted(n for n in expected if n not in seen and not (n == "lm_head.weight" and cfg.tie_embeddings))
     if missing:
         raise TrainferError(f"{path}: the file lacks tensors {missing[:5]} of a {cfg.arch} model")

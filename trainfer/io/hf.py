@@ -17,7 +17,12 @@ from safetensors.torch import save_file
 from trainfer.errors import TrainferError
 from trainfer.model.config import ModelConfig
 
-HF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -87,6 +92,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         qkv_bias=True if arch == "qwen2" else bias,
         out_bias=False if arch == "qwen2" else bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
+        qk_norm=arch == "qwen3",
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
     )

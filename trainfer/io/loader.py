@@ -114,9 +114,13 @@ def weight_bytes(name_or_path: str | os.PathLike[str], dtype: str = "auto") -> i
     from trainfer.io import gguf
 
     path = registry.resolve(name_or_path)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise TrainferError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
         return gguf.weight_bytes(path, dtype)
-    if path.is_dir() and (path / "adapter_config.json").exists():
+    if not (path / "config.json").is_file():
+        return 0  # not a model: loading it says why
+    if (path / "adapter_config.json").exists():
         base = peft.read_settings(path)["base"]
         return weight_bytes(base, dtype) if base else 0
     if (path / "config.json").exists() and "quantization_config" in (path / "config.json").read_text():

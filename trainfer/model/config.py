@@ -1,6 +1,7 @@
 """ModelConfig: the shape of a Llama-family decoder, plus named presets for training from scratch.
 
-One dataclass describes every supported checkpoint (Llama, SmolLM, Mistral-style, Qwen2 with q/k/v bias).
+One dataclass describes every supported checkpoint (Llama, SmolLM, Mistral-style, Qwen2 with q/k/v bias, Qwen3 with
+q/k norms).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 has bias on q/k/v only
     out_bias: bool = False  # Llama's attention_bias=True also puts one on o_proj
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     arch: str = "llama"  # the Hugging Face model_type this config round-trips to
@@ -50,7 +52,7 @@ class ModelConfig:
         """Parameter count without building the model (embedding counted once when tied)."""
         d, h, kv, hd = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-        attn += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.out_bias
+        attn += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.out_bias + 2 * hd * self.qk_norm
         mlp = 3 * d * self.hidden_dim + (2 * self.hidden_dim + d) * self.mlp_bias
         layer = attn + mlp + 2 * d
         head = 0 if self.tie_embeddings else self.vocab_size * d

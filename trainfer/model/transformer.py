@@ -103,12 +103,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.out_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, hd)
+        if hasattr(self, "q_norm"):  # Qwen3: each head normalized before its rotation
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx is None:  # training / full-sequence scoring: plain causal attention
             y = F.scaled_dot_product_attention(

@@ -806,11 +806,12 @@ void attend_head(const float* q, const float* kp, const float* vp, const int64_t
 
 class Decoder {
  public:
-  // lins: qkv, o, gate|up, down per layer; norms: input and post-attention per layer, then the final one.
-  Decoder(std::vector<Lin> lins, std::vector<torch::Tensor> norms, Lin embed, Lin head, int64_t n_heads,
-          int64_t n_kv_heads, int64_t head_dim, double eps)
-      : lins_(std::move(lins)), norms_(std::move(norms)), embed_(std::move(embed)), head_(std::move(head)),
-        H_(n_heads), KV_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)) {
+  // lins: qkv, o, gate|up, down per layer; norms: input and post-attention per layer, then the final one; qk_norms:
+  // none, or q's and k's per-head norm per layer (Qwen3).
+  Decoder(std::vector<Lin> lins, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> qk_norms, Lin embed,
+          Lin head, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps)
+      : lins_(std::move(lins)), norms_(std::move(norms)), qk_norms_(std::move(qk_norms)), embed_(std::move(embed)),
+        head_(std::move(head)), H_(n_heads), KV_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)) {
     TORCH_CHECK(lins_.size() % 4 == 0 && norms_.size() == lins_.size() / 2 + 1, "4 matrices and 2 norms per layer");
     L_ = static_cast<int64_t>(lins_.size() / 4);
     dim_ = embed_.K;
@@ -822,6 +823,8 @@ class Decoder {
       TORCH_CHECK(gu->K == dim_ && gu->N == 2 * hidden_ && down->K == hidden_ && down->N == dim_, "layer ", l, ": mlp");
     }
     for (const auto& n : norms_) check(n, torch::kFloat32, {dim_}, "norm weight");
+    TORCH_CHECK(qk_norms_.empty() || qk_norms_.size() == lins_.size() / 2, "q and k norms: two per layer, or none");
+    for (const auto& n : qk_norms_) check(n, torch::kFloat32, {hd_}, "q/k norm weight");
     TORCH_CHECK(head_.K == dim_, "head shape");
   }
 
@@ -882,8 +885,12 @@ class Decoder {
           rmsnorm(x.data() + d * dim_, norms_[2 * l].data_ptr<float>(), eps_, dim_, h.data() + d * dim_);
         linear_team(lin[0], h.data(), D, qkv.data(), bf16);
 #pragma omp for
-        for (int64_t d = 0; d < D; ++d) {  // RoPE on q and k, then the new K/V into the sequence's slot
+        for (int64_t d = 0; d < D; ++d) {  // (Qwen3's per-head norms,) RoPE on q and k, the new K/V into its slot
           float* r = qkv.data() + d * nqkv;
+          if (!qk_norms_.empty()) {
+            const float *qn = qk_norms_[2 * l].data_ptr<float>(), *kn = qk_norms_[2 * l + 1].data_ptr<float>();
+            for (int64_t j = 0; j < H_ + KV_; ++j) rmsnorm(r + j * hd_, j < H_ ? qn : kn, eps_, hd_, r + j * hd_);
+          }
           for (int64_t j = 0; j < H_ + KV_; ++j) rope(r + j * hd_, cs + d * hd_, sn + d * hd_, hd_);
           const int64_t p = len[d] - 1, slot = tab[d * nb + p / bs] * bs + p % bs;
           std::copy(r + H_ * hd_, r + (H_ + KV_) * hd_, kp + slot * KV_ * hd_);
@@ -929,7 +936,7 @@ class Decoder {
 
  private:
   std::vector<Lin> lins_;
-  std::vector<torch::Tensor> norms_;
+  std::vector<torch::Tensor> norms_, qk_norms_;
   Lin embed_, head_;
   int64_t H_, KV_, hd_, L_ = 0, dim_ = 0, hidden_ = 0;
   float eps_;
@@ -938,7 +945,8 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Lin>(m, "Lin").def(pybind11::init(&make_lin), "kind (0 fp32, 1 int8, 2 int4), weights, scales, mins, bias");
   pybind11::class_<Decoder>(m, "Decoder")
-      .def(pybind11::init<std::vector<Lin>, std::vector<torch::Tensor>, Lin, Lin, int64_t, int64_t, int64_t, double>())
+      .def(pybind11::init<std::vector<Lin>, std::vector<torch::Tensor>, std::vector<torch::Tensor>, Lin, Lin, int64_t,
+                          int64_t, int64_t, double>())
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.attr("bf16_gemm") = kBf16;
   m.def("linear", &linear, "x @ w^T (+ bias) for fp32 / int8 / int4 weights (allow_bf16: prefill GEMMs in bf16)",
