@@ -8,8 +8,10 @@
 //   int4: q uint8 (N, K/2), w = q * s + m, q in 0..15 (llama.cpp Q4_1; Q4_0 is m = -8 s). Byte j of a block holds
 //         element j in its low nibble and element j + 16 in its high nibble, as in ggml.
 //
-// Activations are never rounded to integers (llama.cpp rounds them to Q8_0 blocks for integer dot products; measured
-// here that was 7-15% faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). Single-stream decode
+// Activations are not rounded to 8-bit integers (llama.cpp rounds them to Q8_0 blocks for integer dot products;
+// measured here that was 7-15% faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). The one
+// integer path, GGUF Q4_K against a few rows where the CPU has AVX512_VNNI, splits each input value into two int8
+// parts, ~16 bits in all (tiles_q4k_vnni). GGUF formats are in ggml_formats.h. Single-stream decode
 // is memory-bound: each weight is read from memory once per step and turned into fp32 in registers, where it meets up
 // to four input rows at a time (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead.
 // fp32 weights against one or two input rows are read instead as one sequential stream per thread (rows_f32).
@@ -275,6 +277,122 @@ inline void tile(const Lin& L, int64_t n0, const float* X, float* Y, int64_t ldy
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// Q4_K against up to kM input rows with integer dot products (vpdpbusd: 64 products of unsigned bytes and signed
+// bytes per instruction, where fp32 FMAs do 16). Converting each weight to fp32 made this format compute-bound on
+// 2 cores at ~13 GB/s (llama.cpp: ~26); llama.cpp rounds the input rows to 8 bits per 256 values. Here each
+// 32-value group of an input row is written as two int8 parts, hi = round(x / sx) and lo = round((x - hi sx) 256 /
+// sx) with sx = max |x| / 127, so x = sx (hi + lo / 256) to ~16 bits (relative error <= 2^-16 of the group's
+// largest |x|): the sums hi . q and lo . q meet in one int32 (hi . q * 256 + lo . q, at most ~2^21), one conversion
+// and one FMA per 16 lanes. The mins enter through each group's exact fp32 sum of x. docs/LOG.md has the numbers.
+struct XQ8 {  // the input rows, prepared once per call (per thread)
+  std::vector<int8_t> hi, lo;   // (M, K), each 256-block in nibble order: groups 0 2 1 3 4 6 5 7 (slot())
+  std::vector<float> lane, sum;  // per 256-block 4 x 16 lane scales sx / 256 (vector v: slots 2v, 2v + 1); (M, K / 32)
+};
+
+constexpr int slot(int g) { return (g & 4) | ((g & 1) << 1) | ((g >> 1) & 1); }  // an involution
+
+void prepare_xq8(const float* X, int64_t M, int64_t K, XQ8& q) {
+  const int64_t nblk = K / 256, ng = K / kBlock;
+  q.hi.resize(M * K), q.lo.resize(M * K), q.lane.resize(M * nblk * 64), q.sum.resize(M * ng);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < nblk; ++b)
+      for (int g = 0; g < 8; ++g) {
+        const float* x = X + i * K + b * 256 + g * kBlock;
+        const __m512 a = _mm512_loadu_ps(x), c = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
+        const int64_t at = i * K + b * 256 + slot(g) * kBlock;
+        for (int h = 0; h < 2; ++h) {
+          const __m512 v = h ? c : a;
+          const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));
+          const __m512 rest = _mm512_sub_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(sx)));
+          const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(rest, _mm512_set1_ps(inv * 256.0f)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q.hi.data() + at + 16 * h), _mm512_cvtsepi32_epi8(hi));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q.lo.data() + at + 16 * h), _mm512_cvtsepi32_epi8(lo));
+        }
+        q.sum[i * ng + b * 8 + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
+        float* lane = q.lane.data() + (i * nblk + b) * 64 + slot(g) * 8;
+        std::fill(lane, lane + 8, sx / 256.0f);
+      }
+}
+
+template <int R, int MB>
+inline void tile_q4k_vnni(const Lin& L, int64_t n0, const XQ8& q, int64_t i0, float* Y, int64_t ldy, bool add) {
+  __m512 acc[R][MB];
+  __m256 accm[R][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps(), accm[r][i] = _mm256_setzero_ps();
+  const int64_t K = L.K, nblk = K / 256, ng = K / kBlock;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i pick[4] = {  // vector v's lanes: the weight scales of the groups in slots 2v and 2v + 1
+      _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+      _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
+      _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+      _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = L.raw + (n0 + r) * L.rb + blk * 144;
+      const char* next = reinterpret_cast<const char*>(p + R * L.rb);  // the next tile's row: loads in flight
+      _mm_prefetch(next, _MM_HINT_T0), _mm_prefetch(next + 64, _MM_HINT_T0), _mm_prefetch(next + 128, _MM_HINT_T0);
+      __m256 sv, mv;
+      k_scales_mins(p, sv, mv);
+      const __m512 S = _mm512_castps256_ps512(sv);
+      const __m512i v0 = _mm512_loadu_si512(p + 16), v1 = _mm512_loadu_si512(p + 80);
+      const __m512i w[4] = {_mm512_and_si512(v0, nibble), _mm512_and_si512(_mm512_srli_epi16(v0, 4), nibble),
+                            _mm512_and_si512(v1, nibble), _mm512_and_si512(_mm512_srli_epi16(v1, 4), nibble)};
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i)
+        accm[r][i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(q.sum.data() + (i0 + i) * ng + blk * 8), accm[r][i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        const __m512 ws = _mm512_permutexvar_ps(pick[v], S);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) {
+          const int64_t at = (i0 + i) * K + blk * 256 + 64 * v;
+          __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[v], _mm512_loadu_si512(q.hi.data() + at));
+          t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w[v], _mm512_loadu_si512(q.lo.data() + at));
+          const __m512 lane = _mm512_loadu_ps(q.lane.data() + ((i0 + i) * nblk + blk) * 64 + 16 * v);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(ws, lane), acc[r][i]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(accm[r][i]), _mm256_extractf128_ps(accm[r][i], 1));
+      m4 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_add_ss(m4, _mm_movehdup_ps(m4));
+      float& y = Y[i * ldy + n0 + r];
+      y = (add ? y : 0.0f) + _mm512_reduce_add_ps(acc[r][i]) + _mm_cvtss_f32(m4) + bias;
+    }
+  }
+}
+
+// Output tiles [t0, t1) of Q4_K weights against M <= kM input rows on the integer path.
+void tiles_q4k_vnni(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
+  thread_local XQ8 q;
+  prepare_xq8(X, M, L.K, q);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * kRows;
+    int64_t i = 0;
+    if (n0 + kRows <= L.N) {
+      for (; i + 2 <= M; i += 2) tile_q4k_vnni<kRows, 2>(L, n0, q, i, Y + i * ldy, ldy, add);
+      for (; i < M; ++i) tile_q4k_vnni<kRows, 1>(L, n0, q, i, Y + i * ldy, ldy, add);
+    } else {
+      for (int64_t n = n0; n < L.N; ++n)
+        for (i = 0; i < M; ++i) tile_q4k_vnni<1, 1>(L, n, q, i, Y + i * ldy, ldy, add);
+    }
+  }
+}
+#endif
+
 // tile() for a GGUF block format: per (row, block) the groups' scales and mins are decoded once (for K-quants, 8 or
 // 16 of them), then per 32-weight group each W-weight chunk becomes fp32 in registers (through a lookup table on
 // AVX-512 for 4- and 5-bit formats) and meets MB input rows.
@@ -299,31 +417,6 @@ inline void tile_raw(const Lin& L, int64_t n0, const float* X, float* Y, int64_t
       for (int off = 0; off < F::bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
       block_scales<KIND>(p[r], s[r], m2[r]);
     }
-#ifdef __AVX512F__
-    if constexpr (KIND == kQ4_K) {  // groups in pairs that share their bytes (q4k_pair)
-#pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) {
-        const float* xg = X + blk * F::vals + 2 * k * kBlock;
-        V x[MB][4];
-#pragma GCC unroll 8
-        for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 4
-          for (int c = 0; c < 4; ++c) x[i][c] = vload(xg + i * K + c * W);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          const GroupScale lo = group_from<KIND>(s[r], m2[r], 2 * k), hi = group_from<KIND>(s[r], m2[r], 2 * k + 1);
-#pragma GCC unroll 2
-          for (int c = 0; c < 2; ++c) {
-            V w_lo, w_hi;
-            q4k_pair(p[r], k, c, lo, hi, w_lo, w_hi);
-#pragma GCC unroll 8
-            for (int i = 0; i < MB; ++i) acc[r][i] = vfma(w_hi, x[i][2 + c], vfma(w_lo, x[i][c], acc[r][i]));
-          }
-        }
-      }
-      continue;
-    }
-#endif
 #pragma GCC unroll 8
     for (int g = 0; g < groups; ++g) {
       const float* xg = X + blk * F::vals + g * kBlock;
@@ -596,6 +689,11 @@ void tiles(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool 
     const int64_t n0 = t0 * kRows, n1 = std::min(t1 * kRows, L.N);
     return M == 1 ? rows_f32<1>(L, X, Y, ldy, add, n0, n1) : rows_f32<2>(L, X, Y, ldy, add, n0, n1);
   }
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  if constexpr (KIND == kQ4_K) {
+    if (M <= kM && L.K % 256 == 0) return tiles_q4k_vnni(L, X, M, Y, ldy, add, t0, t1);
+  }
+#endif
   if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, ldy, add, t0, t1);
   if (KIND != kF32 && M > kM) {
     thread_local std::vector<float> buf;
