@@ -145,7 +145,7 @@ def test_tokenizer_and_chat_template_survive(tmp_path):
     assert tok.chat_template == TEMPLATE
     messages = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(messages) == ref.apply_chat_template(messages)
-    meta = {k: f.contents() for k, f in open_gguf(tmp_path / "m.gguf").fields.items() if k.startswith("tok")}
+    meta = {k: v for k, v in open_gguf(tmp_path / "m.gguf").metadata.items() if k.startswith("tok")}
     assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.merges"] == ["h e", "l l", "he ll"]
     assert meta["tokenizer.ggml.tokens"][261:] == ["[PAD261]", "[PAD262]", "[PAD263]"]
     assert meta["tokenizer.ggml.token_type"][258:] == [1, 3, 3, 5, 5, 5]

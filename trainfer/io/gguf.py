@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, ReaderTensor
 from torch import nn
 
 from trainfer.errors import TrainferError
+from trainfer.io.gguf_file import GGUFFile
+from trainfer.io.gguf_file import Tensor as ReaderTensor
 from trainfer.io.gguf_rope import llama3_from_factors
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.config import ModelConfig
@@ -62,35 +63,24 @@ _TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm
 ROPE_FREQS = "rope_freqs.weight"  # not a parameter: Llama-3 RoPE scaling, folded into the config
 
 
-def open_gguf(path: Path, mode: str = "c") -> GGUFReader:
-    """The file's reader over a copy-on-write memory map (arrays are writable; the file is never written). The
-    last one is kept: parsing the header of a 49k-token vocabulary takes ~2 s, and a load reads it twice (the
-    memory check, then the weights)."""
+def open_gguf(path: Path) -> GGUFFile:
+    """The file's header and tensor views (io/gguf_file.py). The last one is kept: a load reads it twice (the
+    memory check, then the weights), and a changed file (size or time) is read again."""
     path = Path(path)
     try:
         stat = path.stat()
     except OSError:
         raise TrainferError(f"no such file: {path}") from None
-    return _reader(path, stat.st_size, stat.st_mtime_ns, mode)
+    return _reader(path, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1)
-def _reader(path: Path, size: int, mtime: int, mode: str) -> GGUFReader:
-    try:
-        return GGUFReader(path, mode)
-    except FileNotFoundError:
-        raise TrainferError(f"no such file: {path}") from None
-    except Exception as e:  # the reader raises ValueError/IndexError/etc. on damaged files
-        raise TrainferError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from None
+def _reader(path: Path, size: int, mtime: int) -> GGUFFile:
+    return GGUFFile(path)
 
 
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
-    meta = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = fld.contents()
-    return meta
+def read_metadata(reader: GGUFFile) -> dict[str, Any]:
+    return dict(reader.metadata)
 
 
 def config_from_metadata(
@@ -151,9 +141,10 @@ def tensor_name(gguf_name: str) -> str:
     raise TrainferError(f"unexpected tensor {gguf_name!r} in GGUF file")
 
 
-def read_config(reader: GGUFReader, meta: dict[str, Any]) -> ModelConfig:
+def read_config(reader: GGUFFile, meta: dict[str, Any]) -> ModelConfig:
     """The model's shape from the metadata and the tensor list (and the rope_freqs values, when present)."""
-    factors = next((np.asarray(t.data, dtype=np.float32) for t in reader.tensors if t.name == ROPE_FREQS), None)
+    freqs = (t for t in reader.tensors if t.name == ROPE_FREQS)
+    factors = next((np.asarray(t.data, dtype=np.float32).reshape(-1) for t in freqs), None)
     return config_from_metadata(meta, {t.name for t in reader.tensors}, factors)
 
 
