@@ -3,6 +3,7 @@ file's own blocks, memory-mapped) and by llama.cpp, alternated in rounds: peak R
 at one stream and prefill.
 
     .venv/bin/python benchmarks/sizes.py [--shape 1.7b|8b ...] [--rounds 3] [--gen 64] [--prompt 256]
+    .venv/bin/python benchmarks/sizes.py --quality      # perplexity of K-quant files of SmolLM2's real weights
 
 The files are written once under $TRAINFER_HOME/peers/sizes/ with gguf's writer (Q8_0 blocks of random bytes: speed
 and memory do not depend on the values) and llama.cpp's llama-quantize (Q4_K_M). Each run of either side is its own
@@ -175,6 +176,48 @@ def round_llama(bin_dir: Path, path: Path, prompt: int, gen: int) -> dict:
     }
 
 
+QUALITY_RUN = r"""
+import json, math, sys, torch
+from trainfer import LLM
+from trainfer.quant.quality import held_out_ids, score
+path, positions = sys.argv[1], int(sys.argv[2])
+out = {}
+for dtype in ("auto", "float32"):  # the file's blocks as they are; the same file dequantized, fp32 throughout
+    llm = LLM.load(path, dtype=dtype, kv_cache_gb=0.1)
+    ids = held_out_ids(llm.tokenizer, "shakespeare", positions + 1)[: positions + 1]
+    with torch.inference_mode():
+        nll, top1 = score(llm.model, ids, 512)
+    out[dtype] = {"ppl": math.exp(nll), "top1": top1.tolist(), "weights": llm.weights}
+agree = sum(a == b for a, b in zip(out["auto"]["top1"], out["float32"]["top1"])) / len(out["auto"]["top1"])
+print(json.dumps({"ppl": out["auto"]["ppl"], "ppl_fp32": out["float32"]["ppl"], "top1_agree_fp32": agree,
+                  "weights": out["auto"]["weights"]}))
+"""
+
+
+def quality(bin_dir: Path, peers: Path, positions: int) -> list[dict]:
+    """SmolLM2-135M-Instruct's real weights (the F32 GGUF of its Q4_1 file) quantized by llama-quantize to Q4_K_M,
+    Q5_K_M and Q6_K: perplexity on held-out Shakespeare as trainfer runs each file (its own blocks) and as the same
+    file dequantized to fp32, with bf16 products for the prompt (the default) and without (TRAINFER_BF16=0)."""
+    f32 = llama_cpp.quantized_copies(bin_dir, peers)["F32"]
+    rows = []
+    for kind in ("Q4_K_M", "Q5_K_M", "Q6_K"):
+        path = peers / f"smollm2-135m-instruct.{kind}.gguf"
+        if not path.exists():
+            cmd = [str(bin_dir / "llama-quantize"), str(f32), str(path), kind]
+            subprocess.run(cmd, check=True, capture_output=True)
+        for bf16 in ("1", "0"):
+            env = {**os.environ, "TRAINFER_BF16": bf16}
+            out = subprocess.run([sys.executable, "-c", QUALITY_RUN, str(path), str(positions)], env=env,
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+            row = {"kind": kind, "bf16_products": bf16 == "1", **json.loads(out.strip().splitlines()[-1])}
+            row["ppl_change"] = row["ppl"] / row["ppl_fp32"] - 1
+            rows.append(row)
+            print(f"{kind:7s} bf16 {bf16}: trainfer ppl {row['ppl']:.4f}, same file in fp32 {row['ppl_fp32']:.4f} "
+                  f"({100 * row['ppl_change']:+.3f}%), top-1 agreement {100 * row['top1_agree_fp32']:.2f}%, "
+                  f"weights {row['weights']}")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", action="append", choices=list(SHAPES))
@@ -182,9 +225,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--quality", action="store_true", help="only the perplexity check on SmolLM2's real weights")
+    ap.add_argument("--positions", type=int, default=4096, help="held-out positions scored by --quality")
     args = ap.parse_args()
     peers = registry.home() / "peers"
     bin_dir = llama_cpp.build(peers / "llama.cpp")
+    if args.quality:
+        print(json.dumps(quality(bin_dir, peers, args.positions)))
+        return
     results = []
     for shape in args.shape or ["1.7b"]:
         files = make_files(bin_dir, peers / "sizes", shape)

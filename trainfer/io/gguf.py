@@ -209,6 +209,7 @@ def _weight_module(t: ReaderTensor, cfg: ModelConfig, dtype: str, int8: bool, lo
         blocks = _blocks(t)
         if heads is not None:  # whole rows of blocks change places (a copy of q / k only)
             blocks = torch.from_numpy(np.ascontiguousarray(unpermute_rope(blocks.numpy(), heads)))
+            t.release()
         return ggml.GGMLLinear(blocks, qtype, cols)
     if dtype == "auto" and qtype in (Q.F16, Q.BF16):  # rows that are not 32-value blocks: exact as fp32
         return _nn_linear(_float(t, cfg))

@@ -8,6 +8,7 @@ file's size, so a truncated or damaged file is a one-line error, never a crash o
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ class Tensor:
     n_elements: int
     n_bytes: int
     data: np.ndarray  # F32 / F16: values (rows, cols); other types: bytes (rows, row bytes)
+    offset: int  # of the data in the file
+    owner: GGUFFile
+
+    def release(self) -> None:
+        """Drop this tensor's pages from the process's memory once it has been copied (GGUFFile.release)."""
+        self.owner.release(self)
 
 
 class GGUFFile:
@@ -125,4 +132,13 @@ class GGUFFile:
             raw = self._map[begin : begin + nbytes]
             dtype = _DTYPES.get(qtype)
             data = raw.view(dtype).reshape(rows, dims[0]) if dtype is not None else raw.reshape(rows, -1)
-            self.tensors.append(Tensor(name, qtype, dims, n, nbytes, data))
+            self.tensors.append(Tensor(name, qtype, dims, n, nbytes, data, begin, self))
+
+    def release(self, t: Tensor) -> None:
+        """Drop the pages of a tensor that was copied (Llama's q / k rows, reordered) from this process's memory:
+        read once, they would otherwise count in its RSS next to the copy until the map is closed."""
+        page = mmap.PAGESIZE
+        start, end = -(-t.offset // page) * page, (t.offset + t.n_bytes) // page * page
+        raw = getattr(self._map, "_mmap", None)
+        if raw is not None and end > start and hasattr(mmap, "MADV_DONTNEED"):
+            raw.madvise(mmap.MADV_DONTNEED, start, end - start)
