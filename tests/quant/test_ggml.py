@@ -21,7 +21,7 @@ from trainfer.quant.native import extension
 TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16]
 # offsets of each format's fp16 scale fields inside a block: random bytes there could be inf / NaN
 FP16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q5_0: (0,), Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2),
-               Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # fmt: skip
+               Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q2_K: (80, 82), Q.Q3_K: (108,)}  # fmt: skip
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
@@ -34,7 +34,7 @@ def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0, scale: float = 
         f32 = rng.normal(0, scale, (rows, cols)).astype(np.float32)
         return (f32.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    unit = scale / {Q.Q4_K: 64 * 8, Q.Q5_K: 64 * 16, Q.Q6_K: 64 * 32}.get(qtype, 8)  # keep weights ~scale
+    unit = scale / {Q.Q4_K: 64 * 8, Q.Q5_K: 64 * 16, Q.Q6_K: 64 * 32, Q.Q2_K: 64, Q.Q3_K: 128}.get(qtype, 8)
     for off in FP16_FIELDS[qtype]:
         d = (rng.uniform(0.5, 1.5, (rows, cols // block)) * unit).astype(np.float16)
         raw[..., off : off + 2] = d[..., None].view(np.uint8)
@@ -102,7 +102,7 @@ MIX = {"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output": Q.Q8
        "ffn_up": Q.Q5_1, "ffn_down": Q.Q6_K, "token_embd": Q.Q4_1, "output": Q.Q5_0}  # fmt: skip
 
 
-def mixed_model(path, arch: str = "llama", tied: bool = False):
+def mixed_model(path, arch: str = "llama", tied: bool = False, mix: dict[str, Q] | None = None):
     """A transformers model whose weights are exactly the dequantized blocks of a GGUF written at `path`, each
     tensor in the format MIX gives it (layer 1's MLP as F16 / BF16), the way a Q4_K_M file mixes them."""
     hf = make_hf_model(arch, vocab_size=96, hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -111,7 +111,7 @@ def mixed_model(path, arch: str = "llama", tied: bool = False):
 
     def types(gname: str, a: np.ndarray):
         kind = gname.split(".")[-2]
-        qtype = MIX[kind]
+        qtype = {**MIX, **(mix or {})}[kind]
         if gname.startswith("blk.1.ffn"):
             qtype = Q.F16 if kind != "ffn_up" else Q.BF16
         raw = random_blocks(qtype, a.shape[0], a.shape[1], seed=len(blocks))
@@ -142,6 +142,22 @@ def test_a_mixed_format_gguf_gives_transformers_logits(tmp_path, arch, tied, mon
     out = llm.complete([ids[0].tolist()], temperature=0, max_tokens=12, ignore_eos=True)[0]
     assert llm.engine.runner.decoder is not None
     assert out.token_ids == ref[0, ids.shape[1] :].tolist()
+
+
+def test_formats_without_a_kernel_become_int8_and_say_so(tmp_path, monkeypatch, capsys):
+    """Q2_K / Q3_K (no native kernel): converted to int8 blocks at load, one line on stderr each; the logits stay
+    within int8's rounding of the reference's."""
+    monkeypatch.setenv("TRAINFER_BF16", "0")
+    hf = mixed_model(tmp_path / "m.gguf", mix={"ffn_gate": Q.Q2_K, "ffn_up": Q.Q3_K})
+    llm = LLM.load(tmp_path / "m.gguf", kv_cache_gb=0.05)
+    mlp = llm.model.layers[0].mlp
+    assert (mlp.gate_proj.kind, mlp.up_proj.kind, mlp.down_proj.kind) == ("int8", "int8", "Q6_K")
+    err = capsys.readouterr().err
+    assert "blk.0.ffn_gate.weight: Q2_K has no native kernel; converted to int8" in err and "Q3_K" in err
+    ids = torch.tensor([[5, 17, 33, 8, 90, 41, 12, 7]])
+    with torch.no_grad():
+        want, got = hf(ids).logits, llm.model(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * float(want.abs().max()))
 
 
 def test_a_truncated_or_inconsistent_gguf_is_a_one_line_error(tmp_path):
