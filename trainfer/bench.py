@@ -166,8 +166,9 @@ def measure_transformers(hf, vocab: int, runs: int, new_tokens: int, concurrency
     return peer
 
 
-# The llama.cpp file each trainfer weight format is measured against (same weights, same bits).
-PEERS = {"float32": ("F32",), "bfloat16": ("F16",), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
+# The llama.cpp file each trainfer weight format is measured against (same weights, same bits; auto: SmolLM2's own
+# Q4_1 file, which both run as it is).
+PEERS = {"float32": ("F32",), "bfloat16": ("F16",), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1"), "auto": ("Q4_1",)}
 
 
 def bench_decode(
