@@ -1,7 +1,7 @@
 """GGUF import: llama.cpp's single-file format -> a ready model (load_gguf_model), or a config, a float state dict
 and a Tokenizer (load_gguf, for training and export).
 
-Metadata and tensors are read with the `gguf` package from a memory map. For inference the tensors' own blocks are
+The header and tensor table are read by io/gguf_file.py over a memory map. For inference the tensors' own blocks are
 the weights (quant/ggml.py); converting to another dtype happens one tensor at a time.
 """
 
