@@ -58,3 +58,31 @@ def test_paired_decode_alternates_rounds_and_takes_the_median_ratio(tiny_llm, tm
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
     assert r["ratio_median"] == pytest.approx(r["decode_tok_s"] / 1000.0, rel=1e-2)
     tiny_llm.engine.pool.check_idle()
+
+
+@pytest.mark.real
+def test_the_sizes_benchmark_writes_a_loadable_file_and_measures_it(tmp_path, monkeypatch):
+    """benchmarks/sizes.py on a tiny shape: its gguf-written file has the shape's tensors in Q8_0 and SmolLM2's
+    vocabulary, trainfer runs it in place, and a trainfer round reports every figure (llama.cpp's side needs a
+    llama.cpp build)."""
+    import importlib.util
+    from pathlib import Path
+
+    from trainfer.io.gguf_file import GGUFFile
+
+    spec = importlib.util.spec_from_file_location("sizes", Path(__file__).parents[1] / "benchmarks" / "sizes.py")
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    monkeypatch.setitem(sizes.SHAPES, "tiny", (256, 2, 4, 2, 512, False))
+    path = tmp_path / "tiny.Q8_0.gguf"
+    sizes.write_q8_0(path, "tiny")
+    f = GGUFFile(path)
+    assert len(f.tensors) == 3 + 9 * 2 and {t.tensor_type.name for t in f.tensors} == {"Q8_0", "F32"}
+    llm = LLM.load(path, kv_cache_gb=0.05)
+    cfg = llm.model.cfg
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.tie_embeddings) == (
+        256, 2, 4, 2, 512, False)  # fmt: skip
+    assert llm.weights == "Q8_0" and cfg.vocab_size == 49152
+    row = sizes.round_trainfer(path, prompt=16, gen=4)
+    assert row["weights"] == "Q8_0" and row["peak_rss_gib"] > 0
+    assert all(row[k] > 0 for k in ("launch_s", "prefill_tok_s", "decode_tok_s"))
