@@ -71,8 +71,8 @@ def test_products_equal_the_dequantized_weights(qtype, rows, monkeypatch):
     with torch.inference_mode():
         got = ggml.GGMLLinear(raw, qtype, k, bias)(x)
     want = F.linear(x.double(), w.double(), bias.double()).float()
-    # Q4_K up to 3 rows with AVX512_VNNI: integer dot products on inputs split into two int8 parts (~16 bits)
-    vnni = qtype == Q.Q4_K and rows <= 3 and extension() is not None and "avx512_vnni" in cpu_flags()
+    # Q4_K and Q6_K up to 3 rows with AVX512_VNNI: integer dot products on inputs split into two int8 parts (~16 bits)
+    vnni = qtype in (Q.Q4_K, Q.Q6_K) and rows <= 3 and extension() is not None and "avx512_vnni" in cpu_flags()
     tol = 2**-14 if vnni else 1e-5
     torch.testing.assert_close(got, want, rtol=0, atol=tol * float(want.abs().max()))
 

@@ -286,15 +286,18 @@ inline void tile(const Lin& L, int64_t n0, const float* X, float* Y, int64_t ldy
 // largest |x|): the sums hi . q and lo . q meet in one int32 (hi . q * 256 + lo . q, at most ~2^21), one conversion
 // and one FMA per 16 lanes. The mins enter through each group's exact fp32 sum of x. docs/LOG.md has the numbers.
 struct XQ8 {  // the input rows, prepared once per call (per thread)
-  std::vector<int8_t> hi, lo;   // (M, K), each 256-block in nibble order: groups 0 2 1 3 4 6 5 7 (slot())
-  std::vector<float> lane, sum;  // per 256-block 4 x 16 lane scales sx / 256 (vector v: slots 2v, 2v + 1); (M, K / 32)
+  // (M, K) each; a 256-block in Q4_K's nibble order (groups 0 2 1 3 4 6 5 7: slot()) or, for Q6_K, in natural order
+  std::vector<int8_t> hi, lo;
+  std::vector<float> lane;   // per 256-block 4 x 16 lane scales sx / 256 (vector v: slots 2v, 2v + 1)
+  std::vector<float> sum;    // (M, K / 32) exact sums of x per group, for Q4_K's mins
+  std::vector<float> sum16;  // (M, K / 16) the same per 16 values, for Q6_K's offset of -32 (one scale per 16)
 };
 
 constexpr int slot(int g) { return (g & 4) | ((g & 1) << 1) | ((g >> 1) & 1); }  // an involution
 
-void prepare_xq8(const float* X, int64_t M, int64_t K, XQ8& q) {
+void prepare_xq8(const float* X, int64_t M, int64_t K, XQ8& q, bool natural) {
   const int64_t nblk = K / 256, ng = K / kBlock;
-  q.hi.resize(M * K), q.lo.resize(M * K), q.lane.resize(M * nblk * 64), q.sum.resize(M * ng);
+  q.hi.resize(M * K), q.lo.resize(M * K), q.lane.resize(M * nblk * 64), q.sum.resize(M * ng), q.sum16.resize(2 * M * ng);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t b = 0; b < nblk; ++b)
       for (int g = 0; g < 8; ++g) {
@@ -302,7 +305,8 @@ void prepare_xq8(const float* X, int64_t M, int64_t K, XQ8& q) {
         const __m512 a = _mm512_loadu_ps(x), c = _mm512_loadu_ps(x + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
         const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
-        const int64_t at = i * K + b * 256 + slot(g) * kBlock;
+        const int s = natural ? g : slot(g);
+        const int64_t at = i * K + b * 256 + s * kBlock;
         for (int h = 0; h < 2; ++h) {
           const __m512 v = h ? c : a;
           const __m512i hi = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));
@@ -311,8 +315,10 @@ void prepare_xq8(const float* X, int64_t M, int64_t K, XQ8& q) {
           _mm_storeu_si128(reinterpret_cast<__m128i*>(q.hi.data() + at + 16 * h), _mm512_cvtsepi32_epi8(hi));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(q.lo.data() + at + 16 * h), _mm512_cvtsepi32_epi8(lo));
         }
-        q.sum[i * ng + b * 8 + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
-        float* lane = q.lane.data() + (i * nblk + b) * 64 + slot(g) * 8;
+        const float sa = _mm512_reduce_add_ps(a), sc = _mm512_reduce_add_ps(c);
+        q.sum[i * ng + b * 8 + g] = sa + sc;
+        q.sum16[2 * (i * ng + b * 8 + g)] = sa, q.sum16[2 * (i * ng + b * 8 + g) + 1] = sc;
+        float* lane = q.lane.data() + (i * nblk + b) * 64 + s * 8;
         std::fill(lane, lane + 8, sx / 256.0f);
       }
 }
@@ -378,7 +384,7 @@ inline void tile_q4k_vnni(const Lin& L, int64_t n0, const XQ8& q, int64_t i0, fl
 // Output tiles [t0, t1) of Q4_K weights against M <= kM input rows on the integer path.
 void tiles_q4k_vnni(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
   thread_local XQ8 q;
-  prepare_xq8(X, M, L.K, q);
+  prepare_xq8(X, M, L.K, q, false);
   for (int64_t t = t0; t < t1; ++t) {  // every input row in one pass over the weights (3 rows: 2 weight rows)
     const int64_t n0 = t * kRows;
     if (n0 + kRows > L.N) {
@@ -390,6 +396,93 @@ void tiles_q4k_vnni(const Lin& L, const float* X, int64_t M, float* Y, int64_t l
       tile_q4k_vnni<kRows, 2>(L, n0, q, 0, Y, ldy, add);
     } else {
       for (int64_t h = 0; h < kRows; h += 2) tile_q4k_vnni<2, 3>(L, n0 + h, q, 0, Y, ldy, add);
+    }
+  }
+}
+
+// Q6_K the same way. A block's 256 weights are read as four vectors of 64 in natural order: bytes 0-63 of ql give
+// weights 0-63 (low nibbles) and 64-127 (high), bytes 64-127 the next 128, and qh's 2-bit pairs are moved to bits 4-5
+// per half vector (variable 16-bit shifts; each byte's own bits survive the 0x30 mask). q is 0..63 unsigned, as
+// vpdpbusd wants; its offset of -32 enters, like Q4_K's mins, through exact sums of x (one per 16, a scale each).
+template <int R, int MB>
+inline void tile_q6k_vnni(const Lin& L, int64_t n0, const XQ8& q, int64_t i0, float* Y, int64_t ldy, bool add) {
+  __m512 acc[R][MB], acco[R][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps(), acco[r][i] = _mm512_setzero_ps();
+  const int64_t K = L.K, nblk = K / 256, ng = K / kBlock;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+  // variable shifts per 16 bits: << 4 for weights 0-31 and << 2 for 32-63 (low half, high half of the vector), >> 0
+  // for 64-95 and >> 2 for 96-127
+  constexpr int64_t two = 0x0002000200020002, four = 0x0004000400040004;
+  const __m512i up = _mm512_set_epi64(two, two, two, two, four, four, four, four);
+  const __m512i down = _mm512_set_epi64(two, two, two, two, 0, 0, 0, 0);
+  const __m512i pick[4] = {  // vector v's lanes (4 bytes each): the scales of weights 64 v + 16 j, j = lane / 4
+      _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+      _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
+      _mm512_setr_epi32(8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11),
+      _mm512_setr_epi32(12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15)};
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = L.raw + (n0 + r) * L.rb + blk * 210;
+      const char* next = reinterpret_cast<const char*>(p + R * L.rb);  // the next tile's row: loads in flight
+      _mm_prefetch(next, _MM_HINT_T0), _mm_prefetch(next + 64, _MM_HINT_T0), _mm_prefetch(next + 128, _MM_HINT_T0);
+      _mm_prefetch(next + 192, _MM_HINT_T0);
+      const __m512 S = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)))),
+                                     _mm512_set1_ps(fp16(p + 208)));
+      __m512i w[4];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i ql = _mm512_loadu_si512(p + 64 * h);
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h)));
+        w[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, nibble), _mm512_and_si512(_mm512_sllv_epi16(qh, up), bits45));
+        w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble),
+                                       _mm512_and_si512(_mm512_srlv_epi16(qh, down), bits45));
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i)
+        acco[r][i] = _mm512_fmadd_ps(S, _mm512_loadu_ps(q.sum16.data() + 2 * ((i0 + i) * ng + blk * 8)), acco[r][i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        const __m512 ws = _mm512_permutexvar_ps(pick[v], S);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) {
+          const int64_t at = (i0 + i) * K + blk * 256 + 64 * v;
+          __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[v], _mm512_loadu_si512(q.hi.data() + at));
+          t = _mm512_dpbusd_epi32(_mm512_slli_epi32(t, 8), w[v], _mm512_loadu_si512(q.lo.data() + at));
+          const __m512 lane = _mm512_loadu_ps(q.lane.data() + ((i0 + i) * nblk + blk) * 64 + 16 * v);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(ws, lane), acc[r][i]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float& y = Y[i * ldy + n0 + r];
+      y = (add ? y : 0.0f) + _mm512_reduce_add_ps(acc[r][i]) - 32.0f * _mm512_reduce_add_ps(acco[r][i]) + bias;
+    }
+  }
+}
+
+void tiles_q6k_vnni(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
+  thread_local XQ8 q;
+  prepare_xq8(X, M, L.K, q, true);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * kRows;
+    if (n0 + kRows > L.N) {
+      for (int64_t n = n0; n < L.N; ++n)
+        for (int64_t i = 0; i < M; ++i) tile_q6k_vnni<1, 1>(L, n, q, i, Y + i * ldy, ldy, add);
+    } else if (M == 1) {
+      tile_q6k_vnni<kRows, 1>(L, n0, q, 0, Y, ldy, add);
+    } else if (M == 2) {
+      tile_q6k_vnni<kRows, 2>(L, n0, q, 0, Y, ldy, add);
+    } else {
+      for (int64_t h = 0; h < kRows; h += 2) tile_q6k_vnni<2, 3>(L, n0 + h, q, 0, Y, ldy, add);
     }
   }
 }
@@ -695,6 +788,9 @@ void tiles(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool 
   if constexpr (KIND == kQ4_K) {
     // 4 rows: the fp32 tiles, which convert each weight once for all four, were faster (9.1 vs 8.1 GB/s)
     if (M <= 3 && L.K % 256 == 0) return tiles_q4k_vnni(L, X, M, Y, ldy, add, t0, t1);
+  }
+  if constexpr (KIND == kQ6_K) {
+    if (M <= 3 && L.K % 256 == 0) return tiles_q6k_vnni(L, X, M, Y, ldy, add, t0, t1);
   }
 #endif
   if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, ldy, add, t0, t1);
