@@ -23,7 +23,7 @@ from trainfer.io.gguf_file import Tensor as ReaderTensor
 from trainfer.io.gguf_rope import llama3_from_factors
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.config import ModelConfig
-from trainfer.model.transformer import Transformer, rope_frequencies
+from trainfer.model.transformer import Transformer
 from trainfer.quant import ggml
 from trainfer.quant.blocks import QEmbedding, QLinear, quantize_int4, quantize_int8
 
@@ -312,7 +312,6 @@ def load_gguf_model(path: Path, dtype: str = "auto", log: list[str] | None = Non
         raise TrainferError(f"{path}: the file lacks tensors {missing[:5]} of a {cfg.arch} model")
     if cfg.tie_embeddings:
         model.lm_head = _tied_head(model.embed_tokens)
-    model.inv_freq = rope_frequencies(cfg)
     return model.eval(), tokenizer
 
 

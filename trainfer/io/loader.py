@@ -18,7 +18,7 @@ from trainfer.io.gguf import load_gguf
 from trainfer.io.hf import load_state_dict, read_config, save_hf
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.config import ModelConfig
-from trainfer.model.transformer import Transformer, rope_frequencies
+from trainfer.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -61,7 +61,6 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | 
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
-    model.inv_freq = rope_frequencies(cfg)  # buffers are not in the state dict; the meta one is empty
     return model.to(device).eval()
 
 

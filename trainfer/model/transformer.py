@@ -61,9 +61,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(cfg: ModelConfig) -> Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama-3 scaling when the config asks for it."""
+    """Inverse frequencies (head_dim/2,), with Llama-3 scaling when the config asks for it. Always computed on the
+    CPU: under the loaders' meta device they would be empty (and meta ops import torch._dynamo, ~1 s)."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     sc = cfg.rope_scaling
     if not sc:
         return inv_freq
@@ -151,7 +152,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # nn.Embedding's own init (normal_) on the meta device, where the loaders build a model before filling it,
+        # imports torch._dynamo: ~1 s of every launch. Same values elsewhere.
+        weight = torch.empty(cfg.vocab_size, cfg.dim)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

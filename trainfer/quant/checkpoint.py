@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from trainfer.errors import TrainferError
 from trainfer.io.hf import config_to_hf, load_state_dict, read_config
 from trainfer.io.tokenizer import Tokenizer
-from trainfer.model.transformer import Transformer, rope_frequencies
+from trainfer.model.transformer import Transformer
 from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear, quantize_int4, quantize_int8, quantize_model, weights_kind
 
 FORMATS = {"int8": "q8_0", "int4": "q4_1"}
@@ -89,7 +89,6 @@ def load_hf_quantized(path: Path, kind: str) -> Transformer:
     if left or set(given) != linears:
         missing = left or sorted(linears - set(given))
         raise TrainferError(f"{path}: weights do not match the config: missing {missing[:5]}")
-    model.inv_freq = rope_frequencies(cfg)
     return model.eval()
 
 
@@ -166,6 +165,5 @@ def load_quantized(path: Path) -> tuple[Transformer, Tokenizer | None]:
     if rest.keys() != expected:
         raise TrainferError(f"{path}: weights do not match the config: {sorted(expected ^ rest.keys())[:5]}")
     model.load_state_dict(rest, strict=False, assign=True)
-    model.inv_freq = rope_frequencies(cfg)
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     return model.eval(), tok
