@@ -16,7 +16,7 @@ from pathlib import Path
 from trainfer import registry
 
 SDIST = "llama-cpp-python==0.3.36"
-TARGETS = ("llama-bench", "llama-quantize", "llama-server")
+TARGETS = ("llama-bench", "llama-quantize", "llama-server", "llama-perplexity", "llama-batched-bench")
 
 
 def build(root: Path) -> Path:

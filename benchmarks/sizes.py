@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 
 import gguf
+import httpx
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp  # noqa: E402
+from serve import free_port, wait_healthy  # noqa: E402
 
 from trainfer import registry  # noqa: E402
 
@@ -176,45 +178,131 @@ def round_llama(bin_dir: Path, path: Path, prompt: int, gen: int) -> dict:
     }
 
 
+def chunk_scores(model, tokens: list[int], n_ctx: int, bos: int | None) -> tuple[list[float], list[int]]:
+    """llama-perplexity's scoring, reproduced: the tokens in chunks of n_ctx (the first token of each replaced by BOS
+    when the vocabulary adds one), each chunk scored on its second half only (the logits at first .. n_ctx - 2 for
+    first = n_ctx / 2). The negative log-likelihoods and the argmax at every scored position."""
+    import torch
+    import torch.nn.functional as F
+
+    first, nll, top1 = n_ctx // 2, [], []
+    for i in range(len(tokens) // n_ctx):
+        chunk = torch.tensor(tokens[i * n_ctx : (i + 1) * n_ctx])
+        if bos is not None:
+            chunk[0] = bos
+        with torch.inference_mode():
+            logits = model(chunk[None])[0, first : n_ctx - 1].float()
+        nll += F.cross_entropy(logits, chunk[first + 1 :], reduction="none").tolist()
+        top1 += logits.argmax(-1).tolist()
+    return nll, top1
+
+
 QUALITY_RUN = r"""
-import json, math, sys, torch
+import json, math, sys
+sys.path.insert(0, sys.argv[2])
+from sizes import chunk_scores
 from trainfer import LLM
-from trainfer.quant.quality import held_out_ids, score
-path, positions = sys.argv[1], int(sys.argv[2])
+path, job = sys.argv[1], json.loads(open(sys.argv[3]).read())
 out = {}
 for dtype in ("auto", "float32"):  # the file's blocks as they are; the same file dequantized, fp32 throughout
     llm = LLM.load(path, dtype=dtype, kv_cache_gb=0.1)
-    ids = held_out_ids(llm.tokenizer, "shakespeare", positions + 1)[: positions + 1]
-    with torch.inference_mode():
-        nll, top1 = score(llm.model, ids, 512)
-    out[dtype] = {"ppl": math.exp(nll), "top1": top1.tolist(), "weights": llm.weights}
-agree = sum(a == b for a, b in zip(out["auto"]["top1"], out["float32"]["top1"])) / len(out["auto"]["top1"])
-print(json.dumps({"ppl": out["auto"]["ppl"], "ppl_fp32": out["float32"]["ppl"], "top1_agree_fp32": agree,
-                  "weights": out["auto"]["weights"]}))
+    nll, top1 = chunk_scores(llm.model, job["tokens"], job["n_ctx"], job["bos"])
+    out[dtype] = {"ppl": math.exp(sum(nll) / len(nll)), "top1": top1, "weights": llm.weights}
+print(json.dumps(out))
 """
 
 
-def quality(bin_dir: Path, peers: Path, positions: int) -> list[dict]:
+def agreement(a: list[int], b: list[int]) -> float:
+    assert len(a) == len(b)
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def llama_server_top1(bin_dir: Path, path: Path, text: str, n_ctx: int, chunks: int) -> dict:
+    """llama.cpp's own tokens of the text (as llama-perplexity tokenizes it) and llama-server's greedy next token
+    (its n_probs top-1) at every position llama-perplexity scores: one request per position, each prompt the
+    previous one plus a token (cache_prompt: one new token evaluated per request)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(bin_dir / "llama-server"), "-m", str(path), "-c", str(2 * n_ctx), "--parallel", "1", "-t", "2",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(url, proc)
+        with httpx.Client(base_url=url, timeout=300) as http:
+            tokens = http.post("/tokenize", json={"content": text, "add_special": True}).raise_for_status().json()
+            tokens = tokens["tokens"]
+            plain = http.post("/tokenize", json={"content": text, "add_special": False}).raise_for_status().json()
+            bos = tokens[0] if len(tokens) == len(plain["tokens"]) + 1 else None
+            top1 = []
+            for i in range(min(chunks, len(tokens) // n_ctx)):
+                chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
+                if bos is not None:
+                    chunk[0] = bos
+                for j in range(n_ctx // 2, n_ctx - 1):
+                    body = {"prompt": chunk[: j + 1], "n_predict": 1, "temperature": 0, "samplers": ["temperature"],
+                            "n_probs": 1, "cache_prompt": True, "return_tokens": True}  # fmt: skip
+                    top1.append(http.post("/completion", json=body).raise_for_status().json()["tokens"][0])
+        return {"tokens": tokens, "bos": bos, "top1": top1}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def llama_perplexity(bin_dir: Path, path: Path, text_file: Path, n_ctx: int, chunks: int) -> float:
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(path), "-f", str(text_file), "-c", str(n_ctx), "-t", "2"]
+    cmd += ["--chunks", str(chunks)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = next(x for x in (out.stdout + out.stderr).splitlines() if "Final estimate: PPL" in x)
+    return float(line.split("=")[1].split("+/-")[0])
+
+
+def quality(bin_dir: Path, peers: Path, chunks: int, n_ctx: int = 512) -> list[dict]:
     """SmolLM2-135M-Instruct's real weights (the F32 GGUF of its Q4_1 file) quantized by llama-quantize to Q4_K_M,
-    Q5_K_M and Q6_K: perplexity on held-out Shakespeare as trainfer runs each file (its own blocks) and as the same
-    file dequantized to fp32, with bf16 products for the prompt (the default) and without (TRAINFER_BF16=0)."""
+    Q5_K_M and Q6_K. On held-out Shakespeare, scored as llama-perplexity scores (chunks of n_ctx, second halves):
+    trainfer running each file in its own blocks, the same file dequantized and computed in fp32, llama-perplexity
+    on the file, and top-1 agreement with fp32 and with llama-server; trainfer with bf16 products for the prompt
+    (the default) and without (TRAINFER_BF16=0)."""
+    from trainfer.io.gguf import open_gguf, read_metadata
+    from trainfer.io.tokenizer import Tokenizer
+    from trainfer.quant.quality import held_out_ids
+
     f32 = llama_cpp.quantized_copies(bin_dir, peers)["F32"]
+    tok = Tokenizer.from_gguf_metadata(read_metadata(open_gguf(f32)))
+    text = tok.decode(held_out_ids(tok, "shakespeare", chunks * n_ctx + 64))
+    text_file = peers / "sizes" / "held_out.txt"
+    text_file.parent.mkdir(parents=True, exist_ok=True)
+    text_file.write_text(text)
     rows = []
     for kind in ("Q4_K_M", "Q5_K_M", "Q6_K"):
         path = peers / f"smollm2-135m-instruct.{kind}.gguf"
         if not path.exists():
             cmd = [str(bin_dir / "llama-quantize"), str(f32), str(path), kind]
             subprocess.run(cmd, check=True, capture_output=True)
+        theirs = llama_server_top1(bin_dir, path, text, n_ctx, chunks)
+        job = peers / "sizes" / "quality_job.json"
+        job.write_text(json.dumps({"tokens": theirs["tokens"][: chunks * n_ctx], "n_ctx": n_ctx, "bos": theirs["bos"]}))
+        ppl_llama = llama_perplexity(bin_dir, path, text_file, n_ctx, chunks)
         for bf16 in ("1", "0"):
             env = {**os.environ, "TRAINFER_BF16": bf16}
-            out = subprocess.run([sys.executable, "-c", QUALITY_RUN, str(path), str(positions)], env=env,
-                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
-            row = {"kind": kind, "bf16_products": bf16 == "1", **json.loads(out.strip().splitlines()[-1])}
+            cmd = [sys.executable, "-c", QUALITY_RUN, str(path), str(Path(__file__).parent), str(job)]
+            out = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+            auto, fp32 = out["auto"], out["float32"]
+            row = {"kind": kind, "bf16_products": bf16 == "1", "weights": auto["weights"], "ppl": auto["ppl"],
+                   "ppl_fp32": fp32["ppl"], "ppl_llama_perplexity": ppl_llama, "positions": len(auto["top1"]),
+                   "top1_agree_fp32": agreement(auto["top1"], fp32["top1"]),
+                   "top1_agree_llama_server": agreement(auto["top1"], theirs["top1"]),
+                   "fp32_top1_agree_llama_server": agreement(fp32["top1"], theirs["top1"])}  # fmt: skip
             row["ppl_change"] = row["ppl"] / row["ppl_fp32"] - 1
+            row["ppl_vs_llama"] = row["ppl"] / ppl_llama - 1
             rows.append(row)
-            print(f"{kind:7s} bf16 {bf16}: trainfer ppl {row['ppl']:.4f}, same file in fp32 {row['ppl_fp32']:.4f} "
-                  f"({100 * row['ppl_change']:+.3f}%), top-1 agreement {100 * row['top1_agree_fp32']:.2f}%, "
-                  f"weights {row['weights']}")  # fmt: skip
+            print(
+                f"{kind:7s} bf16 {bf16}: trainfer ppl {row['ppl']:.4f}, same file in fp32 {row['ppl_fp32']:.4f} "
+                f"({100 * row['ppl_change']:+.3f}%), llama-perplexity {ppl_llama:.4f} "
+                f"({100 * row['ppl_vs_llama']:+.3f}%); top-1 agreement over {row['positions']} positions: "
+                f"fp32 {100 * row['top1_agree_fp32']:.2f}%, "
+                f"llama-server {100 * row['top1_agree_llama_server']:.2f}% "
+                f"(fp32 vs llama-server {100 * row['fp32_top1_agree_llama_server']:.2f}%); weights {row['weights']}"
+            )
     return rows
 
 
@@ -226,12 +314,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--quality", action="store_true", help="only the perplexity check on SmolLM2's real weights")
-    ap.add_argument("--positions", type=int, default=4096, help="held-out positions scored by --quality")
+    ap.add_argument("--chunks", type=int, default=8, help="--quality: chunks of 512 tokens (255 scored in each)")
     args = ap.parse_args()
     peers = registry.home() / "peers"
     bin_dir = llama_cpp.build(peers / "llama.cpp")
     if args.quality:
-        print(json.dumps(quality(bin_dir, peers, args.positions)))
+        print(json.dumps(quality(bin_dir, peers, args.chunks)))
         return
     results = []
     for shape in args.shape or ["1.7b"]:
