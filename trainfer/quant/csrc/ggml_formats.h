@@ -169,7 +169,7 @@ inline void scale_min(const uint8_t* p, int g, float& s, float& m, float& s_hi) 
 // All 8 scales d * sc and mins -dmin * mn of a Q4_K / Q5_K super-block at once: the 12 bytes' 32-bit words are
 // rearranged so that bytes 0-7 hold the six-bit scales and bytes 8-15 the mins (group by group, as k_scale_min),
 // then widened and multiplied 8 at a time (one by one they cost more than the weights' own decoding).
-inline void k_scales_mins(const uint8_t* p, __m256& s, __m256& m) {
+__attribute__((always_inline)) inline void k_scales_mins(const uint8_t* p, __m256& s, __m256& m) {
   uint32_t w[3];
   std::memcpy(w, p + 4, 12);
   const uint64_t scales = (w[0] & 0x3F3F3F3Fu)                                                          // 0-3

@@ -16,12 +16,15 @@
 // to four input rows at a time (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead.
 // fp32 weights against one or two input rows are read instead as one sequential stream per thread (rows_f32).
 // More rows (batched decode) are bound by arithmetic: a tile's rows are dequantized once into an L1-sized buffer, in
-// bf16 for bf16 dot products where the CPU has them (the caller may forbid it). Many rows (prefill): chunks of output
+// bf16 for bf16 dot products where the CPU has them (the caller may forbid it); 5-16 rows on AMX tiles where the CPU
+// and the OS allow them (tiles_amx: the dequantization is then most of the cost). Many rows (prefill): chunks of output
 // rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM (bf16 likewise).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
@@ -638,14 +641,58 @@ inline void tile_rows(const Lin& L, int64_t n0, const float* X, int64_t M, float
 // Where the CPU has bf16 dot products (AVX512_BF16): weights dequantized to bf16, and products in bf16.
 #ifdef __AVX512BF16__
 constexpr bool kBf16 = true;
-void dequant_row_bf16(const Lin& L, int64_t n, at::BFloat16* out) {
+// Row n of a GGUF-format Lin rounded to bf16, decoded as the fused products decode it (scales once per block, 4- and
+// 5-bit weights by table lookup): the exact path's per-group scalar scales and fp32 round trip cost ~2x as much, and
+// the rounding to bf16 is far coarser than their difference.
+template <int64_t KIND>
+void dequant_row_bf16_raw(const Lin& L, int64_t n, at::BFloat16* out, int64_t step) {
+  using F = Fmt<KIND>;
+  constexpr int groups = F::vals / kBlock;
+  alignas(64) float s[16], m2[16];
+  const int64_t nblk = L.K / F::vals;
+  if constexpr (KIND == kQ4_K) {  // each group's 16 possible weights as a bf16 table; vpermw looks up 32 at a time
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const uint8_t* p = L.raw + n * L.rb + blk * F::bytes;
+      block_scales<KIND>(p, s, m2);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {  // groups 2k and 2k + 1: the low and the high nibbles of the same 32 bytes
+        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * k)));
+        const __m512i idx[2] = {_mm512_and_si512(q, _mm512_set1_epi16(15)), _mm512_srli_epi16(q, 4)};
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const int g = 2 * k + h;
+          const __m512 t = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[g]), _mm512_set1_ps(m2[g]));
+          const __m512i table = _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(t));
+          _mm512_storeu_si512(out + (blk * groups + g) * step, _mm512_permutexvar_epi16(idx[h], table));
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const uint8_t* p = L.raw + n * L.rb + blk * F::bytes;
+    block_scales<KIND>(p, s, m2);
+#pragma GCC unroll 8
+    for (int g = 0; g < groups; ++g) {
+      const GroupScale G = group_from<KIND>(s, m2, g);
+#pragma GCC unroll 2
+      for (int c = 0; c < kChunksPerBlock; ++c) {
+        const V w = group_weights<KIND>(p, g, c * W, G);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (blk * groups + g) * step + c * W),
+                            (__m256i)_mm512_cvtneps_pbh(w));
+      }
+    }
+  }
+}
+
+// Row n of any format but fp32 in bf16; each 32 values of K `step` elements after the last (K apart: a plain row).
+void dequant_row_bf16(const Lin& L, int64_t n, at::BFloat16* out, int64_t step = kBlock) {
   const int64_t nb = L.K / kBlock;
-  if (L.kind > kGgml) {  // through an fp32 row: the GGUF formats' decoding is longer than the store
-    thread_local std::vector<float> row;
-    row.resize(L.K);
-    dequant_row(L, n, row.data());
-    for (int64_t j = 0; j < L.K; j += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + j)));
+  if (L.kind > kGgml) {
+    with_kind(L.kind, [&](auto k) {
+      if constexpr (k.value > kGgml) dequant_row_bf16_raw<k.value>(L, n, out, step);
+    });
     return;
   }
   for (int64_t b = 0; b < nb; ++b) {
@@ -653,7 +700,7 @@ void dequant_row_bf16(const Lin& L, int64_t n, at::BFloat16* out) {
     const V m = L.kind == kQ4 ? vset(L.m[n * nb + b]) : vzero();
     for (int c = 0; c < kChunksPerBlock; ++c) {
       const V w = L.kind == kQ8 ? wvec<kQ8>(L, n, b, c, s, m) : wvec<kQ4>(L, n, b, c, s, m);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * kBlock + c * W), (__m256i)_mm512_cvtneps_pbh(w));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * step + c * W), (__m256i)_mm512_cvtneps_pbh(w));
     }
   }
 }
@@ -724,6 +771,105 @@ void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, 
     }
   }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr int64_t kAmxRows = 16;  // input rows per call on the AMX path (one tile's columns)
+
+// Linux hands a process the tile registers' state only on request (arch_prctl, once per process).
+bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles [t0, t1) against M <= 16 input rows with AMX (batched decode). The products are those of tiles_bf16 (bf16
+// operands, fp32 sums) at 16 x 16 x 32 per tdpbf16ps instead of 16 x 32 per vdpbf16ps, which left those tiles
+// bound by arithmetic. The weights are tile A: 16 rows dequantized to bf16 at a time (32 rows per pass, two
+// accumulators sharing each B load), read 32 values of K per step. The inputs are tile B, prepared once per call:
+// for each step of 32 along K, 16 rows of k pairs, each row the 16 inputs' pair (2k, 2k + 1), as tdpbf16ps reads
+// them; inputs past M are zeros. Tile C, 16 x 16 fp32, is Y transposed for those weight rows.
+template <int64_t KIND>
+void tiles_amx(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
+  const int64_t K = L.K, nk = K / 32;
+  thread_local std::vector<uint32_t> xb, xrow;  // bf16 pairs
+  thread_local std::vector<uint16_t> wb;
+  xrow.resize(M * K / 2);
+  to_bf16(X, M * K, reinterpret_cast<uint16_t*>(xrow.data()));
+  xb.assign(nk * 256, 0);
+  for (int64_t kc = 0; kc < nk; ++kc)
+    for (int r = 0; r < 16; ++r)
+      for (int64_t i = 0; i < M; ++i) xb[kc * 256 + r * 16 + i] = xrow[i * (K / 2) + kc * 16 + r];
+  wb.resize(2 * 16 * K);  // A tiles in order: for each step along K, the 16 rows' 32 values (1 KiB), two blocks
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[4][16][16];
+  const int64_t n_end = std::min(t1 * kRows, L.N);
+  for (int64_t n0 = t0 * kRows; n0 < n_end; n0 += 32) {
+    const int64_t rows = std::min<int64_t>(32, n_end - n0);
+    const bool two = rows > 16;
+    for (int64_t r = 0; r < (two ? 32 : 16); ++r) {
+      uint16_t* w = wb.data() + (r / 16) * 16 * K + (r % 16) * 32;
+      if (r < rows) {
+        dequant_row_bf16(L, n0 + r, reinterpret_cast<at::BFloat16*>(w), 16 * 32);
+      } else {
+        for (int64_t kc = 0; kc < nk; ++kc) std::fill(w + kc * 512, w + kc * 512 + 32, uint16_t{0});
+      }
+    }
+    // four chains of sums (two blocks x even and odd steps): tdpbf16ps's latency is several times its issue rate
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    const uint16_t* a0 = wb.data();
+    const uint16_t* a1 = wb.data() + 16 * K;
+    // the next pass's rows (one stretch of memory in the GGUF formats) are fetched into L2 while the tiles multiply:
+    // their decoding otherwise waits on memory
+    const char* next = KIND > kGgml && n0 + 32 < L.N ? reinterpret_cast<const char*>(L.raw + (n0 + 32) * L.rb) : nullptr;
+    const int64_t lines = next ? (std::min<int64_t>(32, L.N - n0 - 32) * L.rb + 63) / 64 : 0;
+    const int64_t per_step = (lines + nk / 2 - 1) / (nk / 2);
+    for (int64_t kc = 0, line = 0; kc < nk; kc += 2) {
+      for (int64_t e = std::min(lines, line + per_step); line < e; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T1);
+      _tile_loadd(2, xb.data() + kc * 256, 64);
+      _tile_loadd(3, xb.data() + (kc + 1) * 256, 64);
+      _tile_loadd(0, a0 + kc * 512, 64);
+      _tile_loadd(1, a0 + (kc + 1) * 512, 64);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 1, 3);
+      if (two) {
+        _tile_loadd(0, a1 + kc * 512, 64);
+        _tile_loadd(1, a1 + (kc + 1) * 512, 64);
+        _tile_dpbf16ps(6, 0, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+    }
+    _tile_stored(4, c[0], 64);
+    _tile_stored(5, c[1], 64);
+    if (two) {
+      _tile_stored(6, c[2], 64);
+      _tile_stored(7, c[3], 64);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
+      const int h = 2 * static_cast<int>(r / 16), j = static_cast<int>(r % 16);
+      for (int64_t i = 0; i < M; ++i) {
+        float& y = Y[i * ldy + n0 + r];
+        y = (add ? y : 0.0f) + (c[h][j][i] + c[h + 1][j][i]) + bias;
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
 #else
 constexpr bool kBf16 = false;
 void dequant_row_bf16(const Lin&, int64_t, at::BFloat16*) { TORCH_CHECK(false, "built without AVX512_BF16"); }
@@ -792,6 +938,9 @@ void tiles(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool 
   if constexpr (KIND == kQ6_K) {
     if (M <= 3 && L.K % 256 == 0) return tiles_q6k_vnni(L, X, M, Y, ldy, add, t0, t1);
   }
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (KIND != kF32 && M > kM && M <= kAmxRows && L.K % 64 == 0 && bf16 && amx_ready()) return tiles_amx<KIND>(L, X, M, Y, ldy, add, t0, t1);
 #endif
   if (KIND != kF32 && M > kM && bf16) return tiles_bf16<KIND>(L, X, M, Y, ldy, add, t0, t1);
   if (KIND != kF32 && M > kM) {
@@ -1146,6 +1295,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           int64_t, int64_t, double>())
       .def("step", &Decoder::step, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.attr("bf16_gemm") = kBf16;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  m.def("amx", &amx_ready, "whether 5-16 row products in bf16 run on AMX tiles (the OS granted their state)");
+#else
+  m.def("amx", [] { return false; }, "whether 5-16 row products in bf16 run on AMX tiles (built without AMX)");
+#endif
   m.def("linear", &linear, "x @ w^T (+ bias) for fp32 / int8 / int4 weights (allow_bf16: prefill GEMMs in bf16)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize", &dequantize, "int8 / int4 / GGUF blocks -> fp32 (N, K)");
