@@ -1,6 +1,6 @@
 """Real sizes: 1.7B- and 8B-shaped GGUF files (random weights, SmolLM2's tokenizer) run by trainfer (dtype auto: the
 file's own blocks, memory-mapped) and by llama.cpp, alternated in rounds: peak RSS, launch to first token, decode
-at one stream and prefill.
+at one stream and prefill (llama-bench), and decode at 16 streams (llama-batched-bench).
 
     .venv/bin/python benchmarks/sizes.py [--shape 1.7b|8b ...] [--rounds 3] [--gen 64] [--prompt 256]
     .venv/bin/python benchmarks/sizes.py --quality      # perplexity of K-quant files of SmolLM2's real weights
@@ -142,6 +142,44 @@ out = llm.complete([[5, 6, 7, 8]], temperature=0, max_tokens=gen, ignore_eos=Tru
 print(json.dumps({"launch_s": launch, "prefill_tok_s": prefill, "decode_tok_s": out.decode_tokens_per_s,
                   "weights": llm.weights}))
 """
+
+
+TRAINFER_STREAMS = r"""
+import json, sys, time
+from trainfer import LLM
+from trainfer.infer.sampling import SamplingParams
+path, streams, prompt, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = LLM.load(path, kv_cache_gb=1.5)  # room for 16 x (128 + 33) tokens of the 1.7B and 8B shapes
+engine = llm.engine
+engine.run([[1, 2, 3]], [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)])  # warm
+params = SamplingParams(max_tokens=gen + 1, temperature=0, ignore_eos=True)
+for s in range(streams):  # distinct prompts: nothing shared through the prefix cache
+    engine.add_request(f"s{s}", [(7 * i + 13 * s + 3) % 40000 + 100 for i in range(prompt)], params)
+start, started, after, running = time.perf_counter(), set(), 0, None
+while engine.requests:
+    events = engine.step()
+    if running is not None:
+        after += len(events)
+    started |= {e.request_id for e in events}
+    if running is None and len(started) == streams:
+        running = time.perf_counter()  # every stream has its first token: from here on, batched decode alone
+end = time.perf_counter()
+print(json.dumps({"prefill_tok_s": streams * prompt / (running - start), "decode_tok_s": after / (end - running),
+                  "total_s": end - start}))
+"""
+
+
+def round_streams(bin_dir: Path, path: Path, streams: int, prompt: int, gen: int) -> tuple[dict, dict]:
+    """`streams` prompts of `prompt` tokens, `gen` new tokens each, decoded together: trainfer's engine (tokens emitted
+    once every stream has its first, over that time) and llama-batched-bench (its S_TG: the same, after its prefill
+    of all prompts)."""
+    out, _, _ = peak_rss([sys.executable, "-c", TRAINFER_STREAMS, str(path), str(streams), str(prompt), str(gen)])
+    ours = json.loads(out.strip().splitlines()[-1])
+    cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(path), "-t", "2", "-c", str(streams * (prompt + gen)),
+           "-npp", str(prompt), "-ntg", str(gen), "-npl", str(streams), "--output-format", "jsonl"]  # fmt: skip
+    out, _, _ = peak_rss(cmd)
+    row = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    return ours, {"prefill_tok_s": row["speed_pp"], "decode_tok_s": row["speed_tg"], "total_s": row["t"]}
 
 
 def peak_rss(cmd: list[str]) -> tuple[str, float, int]:
@@ -313,6 +351,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=16, help="batched decode: streams (0: skip)")
+    ap.add_argument("--streams-prompt", type=int, default=128)
+    ap.add_argument("--streams-gen", type=int, default=32)
     ap.add_argument("--quality", action="store_true", help="only the perplexity check on SmolLM2's real weights")
     ap.add_argument("--chunks", type=int, default=8, help="--quality: chunks of 512 tokens (255 scored in each)")
     args = ap.parse_args()
@@ -330,8 +371,14 @@ def main() -> None:
             for _ in range(args.rounds):
                 ours.append(round_trainfer(path, args.prompt, args.gen))
                 theirs.append(round_llama(bin_dir, path, args.prompt, args.gen))
+                if args.streams:
+                    a, b = round_streams(bin_dir, path, args.streams, args.streams_prompt, args.streams_gen)
+                    ours[-1] |= {f"streams_{k}": v for k, v in a.items()}
+                    theirs[-1] |= {f"streams_{k}": v for k, v in b.items()}
             row = {"shape": shape, "kind": kind, "file_gib": path.stat().st_size / GIB, "rounds": args.rounds}
-            for key in ("decode_tok_s", "prefill_tok_s", "launch_s", "peak_rss_gib"):
+            keys = ["decode_tok_s", "prefill_tok_s", "launch_s", "peak_rss_gib"]
+            keys += ["streams_decode_tok_s", "streams_prefill_tok_s", "streams_total_s"] if args.streams else []
+            for key in keys:
                 ratios = sorted(a[key] / b[key] for a, b in zip(ours, theirs, strict=True))
                 row[key] = round(statistics.median(a[key] for a in ours), 2)
                 row[f"llama_cpp_{key}"] = round(statistics.median(b[key] for b in theirs), 2)
@@ -339,9 +386,9 @@ def main() -> None:
             row["weights"] = ours[0]["weights"]
             results.append(row)
             print(f"{shape} {kind} ({row['file_gib']:.2f} GiB, trainfer runs it as {row['weights']}):")
-            for key in ("decode_tok_s", "prefill_tok_s", "launch_s", "peak_rss_gib"):
+            for key in keys:
                 med, lo, hi = row[f"{key}_ratio"]
-                print(f"  {key:14s} trainfer {row[key]:8.2f}  llama.cpp {row['llama_cpp_' + key]:8.2f}  "
+                print(f"  {key:22s} trainfer {row[key]:8.2f}  llama.cpp {row['llama_cpp_' + key]:8.2f}  "
                       f"ratio {med:.2f} ({lo:.2f}-{hi:.2f})")  # fmt: skip
     print(json.dumps(results))
 
