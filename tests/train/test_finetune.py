@@ -101,7 +101,7 @@ def test_a_killed_fine_tune_resumes_exactly(chat_model, tmp_path, lora):
     data = chat_file(tmp_path / "facts.jsonl")
     extra = ["--lora"] if lora else []
     run, flag = tmp_path / "run", tmp_path / "saved"
-    args = tune_args(chat_model, data, run, *extra, max_steps=20, lora_dropout=0.1)
+    args = tune_args(chat_model, data, run, *extra, max_steps=20, lora_dropout=0.1, ckpt_every=10)
     proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_SAVE, *args], env={**os.environ, "SAVED_FLAG": str(flag)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 240
@@ -112,9 +112,34 @@ def test_a_killed_fine_tune_resumes_exactly(chat_model, tmp_path, lora):
     assert [c.name for c in ckpt.list_checkpoints(run)] == ["step-00000010"]
     resumed = cli("finetune", "--out", str(run), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    ref = cli(*tune_args(chat_model, data, tmp_path / "ref", *extra, max_steps=20, lora_dropout=0.1))
+    ref = cli(*tune_args(chat_model, data, tmp_path / "ref", *extra, max_steps=20, lora_dropout=0.1, ckpt_every=10))
     assert ref.returncode == 0, ref.stderr
     assert losses(run) == losses(tmp_path / "ref") and len(losses(run)) == 20
+
+
+def test_the_defaults_scale_the_schedule_to_the_data(chat_model, tmp_path):
+    """No settings: rows as long as the longest conversation, enough epochs for MIN_STEPS steps (at most
+    MAX_AUTO_EPOCHS), nothing held out
+    of a small set, 10% of a larger one; a run too short to learn is said so before it starts."""
+    from trainfer.train.finetune import MAX_AUTO_EPOCHS, MIN_STEPS, SHORT_RUN, FineTuner
+
+    def plan(data: Path, out: str, **values) -> FineTuner:
+        cfg = load_finetune_config(None, [], base_model=str(chat_model), data=str(data), out_dir=str(tmp_path / out),
+                                   lora=True, **values)  # fmt: skip
+        return FineTuner(cfg)
+
+    small = plan(chat_file(tmp_path / "small.jsonl"), "small")  # 12 conversations of ~45 tokens
+    assert small.cfg.seq_len == 64 and small.train_rows.truncated == 0
+    assert small.examples == (12, 0) and small.cfg.val_fraction == 0
+    # 12 rows, 4 a step: MIN_STEPS would take 22 epochs, capped at MAX_AUTO_EPOCHS
+    assert small.cfg.epochs == MAX_AUTO_EPOCHS and small.cfg.max_steps == 60 and small.cfg.grad_accum == 1
+    assert "none held out" in small.plan() and "warning" not in small.plan()
+
+    big = plan(chat_file(tmp_path / "big.jsonl", copies=80), "big")  # 240 conversations
+    assert big.examples == (216, 24) and big.cfg.epochs == 3 and big.cfg.max_steps >= MIN_STEPS
+
+    short = plan(chat_file(tmp_path / "short.jsonl", copies=1), "short", epochs=2)  # 3 conversations, 2 epochs
+    assert short.cfg.max_steps < SHORT_RUN and "warning: 2 optimizer steps are too few" in short.plan()
 
 
 def test_bad_input_is_a_clear_error_without_a_traceback(chat_model, tmp_path):

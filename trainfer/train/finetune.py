@@ -33,6 +33,15 @@ from trainfer.train.metrics import flops_per_token
 from trainfer.train.trainer import Trainer, TrainResult
 
 AUTO_LR = {True: 1e-3, False: 5e-5}  # LoRA, full: see docs/finetune.md for how these were chosen
+# The automatic schedule (docs/finetune.md has the measurements): rows as long as the longest conversation, so that
+# small data still makes many rows; enough epochs for MIN_STEPS optimizer steps; and no held-out split below
+# SMALL_DATA conversations, where every one is needed to learn from. A run under SHORT_RUN steps learns next to
+# nothing (measured: 2 and 5 steps on a 48-line FAQ answered none of its new phrasings) and says so first.
+MIN_STEPS = 64
+MAX_AUTO_EPOCHS = 20
+SMALL_DATA = 200
+SHORT_RUN = 30
+MAX_AUTO_SEQ_LEN = 512
 
 
 @dataclass
@@ -40,8 +49,8 @@ class FineTuneConfig(TrainConfig):
     shapes_model: ClassVar[bool] = False
     base_model: str = ""  # the model to adapt: an alias, a .gguf, a Hugging Face directory or a run
     val_data: str = ""  # held-out conversations (JSONL); empty: hold out val_fraction of data
-    val_fraction: float = 0.1
-    epochs: float = 3.0  # used when max_steps is 0
+    val_fraction: float = -1.0  # -1: 0.1 from SMALL_DATA conversations up, none below (every one trains)
+    epochs: float = 0.0  # used when max_steps is 0; 0: at least 3, more on small data until MIN_STEPS steps
     max_steps: int = 0
     lr: float = 0.0  # 0: 1e-3 with LoRA, 5e-5 full
     lora: bool = False
@@ -66,9 +75,9 @@ class FineTuneConfig(TrainConfig):
     # > 0: NEFTune (Jain et al. 2023): uniform noise of +-alpha / sqrt(seq_len * dim) on the input embeddings of
     # training forwards only (not evaluation, not the KL anchor's base); 5 is the paper's usual value
     neftune_alpha: float = 0.0
-    seq_len: int = 512
+    seq_len: int = 0  # 0: the longest training conversation rounded up to 64 tokens (at most MAX_AUTO_SEQ_LEN)
     batch_size: int = 4
-    grad_accum: int = 2
+    grad_accum: int = 1
     warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_every: int = 50
@@ -81,10 +90,11 @@ class FineTuneConfig(TrainConfig):
         return {
             **super().checks(),
             "lora_targets": targets_ok,
+            "seq_len": self.seq_len == 0 or self.seq_len > 1,
             "max_steps": self.max_steps >= 0,
             "lr": self.lr >= 0,
-            "epochs": self.epochs > 0,
-            "val_fraction": 0 <= self.val_fraction < 1,
+            "epochs": self.epochs >= 0,
+            "val_fraction": self.val_fraction == -1 or 0 <= self.val_fraction < 1,
             "general_share": 0 <= self.general_share < 1,
             "neftune_alpha": self.neftune_alpha >= 0,
             "general_kl": self.general_kl >= 0 and (self.general_kl == 0 or self.general_share > 0),
@@ -101,6 +111,13 @@ class FineTuneConfig(TrainConfig):
 
     def lora_config(self) -> lora.LoRAConfig:
         return lora.LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, self.rslora)
+
+
+def auto_seq_len(examples: list[chat_data.Example], context: int) -> int:
+    """Rows as long as the longest conversation (rounded up to 64): a small set still makes many rows, so many
+    steps; packing it into long rows left a 48-line FAQ 2-5 optimizer steps in all."""
+    longest = max(len(e.tokens) - 1 for e in examples)
+    return min(context, MAX_AUTO_SEQ_LEN, max(64, -(-longest // 64) * 64))
 
 
 def neftune_noise(alpha: float, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -171,9 +188,13 @@ class FineTuner(Trainer):
         if cfg.val_data:
             val = chat_data.load_examples(cfg.val_data, tokenizer)
         else:
+            if cfg.val_fraction == -1:
+                cfg.val_fraction = 0.1 if len(train) >= SMALL_DATA else 0.0
             train, val = chat_data.split(train, cfg.val_fraction, cfg.seed)
         if not train:
             raise TrainferError(f"{cfg.data}: no example has an assistant token to learn from")
+        if not cfg.seq_len:
+            cfg.seq_len = auto_seq_len(train, self.base_cfg.max_seq_len)
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.train_rows = chat_data.pack(train, cfg.seq_len, pad, seed=cfg.seed)
         self.val_rows = chat_data.pack(val, cfg.seq_len, pad, seed=None) if val else None
@@ -182,10 +203,36 @@ class FineTuner(Trainer):
         if not cfg.lr:
             cfg.lr = AUTO_LR[cfg.lora]
         if not cfg.max_steps:
-            cfg.max_steps = max(1, math.ceil(cfg.epochs * self.epoch_rows / self.global_windows))
+            per_epoch = self.epoch_rows / self.global_windows
+            if not cfg.epochs:
+                cfg.epochs = float(min(MAX_AUTO_EPOCHS, max(3, math.ceil(MIN_STEPS / per_epoch))))
+            cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch))
+        if self.dist.main and self.resume_from is None:
+            print(self.plan(), flush=True)
         self.val_bytes_per_token = _bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
         # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
         self.flops_per_token = flops_per_token(self.base_cfg, cfg.seq_len) * (4 / 6 if cfg.lora else 1)
+
+    def plan(self) -> str:
+        """What the run will do, said before it starts: the split, the rows, the steps, and whether that is enough."""
+        cfg, (n_train, n_val) = self.cfg, self.examples
+        held = (
+            f"{n_val} held out ({cfg.val_data or f'val_fraction {cfg.val_fraction:g}'})"
+            if n_val
+            else f"none held out (under {SMALL_DATA} conversations every one trains; pass --val FILE to measure "
+            "unseen ones)"
+        )
+        epochs = cfg.max_steps * self.global_windows / max(1, self.epoch_rows)
+        lines = [
+            f"fine-tune: {n_train} conversations, {held}; {len(self.train_rows)} rows of {cfg.seq_len} tokens, "
+            f"{self.global_windows} rows a step: {cfg.max_steps} steps ({epochs:.1f} epochs), lr {cfg.lr:g}"
+        ]
+        if cfg.max_steps < SHORT_RUN:
+            lines.append(
+                f"warning: {cfg.max_steps} optimizer steps are too few to learn much (under {SHORT_RUN}); add "
+                "conversations, or set epochs / max_steps (docs/finetune.md)"
+            )
+        return "\n".join(lines)
 
     def _general_text(self, tokenizer) -> np.ndarray | None:
         cfg = self.cfg
