@@ -16,9 +16,10 @@
 // to four input rows at a time (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead.
 // fp32 weights against one or two input rows are read instead as one sequential stream per thread (rows_f32).
 // More rows (batched decode) are bound by arithmetic: a tile's rows are dequantized once into an L1-sized buffer, in
-// bf16 for bf16 dot products where the CPU has them (the caller may forbid it); 5-16 rows on AMX tiles where the CPU
-// and the OS allow them (tiles_amx: the dequantization is then most of the cost). Many rows (prefill): chunks of output
-// rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM (bf16 likewise).
+// bf16 for bf16 dot products where the CPU has them (the caller may forbid it). Many rows (prefill): chunks of output
+// rows are dequantized into a cache-sized buffer and multiplied by torch's GEMM (bf16 likewise). Where the CPU and the
+// OS allow AMX, every bf16 product of more than 4 rows runs on AMX tiles instead (tiles_amx_prepared: fp32 sums and
+// output, the weights' decoding most of the cost).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -791,23 +792,31 @@ struct alignas(64) TileConfig {  // ldtilecfg's 64 bytes
   uint8_t rows[16] = {};
 };
 
-// Tiles [t0, t1) against M <= 16 input rows with AMX (batched decode). The products are those of tiles_bf16 (bf16
-// operands, fp32 sums) at 16 x 16 x 32 per tdpbf16ps instead of 16 x 32 per vdpbf16ps, which left those tiles
-// bound by arithmetic. The weights are tile A: 16 rows dequantized to bf16 at a time (32 rows per pass, two
-// accumulators sharing each B load), read 32 values of K per step. The inputs are tile B, prepared once per call:
-// for each step of 32 along K, 16 rows of k pairs, each row the 16 inputs' pair (2k, 2k + 1), as tdpbf16ps reads
-// them; inputs past M are zeros. Tile C, 16 x 16 fp32, is Y transposed for those weight rows.
+// The input rows as AMX B tiles: per group of 16 rows and per step of 32 along K, 16 rows of k pairs, each row the
+// 16 inputs' pair (2k, 2k + 1) in bf16, as tdpbf16ps reads them; rows past M are zeros. (groups, K / 32, 256) pairs.
+void prepare_amx_inputs(const float* X, int64_t M, int64_t K, std::vector<uint32_t>& xb) {
+  const int64_t nk = K / 32, groups = (M + 15) / 16;
+  std::vector<uint32_t> row(K / 2);
+  xb.assign(groups * nk * 256, 0);
+  for (int64_t i = 0; i < M; ++i) {
+    to_bf16(X + i * K, K, reinterpret_cast<uint16_t*>(row.data()));
+    uint32_t* out = xb.data() + (i / 16) * nk * 256 + i % 16;
+    for (int64_t kc = 0; kc < nk; ++kc)
+      for (int r = 0; r < 16; ++r) out[kc * 256 + r * 16] = row[kc * 16 + r];
+  }
+}
+
+// Tiles [t0, t1) of the weights against M input rows prepared by prepare_amx_inputs. The products are those of
+// tiles_bf16 (bf16 operands, fp32 sums and output) at 16 x 16 x 32 per tdpbf16ps instead of 16 x 32 per vdpbf16ps,
+// which left those tiles bound by arithmetic. The weights are tile A: 32 rows dequantized to bf16 per pass, laid out
+// as the tiles read them, then met by every group of 16 inputs (tile B); tile C, 16 x 16 fp32, is Y transposed for
+// those weight rows and inputs. Used for 5-16 rows (batched decode) and for prefill, whose GEMM in torch rounded its
+// output to bf16 as well (+0.18% perplexity on a Q4_K_M file; fp32 output here: docs/LOG.md).
 template <int64_t KIND>
-void tiles_amx(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
-  const int64_t K = L.K, nk = K / 32;
-  thread_local std::vector<uint32_t> xb, xrow;  // bf16 pairs
+void tiles_amx_prepared(const Lin& L, const uint32_t* xb, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0,
+                        int64_t t1) {
+  const int64_t K = L.K, nk = K / 32, groups = (M + 15) / 16;
   thread_local std::vector<uint16_t> wb;
-  xrow.resize(M * K / 2);
-  to_bf16(X, M * K, reinterpret_cast<uint16_t*>(xrow.data()));
-  xb.assign(nk * 256, 0);
-  for (int64_t kc = 0; kc < nk; ++kc)
-    for (int r = 0; r < 16; ++r)
-      for (int64_t i = 0; i < M; ++i) xb[kc * 256 + r * 16 + i] = xrow[i * (K / 2) + kc * 16 + r];
   wb.resize(2 * 16 * K);  // A tiles in order: for each step along K, the 16 rows' 32 values (1 KiB), two blocks
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -825,11 +834,6 @@ void tiles_amx(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, b
         for (int64_t kc = 0; kc < nk; ++kc) std::fill(w + kc * 512, w + kc * 512 + 32, uint16_t{0});
       }
     }
-    // four chains of sums (two blocks x even and odd steps): tdpbf16ps's latency is several times its issue rate
-    _tile_zero(4);
-    _tile_zero(5);
-    _tile_zero(6);
-    _tile_zero(7);
     const uint16_t* a0 = wb.data();
     const uint16_t* a1 = wb.data() + 16 * K;
     // the next pass's rows (one stretch of memory in the GGUF formats) are fetched into L2 while the tiles multiply:
@@ -837,37 +841,55 @@ void tiles_amx(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, b
     const char* next = KIND > kGgml && n0 + 32 < L.N ? reinterpret_cast<const char*>(L.raw + (n0 + 32) * L.rb) : nullptr;
     const int64_t lines = next ? (std::min<int64_t>(32, L.N - n0 - 32) * L.rb + 63) / 64 : 0;
     const int64_t per_step = (lines + nk / 2 - 1) / (nk / 2);
-    for (int64_t kc = 0, line = 0; kc < nk; kc += 2) {
-      for (int64_t e = std::min(lines, line + per_step); line < e; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T1);
-      _tile_loadd(2, xb.data() + kc * 256, 64);
-      _tile_loadd(3, xb.data() + (kc + 1) * 256, 64);
-      _tile_loadd(0, a0 + kc * 512, 64);
-      _tile_loadd(1, a0 + (kc + 1) * 512, 64);
-      _tile_dpbf16ps(4, 0, 2);
-      _tile_dpbf16ps(5, 1, 3);
-      if (two) {
-        _tile_loadd(0, a1 + kc * 512, 64);
-        _tile_loadd(1, a1 + (kc + 1) * 512, 64);
-        _tile_dpbf16ps(6, 0, 2);
-        _tile_dpbf16ps(7, 1, 3);
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint32_t* b = xb + g * nk * 256;
+      // four chains of sums (two blocks x even and odd steps): tdpbf16ps's latency is several times its issue rate
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t kc = 0, line = 0; kc < nk; kc += 2) {
+        if (g == 0)
+          for (int64_t e = std::min(lines, line + per_step); line < e; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T1);
+        _tile_loadd(2, b + kc * 256, 64);
+        _tile_loadd(3, b + (kc + 1) * 256, 64);
+        _tile_loadd(0, a0 + kc * 512, 64);
+        _tile_loadd(1, a0 + (kc + 1) * 512, 64);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 1, 3);
+        if (two) {
+          _tile_loadd(0, a1 + kc * 512, 64);
+          _tile_loadd(1, a1 + (kc + 1) * 512, 64);
+          _tile_dpbf16ps(6, 0, 2);
+          _tile_dpbf16ps(7, 1, 3);
+        }
       }
-    }
-    _tile_stored(4, c[0], 64);
-    _tile_stored(5, c[1], 64);
-    if (two) {
-      _tile_stored(6, c[2], 64);
-      _tile_stored(7, c[3], 64);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
-      const int h = 2 * static_cast<int>(r / 16), j = static_cast<int>(r % 16);
-      for (int64_t i = 0; i < M; ++i) {
-        float& y = Y[i * ldy + n0 + r];
-        y = (add ? y : 0.0f) + (c[h][j][i] + c[h + 1][j][i]) + bias;
+      _tile_stored(4, c[0], 64);
+      _tile_stored(5, c[1], 64);
+      if (two) {
+        _tile_stored(6, c[2], 64);
+        _tile_stored(7, c[3], 64);
+      }
+      const int64_t inputs = std::min<int64_t>(16, M - 16 * g);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
+        const int h = 2 * static_cast<int>(r / 16), j = static_cast<int>(r % 16);
+        for (int64_t i = 0; i < inputs; ++i) {
+          float& y = Y[(16 * g + i) * ldy + n0 + r];
+          y = (add ? y : 0.0f) + (c[h][j][i] + c[h + 1][j][i]) + bias;
+        }
       }
     }
   }
   _tile_release();
+}
+
+// 5-16 input rows (batched decode), inside a thread's share of the tiles: the inputs prepared per thread.
+template <int64_t KIND>
+void tiles_amx(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
+  thread_local std::vector<uint32_t> xb;
+  prepare_amx_inputs(X, M, L.K, xb);
+  tiles_amx_prepared<KIND>(L, xb.data(), M, Y, ldy, add, t0, t1);
 }
 #endif
 #else
@@ -1016,6 +1038,18 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, c10::option
   // bf16, fp32 accumulation): measured 4.7x the fp32 GEMM's rate on such a CPU, at a rounding error of the order of
   // int8's own (docs/LOG.md). Up to kM rows (single-stream decode) products are always fp32.
   const bool bf16 = allow_bf16 && kBf16 && kind != kF32;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (bf16 && L.K % 64 == 0 && amx_ready()) {  // the inputs prepared once, the weights' passes shared out
+    std::vector<uint32_t> xb;
+    prepare_amx_inputs(xp, M, L.K, xb);
+    at::parallel_for(0, (N + kRows - 1) / kRows, 8, [&](int64_t t0, int64_t t1) {
+      with_kind(L.kind, [&](auto k) {
+        if constexpr (k.value != kF32) tiles_amx_prepared<k.value>(L, xb.data(), M, yp, N, false, t0, t1);
+      });
+    });
+    return y;
+  }
+#endif
   const torch::Tensor xg = bf16 ? x.to(torch::kBFloat16) : x;
   const int64_t chunk = std::min<int64_t>(kChunk, N);
   auto buf = torch::empty({chunk, L.K}, xg.options());
