@@ -216,12 +216,12 @@ class FineTuner(Trainer):
     def plan(self) -> str:
         """What the run will do, said before it starts: the split, the rows, the steps, and whether that is enough."""
         cfg, (n_train, n_val) = self.cfg, self.examples
-        held = (
-            f"{n_val} held out ({cfg.val_data or f'val_fraction {cfg.val_fraction:g}'})"
-            if n_val
-            else f"none held out (under {SMALL_DATA} conversations every one trains; pass --val FILE to measure "
-            "unseen ones)"
-        )
+        if n_val:
+            held = f"{n_val} held out ({cfg.val_data or f'val_fraction {cfg.val_fraction:g}'})"
+        elif n_train < SMALL_DATA:
+            held = f"none held out (under {SMALL_DATA} conversations every one trains; --val FILE measures unseen ones)"
+        else:
+            held = "none held out"
         epochs = cfg.max_steps * self.global_windows / max(1, self.epoch_rows)
         lines = [
             f"fine-tune: {n_train} conversations, {held}; {len(self.train_rows)} rows of {cfg.seq_len} tokens, "
