@@ -774,7 +774,7 @@ void tiles_bf16(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, 
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-constexpr int64_t kAmxRows = 16;  // input rows per call on the AMX path (one tile's columns)
+constexpr int64_t kAmxRows = 16;  // up to this many rows (one B tile) each thread prepares the inputs itself (tiles_amx)
 
 // Linux hands a process the tile registers' state only on request (arch_prctl, once per process).
 bool amx_ready() {
