@@ -31,6 +31,7 @@ import llama_cpp  # noqa: E402
 from serve import free_port, wait_healthy  # noqa: E402
 
 from trainfer import registry  # noqa: E402
+from trainfer.bench import parse_batched_bench, parse_llama_bench  # noqa: E402
 
 SHAPES = {  # (dim, layers, heads, kv heads, MLP width, tied)
     "1.7b": (2048, 24, 32, 32, 8192, True),  # SmolLM2-1.7B
@@ -178,8 +179,7 @@ def round_streams(bin_dir: Path, path: Path, streams: int, prompt: int, gen: int
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(path), "-t", "2", "-c", str(streams * (prompt + gen)),
            "-npp", str(prompt), "-ntg", str(gen), "-npl", str(streams), "--output-format", "jsonl"]  # fmt: skip
     out, _, _ = peak_rss(cmd)
-    row = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    return ours, {"prefill_tok_s": row["speed_pp"], "decode_tok_s": row["speed_tg"], "total_s": row["t"]}
+    return ours, parse_batched_bench(out)
 
 
 def peak_rss(cmd: list[str]) -> tuple[str, float, int]:
@@ -205,7 +205,7 @@ def round_llama(bin_dir: Path, path: Path, prompt: int, gen: int) -> dict:
     in the wall; launch to first token is timed as a 1-token generation run)."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(path), "-t", "2", "-p", str(prompt), "-n", str(gen), "-r", "1"]
     out, _, rss = peak_rss([*cmd, "-o", "json"])
-    rows = json.loads(out)
+    rows = parse_llama_bench(out)
     first = [str(bin_dir / "llama-bench"), "-m", str(path), "-t", "2", "-p", "0", "-n", "1", "-r", "1", "-o", "json"]
     _, launch, _ = peak_rss(first)
     return {

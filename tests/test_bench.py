@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_hf_model
 from tests.infer.test_engine import ByteTokenizer
-from trainfer.bench import llama_bench, measure_engine, paired_decode
+from trainfer import registry
+from trainfer.bench import llama_bench_rows, measure_engine, paired_decode, parse_batched_bench, parse_llama_bench
 from trainfer.io.loader import load_model
 from trainfer.llm import LLM
 
@@ -34,30 +36,63 @@ def test_measure_engine_reports_every_figure(tiny_llm):
     tiny_llm.engine.pool.check_idle()
 
 
-def test_llama_bench_output_is_parsed(tmp_path):
-    # The two rows llama-bench -o json prints for -p 512 -n 128 (fields trimmed to the ones read).
-    rows = [{"n_prompt": 512, "n_gen": 0, "avg_ts": 556.2}, {"n_prompt": 0, "n_gen": 128, "avg_ts": 51.04}]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_llama_bench_output_is_parsed():
+    """A real `llama-bench -m smollm2-135m-instruct.Q8_0.gguf -t 2 -p 16 -n 8 -r 2 -o json` (llama-cpp-python 0.3.36's
+    tree, 2026-12-05): a prefill row and a generation row, every field read here present."""
+    rows = parse_llama_bench((FIXTURES / "llama-bench.json").read_text())
+    assert [(r["n_prompt"], r["n_gen"], r["n_threads"]) for r in rows] == [(16, 0, 2), (0, 8, 2)]
+    assert all(r["avg_ts"] == pytest.approx(sum(r["samples_ts"]) / 2, rel=1e-3) for r in rows)
+    broken = json.loads((FIXTURES / "llama-bench.json").read_text())
+    del broken[1]["avg_ts"]
+    with pytest.raises(ValueError, match="lacks avg_ts"):
+        parse_llama_bench(json.dumps(broken))
+
+
+def test_llama_batched_bench_output_is_parsed():
+    """A real `llama-batched-bench -npp 16 -ntg 4 -npl 2 --output-format jsonl` on the same file."""
+    row = parse_batched_bench("main: some log line\n" + (FIXTURES / "llama-batched-bench.jsonl").read_text())
+    assert row["streams"] == 2 and row["decode_tok_s"] == pytest.approx(101.844658)
+    assert row["prefill_tok_s"] == pytest.approx(2 * 16 / 0.075333, rel=1e-4)  # S_PP: every prompt's tokens / T_PP
+    with pytest.raises(ValueError, match="no JSON row"):
+        parse_batched_bench("|    PP |     TG |    B |\n")
+
+
+def replaying_llama_bench(tmp_path: Path, n_gen: int) -> Path:
+    """A stand-in llama-bench that prints the recorded real generation row (n_gen set to what was asked) and
+    refuses any other command line; each call is logged."""
+    row = next(r for r in json.loads((FIXTURES / "llama-bench.json").read_text()) if r["n_gen"])
+    row = {**row, "n_gen": n_gen, "avg_ts": 1000.0, "samples_ts": [1000.0]}
     fake = tmp_path / "llama-bench"
-    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{json.dumps(rows)}\nEOF\n")
+    fake.write_text(
+        f'#!/bin/sh\ncase "$*" in *"-p 0 -n {n_gen} -r 1"*) ;; *) exit 3 ;; esac\necho "$*" >> {tmp_path}/calls\n'
+        f"cat <<'EOF'\n{json.dumps([row])}\nEOF\n"
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    assert llama_bench(fake, tmp_path / "m.gguf", 2) == {"prefill_512_tok_s": 556.2, "decode_tok_s": 51.0}
+    return fake
 
 
 def test_paired_decode_alternates_rounds_and_takes_the_median_ratio(tiny_llm, tmp_path):
-    # A stand-in llama-bench that accepts only a generation-only run of the right length and reports 1,000 tok/s.
-    fake = tmp_path / "llama-bench"
-    rows = json.dumps([{"n_prompt": 0, "n_gen": 8, "avg_ts": 1000.0}])
-    fake.write_text(
-        f'#!/bin/sh\ncase "$*" in *"-p 0 -n 8 -r 1"*) ;; *) exit 3 ;; esac\necho "$*" >> {tmp_path}/calls\n'
-        f"cat <<'EOF'\n{rows}\nEOF\n"
-    )
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    fake = replaying_llama_bench(tmp_path, 8)
     r = paired_decode(tiny_llm, fake, tmp_path / "m.gguf", 2, new_tokens=8, rounds=3)
     assert len((tmp_path / "calls").read_text().splitlines()) == 3
     assert r["rounds"] == 3 and r["llama_cpp_decode_tok_s"] == 1000.0
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
     assert r["ratio_median"] == pytest.approx(r["decode_tok_s"] / 1000.0, rel=1e-2)
     tiny_llm.engine.pool.check_idle()
+
+
+def test_the_real_llama_bench_still_prints_what_is_parsed():
+    """Where benchmarks/llama_cpp.py has built llama.cpp and its SmolLM2 copies (~/.cache/trainfer/peers), run the
+    real llama-bench: the recorded output above must still be the shape it prints."""
+    peers = registry.home() / "peers"
+    binary, model = peers / "llama.cpp" / "build" / "bin" / "llama-bench", peers / "smollm2-135m-instruct.Q8_0.gguf"
+    if not (binary.exists() and model.exists()):
+        pytest.skip("llama.cpp is not built here (benchmarks/llama_cpp.py builds it)")
+    rows = llama_bench_rows(binary, model, 1, 8, 4, 1)
+    assert [(r["n_prompt"], r["n_gen"]) for r in rows] == [(8, 0), (0, 4)] and all(r["avg_ts"] > 0 for r in rows)
 
 
 @pytest.mark.real

@@ -96,7 +96,30 @@ def hf_decode(model, prompt: list[int], n: int, batch: int = 1) -> tuple[float, 
 def llama_bench_rows(binary: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: int) -> list[dict]:
     """llama-bench's JSON rows for a `prompt`-token prefill and a `gen`-token generation (0: skip), `reps` each."""
     cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", str(reps)]
-    return json.loads(subprocess.run([*cmd, "-o", "json"], capture_output=True, text=True, check=True).stdout)
+    return parse_llama_bench(subprocess.run([*cmd, "-o", "json"], capture_output=True, text=True, check=True).stdout)
+
+
+def parse_llama_bench(text: str) -> list[dict]:
+    """`llama-bench -o json`'s rows, each checked for the fields read here: a renamed field in a newer llama.cpp
+    is an error naming it, not a KeyError deep in a benchmark (tests/fixtures holds a real output)."""
+    rows = json.loads(text)
+    for row in rows:
+        missing = [k for k in ("n_prompt", "n_gen", "n_threads", "avg_ts", "samples_ts") if k not in row]
+        if missing:
+            raise ValueError(f"llama-bench's JSON lacks {', '.join(missing)} (a different llama.cpp version?)")
+        if (row["n_prompt"] > 0) == (row["n_gen"] > 0):
+            raise ValueError(f"llama-bench row is neither a prefill nor a generation test: {row}")
+    return rows
+
+
+def parse_batched_bench(text: str) -> dict[str, float]:
+    """The last row of `llama-batched-bench --output-format jsonl`: S_PP (prefill of every prompt, tokens/s), S_TG
+    (tokens after every prompt's prefill, over that time) and the total seconds."""
+    rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    if not rows or any(k not in rows[-1] for k in ("pl", "speed_pp", "speed_tg", "t")):
+        raise ValueError("llama-batched-bench printed no JSON row with pl, speed_pp, speed_tg and t")
+    r = rows[-1]
+    return {"streams": r["pl"], "prefill_tok_s": r["speed_pp"], "decode_tok_s": r["speed_tg"], "total_s": r["t"]}
 
 
 def llama_bench(binary: Path, gguf: Path, threads: int) -> dict[str, float]:

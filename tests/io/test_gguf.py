@@ -146,6 +146,42 @@ def test_quantized_weights_dequantize_exactly(tmp_path, qtype):
     assert (q - ref.state_dict()["model.layers.1.self_attn.q_proj.weight"]).abs().max() <= bound
 
 
+def hand_blocks(qtype: Q, rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of 32 written byte by byte from llama.cpp's ggml-common.h layouts, and the values they stand for,
+    computed here without gguf-py (the reference the other tests use): a check that does not trust it."""
+    raw, values = [], []
+    for _ in range(rows * 2):  # two blocks per row of 64
+        d = np.float16(rng.choice([0.5, 0.25, -0.125, 2.0]))
+        m = np.float16(rng.choice([0.0, -1.0, 0.75]))
+        if qtype == Q.Q8_0:
+            q = rng.integers(-128, 128, 32).astype(np.int8)
+            raw.append(np.concatenate([np.frombuffer(d.tobytes(), np.uint8), q.view(np.uint8)]))
+            values.append(np.float32(d) * q)
+            continue
+        q = rng.integers(0, 32 if qtype == Q.Q5_0 else 16, 32)
+        nibbles = ((q[:16] & 15) | ((q[16:] & 15) << 4)).astype(np.uint8)  # element j low, element j + 16 high
+        head = np.frombuffer(d.tobytes(), np.uint8)
+        if qtype == Q.Q4_0:
+            raw.append(np.concatenate([head, nibbles]))
+            values.append(np.float32(d) * (q - 8))
+        elif qtype == Q.Q4_1:
+            raw.append(np.concatenate([head, np.frombuffer(m.tobytes(), np.uint8), nibbles]))
+            values.append(np.float32(d) * q + np.float32(m))
+        else:  # Q5_0: the fifth bits of the 32 elements in a little-endian uint32 between d and the nibbles
+            qh = np.uint32(sum(int(b >> 4) << j for j, b in enumerate(q)))
+            raw.append(np.concatenate([head, np.frombuffer(qh.tobytes(), np.uint8), nibbles]))
+            values.append(np.float32(d) * (q - 16))
+    return np.stack(raw).reshape(rows, -1), np.stack(values).astype(np.float32).reshape(rows, 64)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0])
+def test_blocks_decode_to_what_the_format_says(qtype):
+    from trainfer.io.gguf import dequantize
+
+    raw, values = hand_blocks(qtype, np.random.default_rng(int(qtype)), rows=5)
+    np.testing.assert_array_equal(dequantize(raw, qtype, (5, 64)), values)
+
+
 @pytest.mark.parametrize("qtype,block", [(Q.Q4_K, 144), (Q.Q6_K, 210)])
 def test_k_quant_blocks_reach_the_model_in_the_right_place(tmp_path, qtype, block):
     """gguf has no K-quant encoder, so write random blocks (with sane fp16 scales) and check the plumbing."""

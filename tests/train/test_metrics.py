@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 
 import pytest
 import torch
@@ -52,16 +51,56 @@ def test_probe_shapes_are_squares_and_the_runs_own_matmuls():
     assert probe_shapes(CPU) == [(n, n, n) for n in (256, 512, 1024, 2048)]
 
 
-def test_the_probe_measures_and_its_cost_is_bounded():
-    t = time.perf_counter()
-    flops, share = measure_peak_flops(CPU, F32, PRESETS["tiny"], 16 * 128)
-    elapsed = time.perf_counter() - t
-    assert flops > 1e9 and 0 < share < 1.5
-    assert elapsed < 4.0  # 1 s of rounds (at most 2 s) after one warm-up of each shape
-    # A product predicted to take over budget_s / 4 is skipped, as an emulated dtype's big squares are.
-    t = time.perf_counter()
-    flops, _ = measure_peak_flops(CPU, F32, budget_s=0.001, min_rounds=1)
-    assert flops > 0 and time.perf_counter() - t < 0.5
+class SimulatedCPU:
+    """A clock that only moves when a product runs, by its FLOPs at `rate`: the probe's choices (which shapes, how
+    many rounds) become exact, with no timing noise. Patches `Tensor.__matmul__` and the probe's clocks."""
+
+    def __init__(self, monkeypatch, rate: float, cpu_share: float = 1.0):
+        self.now, self.rate, self.share, self.products = 0.0, rate, cpu_share, []
+        real = torch.Tensor.__matmul__
+
+        def matmul(a, b):
+            self.products.append((a.shape[0], a.shape[1], b.shape[1]))
+            self.now += 2 * a.shape[0] * a.shape[1] * b.shape[1] / self.rate
+            return real(a[:1, :1], b[:1, :1])  # no real work: the simulated time is what counts
+
+        monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+        fake_time = type("FakeTime", (), {})()
+        fake_time.perf_counter = lambda: self.now
+        fake_time.process_time = lambda: self.now * self.share * torch.get_num_threads()
+        monkeypatch.setattr(metrics, "time", fake_time)
+
+
+def test_the_probe_finds_the_peak_within_its_budget(monkeypatch):
+    cpu = SimulatedCPU(monkeypatch, rate=100e9)
+    flops, share = measure_peak_flops(CPU, F32, PRESETS["tiny"], 16 * 128, budget_s=0.8)
+    assert flops == pytest.approx(100e9) and share == pytest.approx(1.0)
+    shapes = probe_shapes(CPU, PRESETS["tiny"], 16 * 128)
+    assert set(cpu.products) == set(shapes)  # at 100 GFLOP/s the 2048 square takes 0.17 s: under budget / 4
+    # Each shape warmed up and timed once, then whole rounds until 0.8 s: the last round ends past it, within
+    # one round's time.
+    one_round = sum(2 * m * k * n for m, k, n in shapes) / 100e9
+    assert 0.8 <= cpu.now <= 0.8 + 2 * one_round and len(cpu.products) % len(shapes) == 0
+
+
+def test_an_emulated_dtype_stops_at_the_small_shapes(monkeypatch):
+    """bf16 on AVX2 runs at ~0.3 GFLOP/s: a 2048 square would take a minute; it is skipped, and the whole probe
+    stays within twice its budget."""
+    cpu = SimulatedCPU(monkeypatch, rate=0.3e9, cpu_share=0.5)
+    flops, share = measure_peak_flops(CPU, F32, budget_s=0.8, min_rounds=3)
+    assert flops == pytest.approx(0.3e9) and share == pytest.approx(0.5)
+    # The 256 square always runs (0.11 s here); from its rate the 512 one is predicted at 0.89 s > budget / 4.
+    assert set(cpu.products) == {(256, 256, 256)}
+    assert 0.8 <= cpu.now <= 0.8 + 2 * 256**3 / 0.3e9
+    # A 2.5 GFLOP/s machine (each 512 product 0.11 s) tries 512 but not 1024 (0.86 s).
+    slow = SimulatedCPU(monkeypatch, rate=2.5e9)
+    measure_peak_flops(CPU, F32, budget_s=0.8)
+    assert {n for _, _, n in slow.products} == {256, 512}
+
+
+def test_the_real_probe_measures_this_machine():
+    flops, share = measure_peak_flops(CPU, F32, budget_s=0.05, min_rounds=1)
+    assert flops > 1e8 and 0 < share < 1.5
 
 
 def test_the_cache_is_written_and_reused_without_measuring(probe, tmp_path):
