@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -32,6 +33,7 @@ from serve import free_port, wait_healthy  # noqa: E402
 
 from trainfer import registry  # noqa: E402
 from trainfer.bench import parse_batched_bench, parse_llama_bench  # noqa: E402
+from trainfer.rounds import alternate, describe, environment, ratio  # noqa: E402
 
 SHAPES = {  # (dim, layers, heads, kv heads, MLP width, tied)
     "1.7b": (2048, 24, 32, 32, 8192, True),  # SmolLM2-1.7B
@@ -170,16 +172,19 @@ print(json.dumps({"prefill_tok_s": streams * prompt / (running - start), "decode
 """
 
 
-def round_streams(bin_dir: Path, path: Path, streams: int, prompt: int, gen: int) -> tuple[dict, dict]:
-    """`streams` prompts of `prompt` tokens, `gen` new tokens each, decoded together: trainfer's engine (tokens emitted
-    once every stream has its first, over that time) and llama-batched-bench (its S_TG: the same, after its prefill
-    of all prompts)."""
+def streams_trainfer(path: Path, streams: int, prompt: int, gen: int) -> dict:
+    """`streams` prompts of `prompt` tokens, `gen` new tokens each, decoded together by trainfer's engine: tokens
+    emitted once every stream has its first, over that time (what llama-batched-bench's S_TG measures)."""
     out, _, _ = peak_rss([sys.executable, "-c", TRAINFER_STREAMS, str(path), str(streams), str(prompt), str(gen)])
-    ours = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def streams_llama(bin_dir: Path, path: Path, streams: int, prompt: int, gen: int) -> dict:
+    """The same by llama-batched-bench (S_TG: tokens after the prefill of all prompts, over that time)."""
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(path), "-t", "2", "-c", str(streams * (prompt + gen)),
            "-npp", str(prompt), "-ntg", str(gen), "-npl", str(streams), "--output-format", "jsonl"]  # fmt: skip
     out, _, _ = peak_rss(cmd)
-    return ours, parse_batched_bench(out)
+    return parse_batched_bench(out)
 
 
 def peak_rss(cmd: list[str]) -> tuple[str, float, int]:
@@ -344,6 +349,26 @@ def quality(bin_dir: Path, peers: Path, chunks: int, n_ctx: int = 512) -> list[d
     return rows
 
 
+def side_trainfer(path: Path, args: argparse.Namespace) -> dict:
+    """One round of trainfer: one stream, prefill, launch, peak RSS (one process), then the streams (another)."""
+    row = round_trainfer(path, args.prompt, args.gen)
+    if args.streams:
+        row |= {f"streams_{k}": v for k, v in streams_trainfer(path, *streams_shape(args)).items()}
+    return row
+
+
+def side_llama(bin_dir: Path, path: Path, args: argparse.Namespace) -> dict:
+    row = round_llama(bin_dir, path, args.prompt, args.gen)
+    if args.streams:
+        extra = streams_llama(bin_dir, path, *streams_shape(args))
+        row |= {f"streams_{k}": v for k, v in extra.items() if k != "streams"}
+    return row
+
+
+def streams_shape(args: argparse.Namespace) -> tuple[int, int, int]:
+    return args.streams, args.streams_prompt, args.streams_gen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", action="append", choices=list(SHAPES))
@@ -362,27 +387,22 @@ def main() -> None:
     if args.quality:
         print(json.dumps(quality(bin_dir, peers, args.chunks)))
         return
+    print(describe(environment(2)))
     results = []
     for shape in args.shape or ["1.7b"]:
         files = make_files(bin_dir, peers / "sizes", shape)
         for kind in args.kind or list(files):
             path = files[kind]
-            ours, theirs = [], []
-            for _ in range(args.rounds):
-                ours.append(round_trainfer(path, args.prompt, args.gen))
-                theirs.append(round_llama(bin_dir, path, args.prompt, args.gen))
-                if args.streams:
-                    a, b = round_streams(bin_dir, path, args.streams, args.streams_prompt, args.streams_gen)
-                    ours[-1] |= {f"streams_{k}": v for k, v in a.items()}
-                    theirs[-1] |= {f"streams_{k}": v for k, v in b.items()}
+            sides = {"trainfer": partial(side_trainfer, path, args)}
+            runs = alternate(args.rounds, sides | {"llama.cpp": partial(side_llama, bin_dir, path, args)}, log=print)
+            ours, theirs = runs["trainfer"], runs["llama.cpp"]
             row = {"shape": shape, "kind": kind, "file_gib": path.stat().st_size / GIB, "rounds": args.rounds}
             keys = ["decode_tok_s", "prefill_tok_s", "launch_s", "peak_rss_gib"]
             keys += ["streams_decode_tok_s", "streams_prefill_tok_s", "streams_total_s"] if args.streams else []
-            for key in keys:
-                ratios = sorted(a[key] / b[key] for a, b in zip(ours, theirs, strict=True))
+            for key in keys:  # trainfer / llama.cpp as measured: above 1 is better for speeds, worse for s and GiB
                 row[key] = round(statistics.median(a[key] for a in ours), 2)
                 row[f"llama_cpp_{key}"] = round(statistics.median(b[key] for b in theirs), 2)
-                row[f"{key}_ratio"] = [round(statistics.median(ratios), 3), round(ratios[0], 3), round(ratios[-1], 3)]
+                row[f"{key}_ratio"] = ratio([a[key] for a in ours], [b[key] for b in theirs]).as_list()
             row["weights"] = ours[0]["weights"]
             results.append(row)
             print(f"{shape} {kind} ({row['file_gib']:.2f} GiB, trainfer runs it as {row['weights']}):")

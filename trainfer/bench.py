@@ -7,7 +7,6 @@ Prints a card and, as its last line, one JSON object.
 from __future__ import annotations
 
 import json
-import platform
 import random
 import statistics
 import subprocess
@@ -21,14 +20,7 @@ import torch
 from trainfer import registry
 from trainfer.infer.sampling import SamplingParams
 from trainfer.llm import LLM
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
+from trainfer.rounds import alternate, describe, environment, ratio
 
 
 def memory_bandwidth_gbs(gib: float = 1.0, reps: int = 5) -> float:
@@ -132,22 +124,25 @@ def llama_bench(binary: Path, gguf: Path, threads: int) -> dict[str, float]:
 
 
 def paired_decode(llm: LLM, binary: Path, gguf: Path, threads: int, new_tokens: int, rounds: int) -> dict:
-    """Single-stream decode of ours and llama-bench's tg in alternated rounds, and the median of the per-round
-    ratios: on a shared machine the bandwidth both are bound by drifts by tens of percent within minutes, so two
-    back-to-back blocks of runs can favour either side (docs/LOG.md)."""
+    """Single-stream decode of ours and llama-bench's tg under the shared protocol (trainfer/rounds.py)."""
     rng = random.Random(3)
-    ours, theirs = [], []
-    for _ in range(rounds):
-        ours.append(engine_decode(llm, random_prompt(16, llm.model.cfg.vocab_size, rng), new_tokens))
-        theirs.append(llama_bench_rows(binary, gguf, threads, 0, new_tokens, 1)[0]["avg_ts"])
-    ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+    vocab = llm.model.cfg.vocab_size
+    runs = alternate(
+        rounds,
+        {
+            "trainfer": lambda: engine_decode(llm, random_prompt(16, vocab, rng), new_tokens),
+            "llama.cpp": lambda: llama_bench_rows(binary, gguf, threads, 0, new_tokens, 1)[0]["avg_ts"],
+        },
+    )
+    r = ratio(runs["trainfer"], runs["llama.cpp"])
     return {
         "rounds": rounds,
-        "decode_tok_s": round(statistics.median(ours), 1),
-        "llama_cpp_decode_tok_s": round(statistics.median(theirs), 1),
-        "ratio_median": round(statistics.median(ratios), 3),
-        "ratio_min": round(ratios[0], 3),
-        "ratio_max": round(ratios[-1], 3),
+        "decode_tok_s": round(statistics.median(runs["trainfer"]), 1),
+        "llama_cpp_decode_tok_s": round(statistics.median(runs["llama.cpp"]), 1),
+        "ratio_median": round(r.median, 3),
+        "ratio_min": round(r.low, 3),
+        "ratio_max": round(r.high, 3),
+        "per_round": [round(a / b, 3) for a, b in zip(runs["trainfer"], runs["llama.cpp"], strict=True)],
     }
 
 
@@ -206,13 +201,14 @@ def bench_decode(
 ) -> dict[str, Any]:
     threads = torch.get_num_threads()
     bandwidth = memory_bandwidth_gbs()
+    env = environment(threads)
     result: dict[str, Any] = {
-        "machine": {"cpu": cpu_model(), "threads": threads, "torch": torch.__version__},
+        "machine": env,
         "model": model,
         "memory_bandwidth_gbs": round(bandwidth, 1),
         "new_tokens": new_tokens,
     }
-    rows = [("machine", f"{result['machine']['cpu']}, {threads} threads, {bandwidth:.1f} GB/s read")]
+    rows = [("machine", f"{describe(env)}; {bandwidth:.1f} GB/s read")]
     hf_model = None
     for dtype in dtypes:
         llm = LLM.load(model, dtype=dtype, max_num_seqs=max(concurrency, default=1), max_num_batched_tokens=1024)
