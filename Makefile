@@ -53,5 +53,7 @@ format: setup
 	$(VENV)/bin/ruff format trainfer tests benchmarks
 	$(VENV)/bin/ruff check --fix trainfer tests benchmarks
 
+# A quick version of every benchmark (~30-40 minutes on 2 cores; llama.cpp's tools are built from the
+# llama-cpp-python sdist on first use), then the summary table at the top of BENCHMARKS.md rewritten.
 bench: setup
-	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/quick.py

@@ -24,14 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from finetune_faq import cpu_flags  # noqa: E402
-
 from trainfer import LLM  # noqa: E402
 from trainfer.compress.distill import distill, load_distill_config  # noqa: E402
 from trainfer.compress.prune import prune  # noqa: E402
 from trainfer.quant.quality import held_out_ids, score  # noqa: E402
 from trainfer.reason import extract  # noqa: E402
 from trainfer.reason.tasks import make  # noqa: E402
+from trainfer.rounds import describe, environment  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 PRUNED = {  # name: (method, ratio, kv head groups kept)
@@ -178,7 +177,7 @@ def main() -> None:
     pareto(out)
     (args.out / "frontier.json").write_text(json.dumps(out, indent=2))
     plot(out, args.out / "frontier.png")
-    print(f"\nSmolLM2-135M-Instruct compressed, {time.strftime('%Y-%m-%d')}, CPU flags: {cpu_flags()}, "
+    print(f"\nSmolLM2-135M-Instruct compressed; {describe(environment())}; "
           f"{time.time() - t0:.0f} s")  # fmt: skip
     print(f"{'variant':26} {'params':>8} {'MB':>7} {'tok/s':>7} {'x fp32':>7} {'ppl':>8} {'ppl +':>7} "
           f"{'add':>5} {'cmp':>5}  pareto")  # fmt: skip

@@ -25,13 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import llama_cpp  # noqa: E402
-from finetune_faq import cpu_flags  # noqa: E402
 from serve import free_port, wait_healthy  # noqa: E402
 
 from trainfer import LLM, registry  # noqa: E402
 from trainfer.io.gguf import load_gguf  # noqa: E402
 from trainfer.io.gguf_writer import export_gguf  # noqa: E402
 from trainfer.io.loader import build_model  # noqa: E402
+from trainfer.rounds import describe, environment  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 RAW_PROMPTS = [
@@ -129,13 +129,13 @@ def main() -> int:
                     "first_divergence_vs_same_file": first_divergence(theirs[i], same_file[i]),
                 })  # fmt: skip
     print_table(rows, labels, args.tokens, args.model)
-    print(json.dumps({"model": args.model, "date": time.strftime("%Y-%m-%d"), "cpu_flags": cpu_flags(), "rows": rows}))
+    print(json.dumps({"model": args.model, "environment": environment(), "rows": rows}))
     return 0
 
 
 def print_table(rows: list[dict], labels: list[str], n: int, model: str) -> None:
     print(f"\nllama.cpp (llama-server, {llama_cpp.SDIST}) greedy on trainfer's GGUF exports of {model}, "
-          f"{n} tokens, {time.strftime('%Y-%m-%d')}, CPU flags: {cpu_flags()}")  # fmt: skip
+          f"{n} tokens; {describe(environment())}")  # fmt: skip
     print("equal = llama.cpp's tokens identical to trainfer's before the first divergence (- = none), out of those")
     print("llama.cpp generated; against trainfer fp32 on the original model, and against trainfer on the exported")
     print("file itself (its rounded weights, dequantized to fp32)\n")

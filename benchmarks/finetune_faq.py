@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from trainfer.rounds import environment
+
 HERE = Path(__file__).resolve().parent
 BASE = "smollm2-135m-instruct"
 
@@ -210,7 +212,7 @@ def main() -> int:
     train, held, test = write_sets(args.out)
     if args.readme:
         results = readme_runs(train, held, test, args.out, [int(x) for x in args.readme.split(",")], args.readme_set)
-        results |= {"machine_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d")}
+        results |= {"environment": environment()}
         splits = (("dev", held), ("test", test)) if not args.readme_set else (("dev", held),)
         results["base"] = {split: evaluate_chat(BASE, path, exact=True).fact_rate for split, path in splits}
         print("base:", results["base"])
@@ -220,7 +222,7 @@ def main() -> int:
         print(json.dumps(step_speeds(train, args.out), indent=2))
         return 0
     common = [f"epochs={args.epochs}", "batch_size=2", "grad_accum=1", "eval_every=1000", "ckpt_every=1000"]
-    results: dict = {"machine_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d")}
+    results: dict = {"environment": environment()}
     base_eval = evaluate_chat(BASE, held, exact=True)
     results["base"] = {"fact_rate": base_eval.fact_rate, "loss": base_eval.loss, "general_ppl": general_ppl(BASE)}
     print("base:", results["base"], flush=True)
@@ -242,13 +244,6 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2, default=str))
     return 0
-
-
-def cpu_flags() -> str:
-    """The /proc/cpuinfo flags a CPU figure depends on (figures are never compared across machines)."""
-    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]
-    keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    return " ".join(f for f in flags.split() if f in keep)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_faq import cpu_flags  # noqa: E402
+from trainfer.rounds import environment  # noqa: E402
 
 BASE = "smollm2-135m-instruct"
 CHUNK_TOKENS = 560  # > seq_len + 1 = 513: the packer cuts every chunk to one full row (see write_chunks)
@@ -242,7 +242,7 @@ def main() -> int:
         runs[f"scratch-{preset}"] = r
         print(f"scratch-{preset}: {r['steps']} steps, {r['points'][-1][0] / 1e12:.1f} TFLOP, {r['wall_s']:.0f} s")
 
-    results = {"date": time.strftime("%Y-%m-%d"), "machine_flags": cpu_flags(), "budget_flops": budget, "runs": runs,
+    results = {"environment": environment(), "budget_flops": budget, "runs": runs,
                "wall_s": time.perf_counter() - t_start}  # fmt: skip
     plot(results, args.plot or args.out / "finetune-vs-scratch.png")
 
