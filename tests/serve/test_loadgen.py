@@ -68,3 +68,35 @@ def test_poisson_arrivals_against_a_live_server(tiny_chat_dir):
     rng = random.Random(0)  # run_level's default seed: the last request starts after the sum of 9 gaps
     last_arrival = sum(rng.expovariate(20) for _ in range(9))
     assert level["wall_s"] >= last_arrival > 0.1
+
+
+def test_a_server_that_drops_reused_connections_fails_no_request():
+    """llama-server closes a kept-alive connection after its 5th request; a client that reuses connections then
+    fails requests the server never saw. Here the server answers one request per connection and drops any
+    further one without a response, so reuse would fail every request after the first."""
+    import asyncio
+
+    from trainfer.serve.loadgen import run_level
+
+    chunk = json.dumps({"choices": [{"text": "hi"}], "usage": {"completion_tokens": 1}})
+    body = f"data: {chunk}\n\ndata: [DONE]\n\n".encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+        writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        await reader.read(1)  # a second request on this connection: drop it unanswered
+        writer.close()
+
+    async def main() -> list:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            results, _ = await run_level(f"http://127.0.0.1:{port}", "m", ["a"] * 6, 1, 1, None, None, 10)
+        return results
+
+    results = asyncio.run(main())
+    assert [r.ok for r in results] == [True] * 6, [r.error for r in results]
