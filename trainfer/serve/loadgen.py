@@ -150,9 +150,9 @@ async def run_level(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency or len(prompts))
-    # A fresh connection per request: reusing a kept-alive one races a server that closes it after a count of
-    # requests (llama-server's cpp-httplib closes every 5th), and that race failed 1 request in 5 at concurrency 1
-    # as "Server disconnected", a failure of the client, not of the server. Loopback connects cost ~0.1 ms.
+    # A fresh connection per request: reusing a kept-alive one races a server that closes it on its own schedule
+    # (llama-server's cpp-httplib: an idle timeout and a request count), and that race failed ~1 request in 5 at
+    # concurrency 1 as "Server disconnected": requests the server never saw. Loopback connects cost ~0.1 ms.
     limits = httpx.Limits(max_connections=(concurrency or len(prompts)) + 4, max_keepalive_connections=0)
 
     async with httpx.AsyncClient(timeout=time_limit_s, headers=headers, limits=limits) as http:
