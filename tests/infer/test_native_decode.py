@@ -68,7 +68,9 @@ def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, 
     params = [SamplingParams(max_tokens=6 + i % 5, temperature=0, ignore_eos=True) for i in range(len(prompts))]
     engine.run(prompts, params)
     assert kinds == {"all decode", "mixed"}  # max_num_batched_tokens makes later prompts join running decodes
-    assert len(diffs) >= 8 and max(diffs) < (1e-2 if bf16 else 1e-5), max(diffs)
+    # int4 decode rows on AVX2 take integer products on the input split into two int8 parts (~16 bits; measured 1.6e-5)
+    split = weights == "int4" and native.extension().split_input(2, 1, 64)
+    assert len(diffs) >= 8 and max(diffs) < (1e-2 if bf16 else 1e-4 if split else 1e-5), max(diffs)
     engine.pool.check_idle()
 
 

@@ -113,7 +113,10 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
     x = torch.randn(m, k)
     got, want = qlinear(x, q, scale, mins, bias), linear_reference(x, q, scale, mins) + bias
     assert got.shape == (m, n)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * (k**0.5) * float(want.abs().max()) / 10)
+    # one or two rows of int4 on AVX2 take integer products on the input split into two int8 parts (~16 bits)
+    split = use_native and native.extension().split_input({"int8": 1, "int4": 2}[kind], m, k)
+    tol = 2**-14 * float(want.abs().max()) if split else 1e-5 * (k**0.5) * float(want.abs().max()) / 10
+    assert torch.allclose(got, want, rtol=0 if split else 1e-5, atol=tol)
     x3 = torch.randn(2, 3, k)  # leading dimensions are kept
     assert torch.allclose(qlinear(x3, q, scale, mins), linear_reference(x3, q, scale, mins), rtol=1e-4, atol=1e-4)
 
