@@ -507,6 +507,7 @@ struct XS {  // the input rows, prepared once per call (per thread)
   std::vector<int8_t> hi, lo;  // (M, K) in the order the weights' nibbles come in (below)
   std::vector<float> lane;     // (M, K / 64, 8): sx / 256 of the two groups the 8 int32 lanes of a 64-value step hold
   std::vector<float> sum;      // (M, K / 32): sums per group of the values as split, sx (hi + lo / 256)
+  std::vector<float> sum16;    // (M, K / 16): the same per 16 values, for Q6_K's offset (one scale per 16)
 };
 
 // Orders: kPairs for the 32-blocks (Q4_0 / Q4_1 / int4: a 32-byte load of two blocks A, B gives A0-15, B0-15 in its
@@ -517,7 +518,7 @@ enum XOrder { kPairs, kGroups };
 
 void prepare_xs(const float* X, int64_t M, int64_t K, XS& q, XOrder order) {
   const int64_t ng = K / kBlock;
-  q.hi.resize(M * K), q.lo.resize(M * K), q.lane.resize(M * ng * 8), q.sum.resize(M * ng);
+  q.hi.resize(M * K), q.lo.resize(M * K), q.lane.resize(M * ng * 8), q.sum.resize(M * ng), q.sum16.resize(2 * M * ng);
   const __m256 signbit = _mm256_set1_ps(-0.0f);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t g = 0; g < ng; ++g) {
@@ -541,9 +542,11 @@ void prepare_xs(const float* X, int64_t M, int64_t K, XS& q, XOrder order) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(hs), h), _mm256_store_si256(reinterpret_cast<__m256i*>(ls), l);
         for (int j = 0; j < 8; ++j) hi[8 * c + j] = static_cast<int8_t>(hs[j]), lo[8 * c + j] = static_cast<int8_t>(ls[j]);
       }
-      int32_t total = 0;  // the sum of the values as split, not of x: the mins then meet the same input as the weights
-      for (int j = 0; j < 32; ++j) total += 256 * hi[j] + lo[j];
-      q.sum[i * ng + g] = static_cast<float>(total) * (sx / 256.0f);
+      int32_t half[2] = {0, 0};  // sums of the values as split, not of x: the mins then meet the same input as the weights
+      for (int j = 0; j < 32; ++j) half[j / 16] += 256 * hi[j] + lo[j];
+      q.sum16[2 * (i * ng + g)] = static_cast<float>(half[0]) * (sx / 256.0f);
+      q.sum16[2 * (i * ng + g) + 1] = static_cast<float>(half[1]) * (sx / 256.0f);
+      q.sum[i * ng + g] = static_cast<float>(half[0] + half[1]) * (sx / 256.0f);
       int8_t* ho = q.hi.data() + i * K;
       int8_t* lw = q.lo.data() + i * K;
       float* lane = q.lane.data() + (i * ng + (g & ~int64_t{1})) * 8;  // the pair's 16 floats: two vectors of 8
@@ -632,10 +635,11 @@ inline void tile_q4_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64_
   }
 }
 
-// Q4_K the same way, a super-block's 8 groups at a time: scales d * sc and mins -dmin * mn decoded once per row and
-// block (k_scales_mins), each group's lanes scaled by its own scale times its input's sx / 256.
-template <int R, int MB>
-inline void tile_q4k_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64_t ldy, bool add) {
+// Q4_K and Q5_K the same way, a super-block's 8 groups at a time: scales d * sc and mins -dmin * mn decoded once per
+// row and block (k_scales_mins), each group's lanes scaled by its own scale times its input's sx / 256. Q5_K's fifth
+// bits (bit g of byte j of qh for weight j of group g) are moved to bit 4 by 16-bit shifts and a mask.
+template <int64_t KIND, int R, int MB>
+inline void tile_k_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64_t ldy, bool add) {
   __m256 acc[R][MB], accm[R][MB];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -646,17 +650,27 @@ inline void tile_q4k_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64
   for (int64_t blk = 0; blk < nblk; ++blk) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const uint8_t* p = L.raw + (n0 + r) * L.rb + blk * 144;
+      constexpr int64_t bytes = Fmt<KIND>::bytes, qs = KIND == kQ5_K ? 48 : 16;
+      const uint8_t* p = L.raw + (n0 + r) * L.rb + blk * bytes;
       const char* next = reinterpret_cast<const char*>(p + R * L.rb);  // the next tile's row: loads in flight
-      _mm_prefetch(next, _MM_HINT_T0), _mm_prefetch(next + 64, _MM_HINT_T0), _mm_prefetch(next + 128, _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int off = 0; off < bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      __m256i qh;
+      if constexpr (KIND == kQ5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
       __m256 sv, mv;
       k_scales_mins(p, sv, mv);
 #pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) accm[r][i] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(q.sum.data() + i * ng + blk * 8), accm[r][i]);
 #pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 + 32 * k));
-        const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + qs + 32 * k));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        if constexpr (KIND == kQ5_K) {  // bits 2k and 2k + 1 of each byte to bit 4
+          const __m256i bit4 = _mm256_set1_epi8(0x10);
+          const __m256i b0 = 2 * k <= 4 ? _mm256_slli_epi16(qh, 4 - 2 * k) : _mm256_srli_epi16(qh, 2 * k - 4);
+          const __m256i b1 = 2 * k + 1 <= 4 ? _mm256_slli_epi16(qh, 3 - 2 * k) : _mm256_srli_epi16(qh, 2 * k - 3);
+          lo = _mm256_or_si256(lo, _mm256_and_si256(b0, bit4)), hi = _mm256_or_si256(hi, _mm256_and_si256(b1, bit4));
+        }
         const __m256 s_lo = _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(2 * k));
         const __m256 s_hi = _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(2 * k + 1));
 #pragma GCC unroll 8
@@ -682,14 +696,83 @@ inline void tile_q4k_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64
   }
 }
 
-// Output tiles [t0, t1) of a 4-bit format against M <= kM input rows on the AVX2 integer path.
+
+// Q6_K: per half of a super-block, 32 bytes of ql (twice) and of qh give four groups of 32 in natural order (group 4h +
+// 0 / 1: low nibbles of ql's first / second 32 bytes, 2 / 3: the high ones; qh's bit pairs 0-1, 2-3, 4-5, 6-7 moved to
+// bits 4-5). q is 0..63 unsigned (maddubs' pair sums stay <= 2 * 63 * 127); the offset of -32 enters through the
+// per-16 sums of the split input, each with its own scale. A group's 8 lanes hold weights 0-15 (lanes 0-3) and 16-31.
+template <int R, int MB>
+inline void tile_q6k_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64_t ldy, bool add) {
+  __m256 acc[R][MB], acco[R][MB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm256_setzero_ps(), acco[r][i] = _mm256_setzero_ps();
+  const int64_t K = L.K, nblk = K / 256, ng = K / kBlock;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30);
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = L.raw + (n0 + r) * L.rb + blk * 210;
+      const char* next = reinterpret_cast<const char*>(p + R * L.rb);  // the next tile's row: loads in flight
+#pragma GCC unroll 4
+      for (int off = 0; off < 210; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      const __m256 d = _mm256_set1_ps(fp16(p + 208));
+      const __m256 S[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 192))))),
+                           _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 200)))))};
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const float* s16 = q.sum16.data() + 2 * (i * ng + blk * 8);
+        acco[r][i] = _mm256_fmadd_ps(S[0], _mm256_loadu_ps(s16), acco[r][i]);
+        acco[r][i] = _mm256_fmadd_ps(S[1], _mm256_loadu_ps(s16 + 8), acco[r][i]);
+      }
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * h));
+        const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
+        const __m256i w[4] = {
+            _mm256_or_si256(_mm256_and_si256(ql0, nibble), _mm256_and_si256(_mm256_slli_epi16(qh, 4), bits45)),
+            _mm256_or_si256(_mm256_and_si256(ql1, nibble), _mm256_and_si256(_mm256_slli_epi16(qh, 2), bits45)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble), _mm256_and_si256(qh, bits45)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45))};
+#pragma GCC unroll 4
+        for (int gi = 0; gi < 4; ++gi) {
+          const int g = 4 * h + gi;  // scales 2g, 2g + 1: lanes 0-3, 4-7
+          const __m256 ws = _mm256_permutevar8x32_ps(S[h], _mm256_setr_epi32(2 * gi, 2 * gi, 2 * gi, 2 * gi, 2 * gi + 1, 2 * gi + 1, 2 * gi + 1, 2 * gi + 1));
+#pragma GCC unroll 8
+          for (int i = 0; i < MB; ++i) {
+            const int64_t at = i * K + blk * 256 + 32 * g;
+            const __m256i t = dot_split(w[gi], q.hi.data() + at, q.lo.data() + at);
+            const __m256 lane = _mm256_loadu_ps(q.lane.data() + (i * ng + blk * 8 + g) * 8);
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(ws, lane), acc[r][i]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float bias = L.bias ? L.bias[n0 + r] : 0.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float& y = Y[i * ldy + n0 + r];
+      y = (add ? y : 0.0f) + vsum(acc[r][i]) - 32.0f * vsum(acco[r][i]) + bias;
+    }
+  }
+}
+
+// Output tiles [t0, t1) of a 4- to 6-bit format against M <= kM input rows on the AVX2 integer path.
 template <int64_t KIND>
-void tiles_q4_avx2(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
+void tiles_split_avx2(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool add, int64_t t0, int64_t t1) {
   thread_local XS q;
-  prepare_xs(X, M, L.K, q, KIND == kQ4_K ? kGroups : kPairs);
+  constexpr bool k_quant = KIND == kQ4_K || KIND == kQ5_K || KIND == kQ6_K;
+  prepare_xs(X, M, L.K, q, k_quant ? kGroups : kPairs);
   auto run = [&](auto r, auto mb, int64_t n0) {
-    if constexpr (KIND == kQ4_K) {
-      tile_q4k_avx2<r.value, mb.value>(L, n0, q, Y, ldy, add);
+    if constexpr (KIND == kQ6_K) {
+      tile_q6k_avx2<r.value, mb.value>(L, n0, q, Y, ldy, add);
+    } else if constexpr (k_quant) {
+      tile_k_avx2<KIND, r.value, mb.value>(L, n0, q, Y, ldy, add);
     } else {
       tile_q4_avx2<KIND, r.value, mb.value>(L, n0, q, Y, ldy, add);
     }
@@ -1160,13 +1243,13 @@ void rows_f32(const Lin& L, const float* X, float* Y, int64_t ldy, bool add, int
 // Whether a product of `kind` weights against M input rows of K values runs on an integer path, the input split into
 // two int8 parts (~16 bits; error ~1e-5 of the output's largest value where fp32 products give ~1e-7). VNNI: Q4_K and
 // Q6_K up to 3 rows (at 4 the fp32 tiles, converting each weight once for all four, were faster: 9.1 vs 8.1 GB/s).
-// AVX2: the 4-bit formats up to kM rows (1.6-1.9x the fp32 path's speed at 1 row, 1.2-1.7x at 2: docs/LOG.md).
+// AVX2: the 4-bit formats, Q5_K and Q6_K up to kM rows (1.6-1.9x the fp32 path's speed at 1 row, 1.2-1.7x at 2: docs/LOG.md).
 bool split_input(int64_t kind, int64_t M, int64_t K) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
   return (kind == kQ4_K || kind == kQ6_K) && M <= 3 && K % 256 == 0;
 #elif defined(__AVX2__) && !defined(__AVX512F__)
-  const bool q4 = kind == kQ4 || kind == kQ4_0 || kind == kQ4_1;
-  return (q4 || kind == kQ4_K) && M <= kM && K % (kind == kQ4_K ? 256 : 64) == 0;
+  const bool q4 = kind == kQ4 || kind == kQ4_0 || kind == kQ4_1, k_quant = kind == kQ4_K || kind == kQ5_K || kind == kQ6_K;
+  return (q4 || k_quant) && M <= kM && K % (k_quant ? 256 : 64) == 0;
 #else
   return false;
 #endif
@@ -1187,7 +1270,9 @@ void tiles(const Lin& L, const float* X, int64_t M, float* Y, int64_t ldy, bool 
     if constexpr (KIND == kQ4_K) return tiles_q4k_vnni(L, X, M, Y, ldy, add, t0, t1);
     if constexpr (KIND == kQ6_K) return tiles_q6k_vnni(L, X, M, Y, ldy, add, t0, t1);
 #elif defined(__AVX2__) && !defined(__AVX512F__)
-    if constexpr (KIND == kQ4 || KIND == kQ4_0 || KIND == kQ4_1 || KIND == kQ4_K) return tiles_q4_avx2<KIND>(L, X, M, Y, ldy, add, t0, t1);
+    if constexpr (KIND == kQ4 || KIND == kQ4_0 || KIND == kQ4_1 || KIND == kQ4_K || KIND == kQ5_K || KIND == kQ6_K) {
+      return tiles_split_avx2<KIND>(L, X, M, Y, ldy, add, t0, t1);
+    }
 #endif
   }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
