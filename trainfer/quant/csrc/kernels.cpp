@@ -9,9 +9,10 @@
 //         element j in its low nibble and element j + 16 in its high nibble, as in ggml.
 //
 // Activations are not rounded to 8-bit integers (llama.cpp rounds them to Q8_0 blocks for integer dot products;
-// measured here that was 7-15% faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). The one
-// integer path, GGUF Q4_K against a few rows where the CPU has AVX512_VNNI, splits each input value into two int8
-// parts, ~16 bits in all (tiles_q4k_vnni). GGUF formats are in ggml_formats.h. Single-stream decode
+// measured here that was 7-15% faster and cost top-1 agreement with fp32, 97.3% -> 94.7%: docs/LOG.md). The integer
+// paths (Q4_K / Q6_K against a few rows where the CPU has AVX512_VNNI; the 4- to 6-bit formats against one or two
+// rows on AVX2) split each input value into two int8 parts, ~16 bits in all (split_input says where). GGUF formats
+// are in ggml_formats.h. Single-stream decode
 // is memory-bound: each weight is read from memory once per step and turned into fp32 in registers, where it meets up
 // to four input rows at a time (no fp32 copy of the weights is ever written); rows are prefetched one tile ahead.
 // fp32 weights against one or two input rows are read instead as one sequential stream per thread (rows_f32).
