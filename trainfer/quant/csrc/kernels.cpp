@@ -495,7 +495,7 @@ void tiles_q6k_vnni(const Lin& L, const float* X, int64_t M, float* Y, int64_t l
 #endif
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// The 4-bit formats against one or two input rows on AVX2, with integer products. Converting each weight to fp32
+// The 4- to 6-bit formats against one or two input rows on AVX2, with integer products. Converting each weight to fp32
 // (cvtepu8_epi32, cvtdq2ps, an FMA per 8) made them compute-bound on AVX2 at 10-13 GB/s (measured on a 2-core
 // EPYC reading 33 GB/s; llama.cpp, rounding its input to 8 bits, reads Q4_0 at about twice that). The input is
 // split as on the VNNI path (x = sx (hi + lo / 256), both int8, sx = max |x| / 127 per 32 values: ~16 bits) and
@@ -503,19 +503,18 @@ void tiles_q6k_vnni(const Lin& L, const float* X, int64_t M, float* Y, int64_t l
 // (madd by 256 and by 1), one conversion and one FMA per 8 lanes. Mins and offsets enter through per-group sums of the
 // split values (not of x: an asymmetric format's q . x carries its offset, and only the same input on both sides
 // cancels it; with exact sums the error was ~1e-4 of the output, here ~1e-5).
-// Lane bounds: a 16-bit pair sum is at most 2 * 15 * 127 (two such added: 7620 < 32767), an int32 lane at most
-// 8 * 15 * 127 * 257 (~3.9e6): nothing saturates or overflows.
+// Lane bounds (4 bits): a 16-bit pair sum is at most 2 * 15 * 127 (two such added: 7620 < 32767), an int32 lane at
+// most 8 * 15 * 127 * 257 (~3.9e6): nothing saturates or overflows (Q5_K's and Q6_K's below, with their kernels).
 struct XS {  // the input rows, prepared once per call (per thread)
   std::vector<int8_t> hi, lo;  // (M, K) in the order the weights' nibbles come in (below)
-  std::vector<float> lane;     // (M, K / 64, 8): sx / 256 of the two groups the 8 int32 lanes of a 64-value step hold
+  std::vector<float> lane;     // (M, K / 32, 8): per 64-value step, sx / 256 for each int32 lane of its vectors
   std::vector<float> sum;      // (M, K / 32): sums per group of the values as split, sx (hi + lo / 256)
   std::vector<float> sum16;    // (M, K / 16): the same per 16 values, for Q6_K's offset (one scale per 16)
 };
 
 // Orders: kPairs for the 32-blocks (Q4_0 / Q4_1 / int4: a 32-byte load of two blocks A, B gives A0-15, B0-15 in its
-// low nibbles and A16-31, B16-31 in its high ones; lanes 0-3 hold A, 4-7 B), kGroups for Q4_K (32 bytes: group 2k
-// in the low nibbles, 2k + 1 in the high, both in natural order; lane scales: group 2k in lanes 0-7 of the first
-// vector of 8, 2k + 1 the second).
+// low nibbles and A16-31, B16-31 in its high ones; lanes 0-3 hold A, 4-7 B), kGroups for K-quants (group g's 32
+// values in natural order, its lane scales the 8 floats at (i * K / 32 + g) * 8).
 enum XOrder { kPairs, kGroups };
 
 void prepare_xs(const float* X, int64_t M, int64_t K, XS& q, XOrder order) {
@@ -564,7 +563,7 @@ void prepare_xs(const float* X, int64_t M, int64_t K, XS& q, XOrder order) {
     }
 }
 
-// hi . q * 256 + lo . q as 8 int32 lanes, for 32 unsigned weights (bytes 0..15) against 32 values' two parts
+// hi . q * 256 + lo . q as 8 int32 lanes, for 32 unsigned weights (0..63) against 32 values' two parts
 inline __m256i dot_split(__m256i w, const int8_t* hi, const int8_t* lo) {
   const __m256i h = _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
   const __m256i l = _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
@@ -639,7 +638,8 @@ inline void tile_q4_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64_
 
 // Q4_K and Q5_K the same way, a super-block's 8 groups at a time: scales d * sc and mins -dmin * mn decoded once per
 // row and block (k_scales_mins), each group's lanes scaled by its own scale times its input's sx / 256. Q5_K's fifth
-// bits (bit g of byte j of qh for weight j of group g) are moved to bit 4 by 16-bit shifts and a mask.
+// bits (bit g of byte j of qh for weight j of group g) are moved to bit 4 by 16-bit shifts and a mask (pair sums <=
+// 2 * 31 * 127).
 template <int64_t KIND, int R, int MB>
 inline void tile_k_avx2(const Lin& L, int64_t n0, const XS& q, float* Y, int64_t ldy, bool add) {
   __m256 acc[R][MB], accm[R][MB];
