@@ -6,7 +6,6 @@ whole in one chunk (a vote cannot be streamed before it is counted)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -19,16 +18,17 @@ from fastapi.responses import Response
 from trainfer.errors import TrainferError
 from trainfer.infer.engine import ContextLengthError
 from trainfer.reason.strategies import Result, chosen_text, plan, samples_of
+from trainfer.serve.errors import APIError, context_length
 from trainfer.serve.responses import CHAT, Choice, Prompt, replay, sse
 from trainfer.serve.schemas import ChatCompletionRequest
+from trainfer.serve.server import Server
+from trainfer.serve.streaming import EventStream, lines_of, unless_disconnected
 
 DEFAULT_MAX_TOKENS = 256
 
 
-async def answer(server, req: ChatCompletionRequest, request: Request, messages: list[dict]) -> Response:
-    from trainfer.serve.app import APIError, EventStream, aiter_of, until_disconnected
-
-    tt = req.test_time
+async def answer(server: Server, req: ChatCompletionRequest, request: Request) -> Response:
+    tt, messages = req.test_time, req.chat()
     assert tt is not None
     for name, bad in [("n", req.n != 1), ("logprobs", req.logprobs), ("stop", bool(req.stop))]:
         if bad:
@@ -44,23 +44,16 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
         steps = plan(server.tokenizer, server.llm.model.cfg, messages, tt.strategy.replace("_", "-"), **options)
     except TrainferError as e:
         raise APIError(400, str(e), param="test_time") from None
-    server.check_capacity(tt.n, "test_time.n")  # a draw never holds more than n sequences at once
-    server.inflight += tt.n
     start = time.perf_counter()
-    work = asyncio.ensure_future(drive(server, steps, server.adapter_for(req.model)))
-    gone = asyncio.ensure_future(until_disconnected(request.receive))
-    try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (work, gone):
-            task.cancel()  # a cancelled draw aborts its request (AsyncEngine.events cleans up)
-        server.inflight -= tt.n
-    if work not in done:
+    # a draw never holds more than n sequences at once; a cancelled draw aborts its request (AsyncEngine.events)
+    with server.admission.admit(tt.n, "test_time.n"):
+        try:
+            finished, result = await unless_disconnected(drive(server, steps, req.model), request.receive)
+        except ContextLengthError as e:
+            raise context_length(str(e), "messages") from None
+    if not finished:
         return Response(status_code=499)
-    try:
-        result = work.result()
-    except ContextLengthError as e:
-        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+    assert result is not None
     text = chosen_text(result)
     prompts = [Prompt(server.llm.chat_prompt(messages))]
     choices = [Choice(text=text, token_ids=server.tokenizer.encode(text, add_bos=False), finish_reason="stop")]
@@ -76,7 +69,7 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
         tail = CHAT.envelope(rid, server.model_id, chunk=True)
         lines.append(sse({**tail, "choices": [], "test_time": extension, "usage": usage}))
         lines.append("data: [DONE]\n\n")
-        return EventStream(aiter_of(lines), lambda: None)
+        return EventStream(lines_of(lines))
     body = json.loads(CHAT.body(server.tokenizer, server.model_id, prompts, choices, 1, {}, rid))
     body["usage"] = usage
     body["timings"] = timings
@@ -84,8 +77,9 @@ async def answer(server, req: ChatCompletionRequest, request: Request, messages:
     return Response(json.dumps(body), media_type="application/json")
 
 
-async def drive(server, steps, adapter: str | None = None) -> Result:
+async def drive(server: Server, steps, model: str | None = None) -> Result:
     """Run a strategy's draws one after another, each as its own request on the shared AsyncEngine."""
+    adapter = server.adapter_for(model)
     try:
         draw = next(steps)
         while True:

@@ -134,6 +134,10 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    def chat(self) -> list[dict[str, str]]:
+        """The messages as a chat template takes them (OpenAI's `developer` role is a system message)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
 
 class TokenizeRequest(Strict):
     """vLLM's /tokenize (lm-evaluation-harness probes it to tokenize on the server)."""

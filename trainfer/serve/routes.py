@@ -1,0 +1,242 @@
+"""The routes, in one table (`TABLE`), and what they answer. The completion and chat routes share `serve`:
+prompt ids and sampling (server.py) -> response cache -> admission and the engine (a `Run`) -> the answer as
+JSON or as server-sent events. Errors are raised as `APIError` and answered in errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from trainfer.serve import reasoning
+from trainfer.serve.cache import cache_key
+from trainfer.serve.errors import APIError
+from trainfer.serve.request_log import feedback_record
+from trainfer.serve.responses import CHAT, TEXT, Choice, Format, Prompt, error_body, replay, sse, usage
+from trainfer.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    FeedbackRequest,
+    SamplingRequest,
+    TokenizeRequest,
+)
+from trainfer.serve.server import Run, Server
+from trainfer.serve.streaming import EventStream, lines_of, unless_disconnected
+
+CACHE_HEADER = "x-trainfer-response-cache"  # hit, miss or off: a streamed answer has no timings object to say it
+VITALS_INTERVAL_S = 1.0
+
+
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def metrics(request: Request) -> Response:
+    server: Server = request.app.state.server
+    server.metrics.observe_engine(server.engine.stats())
+    return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def vitals(request: Request, since: float = 0.0) -> dict[str, Any]:
+    """Extension: a JSON twin of /metrics for the web page: the history's points newer than `since` (a
+    time.time() stamp), rates and percentiles already computed (see serve/metrics.Vitals)."""
+    server: Server = request.app.state.server
+    v = server.metrics.vitals
+    stats = server.engine.stats()
+    return {
+        "model": server.model_id,
+        "interval_s": VITALS_INTERVAL_S,
+        "window_s": v.window_s,
+        "kv_cache_blocks": stats["kv_cache_blocks"],
+        "max_num_seqs": server.llm.engine.scheduler.max_num_seqs,
+        "inflight": server.admission.inflight,
+        "capacity": server.admission.capacity,
+        "history": [p for p in v.samples if p["t"] > since],
+    }
+
+
+async def models(request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    card = {
+        "id": server.model_id,
+        "object": "model",
+        "created": server.created,
+        "owned_by": "trainfer",
+        "max_model_len": server.max_model_len,
+    }
+    # vLLM's convention: an adapter is a model whose parent is the base
+    cards = [{**card, "id": name, "parent": server.model_id} for name in sorted(server.adapters)]
+    return {"object": "list", "data": [card, *cards]}
+
+
+async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    server.adapter_for(req.model)  # a 404 for a model not served; the adapters share the base's tokenizer
+    try:
+        ids = await asyncio.to_thread(server.tokenizer.encode, req.prompt, None if req.add_special_tokens else False)
+    except UnicodeEncodeError:
+        raise APIError(400, "the prompt is not valid Unicode (a lone surrogate?)", param="prompt") from None
+    return {"count": len(ids), "max_model_len": server.max_model_len, "tokens": ids}
+
+
+async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    server.adapter_for(req.model)
+    bad = [t for t in req.tokens if t >= server.tokenizer.vocab_size]
+    if bad:
+        raise APIError(400, f"token ids out of range [0, {server.tokenizer.vocab_size}): {bad[:5]}", param="tokens")
+    return {"prompt": await asyncio.to_thread(server.tokenizer.decode, req.tokens)}
+
+
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    server: Server = request.app.state.server
+    tok = server.tokenizer
+    return {
+        "tokenizer_class": "trainfer",
+        "bos_token": tok.token(tok.bos_token_id) if tok.bos_token_id is not None else None,
+        "eos_token": tok.token(tok.eos_token_id) if tok.eos_token_id is not None else None,
+        "chat_template": tok.chat_template,
+        "model_max_length": server.max_model_len,
+    }
+
+
+async def feedback(req: FeedbackRequest, request: Request) -> dict[str, Any]:
+    """Extension: a rating of an earlier answer, appended to the request log (see FeedbackRequest)."""
+    server: Server = request.app.state.server
+    if server.request_log is None:
+        raise APIError(400, "this server keeps no request log (start it with --log-requests DIR)", code="log_off")
+    server.request_log.append(feedback_record(req.id, req.rating, req.index, req.comment))
+    return {"id": req.id, "object": "feedback", "rating": req.rating}
+
+
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    return await serve(TEXT, req, request)
+
+
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    return await serve(CHAT, req, request)
+
+
+async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response:
+    server: Server = request.app.state.server
+    adapter = server.adapter_for(req.model)
+    prompts = await asyncio.to_thread(server.tokenize, fmt, req)
+    if isinstance(req, ChatCompletionRequest) and req.test_time is not None:
+        return await reasoning.answer(server, req, request)  # extension: test-time compute
+    params, generate = server.sampling(fmt, req, prompts)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    key = None
+    control = request.headers.get("cache-control", "")
+    if server.cache is not None and req.deterministic and "no-cache" not in control and "no-store" not in control:
+        key = cache_key(f"{server.fingerprint}:{adapter or ''}", request.url.path, req.cache_fields())
+        hit = await server.cache_get(key)
+        if hit is not None:
+            server.metrics.cache_hits.inc()
+            return cached_answer(server, fmt, req, prompts, hit, include_usage)
+        server.metrics.cache_misses.inc()
+    run = server.start(fmt, prompts, params, generate, adapter)
+    cache_header = {CACHE_HEADER: "miss" if key else "off"}
+    if req.stream:
+        return EventStream(stream(server, fmt, req, run, key, include_usage), run.close, cache_header)
+    try:
+        finished, _ = await unless_disconnected(run.collect(), request.receive)
+        if not finished:
+            return Response(status_code=499)  # nobody is listening; the finally below frees the engine
+    finally:
+        run.close()
+    if run.error:
+        raise APIError(500, f"generation failed: {run.error}", kind="server_error")
+    if key is not None:
+        await remember(server, key, run)
+    timings = {**run_timings(run, key), "cached_prompt_tokens": run.cached_prompt_tokens}
+    rid = fmt.new_id()
+    server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), timings)
+    body = await asyncio.to_thread(
+        fmt.body, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, timings, rid
+    )
+    return Response(body, headers=cache_header, media_type="application/json")
+
+
+def run_timings(run: Run, key: str | None) -> dict[str, Any]:
+    return {
+        "response_cache": "miss" if key else "off",
+        "ttft_ms": round(1000 * ((run.first or run.start) - run.start), 2),
+        "total_ms": round(1000 * (time.perf_counter() - run.start), 2),
+    }
+
+
+async def stream(
+    server: Server, fmt: Format, req: SamplingRequest, run: Run, key: str | None, include_usage: bool
+) -> AsyncIterator[str]:
+    rid, model, tok = fmt.new_id(), server.model_id, server.tokenizer
+    started: set[int] = set()
+    async for i, e in run.events():
+        c, first = run.choices[i], i not in started
+        if e.error:
+            yield sse(error_body(f"generation failed: {e.error}", "server_error"))
+        prompt = run.echo(i)
+        echo = prompt if first else None  # an echoed prompt goes in front of a sample's first chunk
+        text, lp = (e.text if run.generate else ""), None
+        counted = run.generate and e.logprob is not None and c.token_ids[-1:] == [e.token_id]
+        if counted or (echo is not None and echo.logprobs is not None):
+            one = Choice(token_ids=c.token_ids[-1:] if counted else [], logprobs=c.logprobs[-1:] if counted else [])
+            offset = len(prompt.text if prompt else "") + len(c.text) - len(text)  # from the answer's start
+            lp = fmt.logprobs(tok, one, 0 if echo else offset, echo)
+        if echo is not None:
+            text = echo.text + text
+        if text or e.finish_reason or lp or first:
+            yield fmt.chunk(rid, model, fmt.delta(i, text, c.finish_reason if e.finish_reason else None, lp, first))
+            started.add(i)
+    run.close()
+    if key is not None:
+        await remember(server, key, run)
+    if not run.error:  # a client gone mid-stream never gets here: only finished answers are logged
+        server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), run_timings(run, key))
+    if include_usage:
+        yield fmt.usage_chunk(rid, model, run.prompts, run.choices, run.cached_prompt_tokens)
+    yield "data: [DONE]\n\n"
+
+
+async def remember(server: Server, key: str, run: Run) -> None:
+    """Store a finished answer (not an aborted or failed one) for the next identical request."""
+    if all(c.finish_reason in ("stop", "length") for c in run.choices):
+        value = {"choices": [c.to_json() for c in run.choices], "prompt_logprobs": [p.logprobs for p in run.prompts]}
+        await server.cache_put(key, value)
+
+
+def cached_answer(
+    server: Server, fmt: Format, req: SamplingRequest, prompts: list[Prompt], hit: dict[str, Any], include_usage: bool
+) -> Response:
+    choices = [Choice.from_json(c) for c in hit["choices"]]
+    for p, lps in zip(prompts, hit["prompt_logprobs"], strict=True):
+        p.logprobs = None if lps is None else [(lp, [tuple(t) for t in top]) for lp, top in lps]
+    rid, timings = fmt.new_id(), {"response_cache": "hit"}
+    server.log_request(fmt, rid, req, choices, usage(prompts, choices), timings)
+    if req.stream:
+        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, req.n, include_usage, rid)
+        return EventStream(lines_of(lines), headers={CACHE_HEADER: "hit"})
+    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, req.n, timings, rid)
+    return Response(body, headers={CACHE_HEADER: "hit"}, media_type="application/json")
+
+
+# method, path, handler: every route the API answers (the web page adds its own, see web.ROUTES)
+TABLE: list[tuple[str, str, Callable[..., Any]]] = [
+    ("GET", "/health", health),
+    ("GET", "/metrics", metrics),
+    ("GET", "/vitals", vitals),
+    ("GET", "/v1/models", models),
+    ("POST", "/v1/completions", completions),
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/feedback", feedback),
+    ("POST", "/tokenize", tokenize),  # vLLM's tokenizer routes, as lm-evaluation-harness probes them
+    ("POST", "/detokenize", detokenize),
+    ("GET", "/tokenizer_info", tokenizer_info),
+]
+TOKENIZER_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}
