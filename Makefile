@@ -48,6 +48,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check trainfer tests benchmarks
 	$(VENV)/bin/ruff format --check trainfer tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format trainfer tests benchmarks

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from trainfer import LLM  # noqa: E402
 from trainfer.compress.distill import distill, load_distill_config  # noqa: E402
 from trainfer.compress.prune import prune  # noqa: E402
-from trainfer.quant.quality import held_out_ids, score  # noqa: E402
+from trainfer.compress.quality import held_out_ids, score  # noqa: E402
 from trainfer.reason import extract  # noqa: E402
 from trainfer.reason.tasks import make  # noqa: E402
 from trainfer.rounds import describe, environment  # noqa: E402

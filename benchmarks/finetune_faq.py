@@ -84,8 +84,8 @@ def readme_runs(train: Path, dev: Path, test: Path, out: Path, seeds: list[int],
 
 
 def general_ppl(model_path: str, positions: int = 4096) -> float:
+    from trainfer.compress.quality import held_out_ids, score
     from trainfer.llm import LLM
-    from trainfer.quant.quality import held_out_ids, score
 
     llm = LLM.load(model_path, num_blocks=2)
     ids = held_out_ids(llm.tokenizer, "shakespeare", positions + 1)
@@ -143,8 +143,8 @@ def step_speeds(train: Path, out: Path, rounds: int = 3, steps: int = 3) -> dict
     from transformers import AutoModelForCausalLM
 
     from trainfer.io.loader import export_hf
+    from trainfer.model.lora import ATTENTION, MLP
     from trainfer.train.finetune import FineTuner, load_finetune_config
-    from trainfer.train.lora import ATTENTION, MLP
 
     cfg = load_finetune_config(None, ["batch_size=2", "grad_accum=1", "lora_dropout=0.05"], base_model=BASE,
                                data=str(train), out_dir=str(out / "speed"), lora=True)  # fmt: skip

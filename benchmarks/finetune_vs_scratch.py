@@ -124,12 +124,11 @@ def prepare_data(data_dir: Path) -> None:
 def run_scratch(preset: str, data_dir: Path, out: Path, budget: float, evals: int, dtype: str) -> dict:
     from trainfer.io.tokenizer import Tokenizer
     from trainfer.train.config import load_config
-    from trainfer.train.metrics import flops_per_token
     from trainfer.train.trainer import train
 
     cfg = load_config(None, [], preset=preset)
     tok = Tokenizer.from_dir(data_dir)
-    fpt = flops_per_token(cfg.model_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id), cfg.seq_len)
+    fpt = cfg.model_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id).training_flops_per_token(cfg.seq_len)
     per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     steps = max(1, round(budget / (fpt * per_step)))
     val_tokens = json.loads((data_dir / "meta.json").read_text())["val_tokens"]

@@ -305,9 +305,9 @@ def quality(bin_dir: Path, peers: Path, chunks: int, n_ctx: int = 512) -> list[d
     trainfer running each file in its own blocks, the same file dequantized and computed in fp32, llama-perplexity
     on the file, and top-1 agreement with fp32 and with llama-server; trainfer with bf16 products for the prompt
     (the default) and without (TRAINFER_BF16=0)."""
+    from trainfer.compress.quality import held_out_ids
     from trainfer.io.gguf import open_gguf, read_metadata
     from trainfer.io.tokenizer import Tokenizer
-    from trainfer.quant.quality import held_out_ids
 
     f32 = llama_cpp.quantized_copies(bin_dir, peers)["F32"]
     tok = Tokenizer.from_gguf_metadata(read_metadata(open_gguf(f32)))

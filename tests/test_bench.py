@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_hf_model
-from tests.infer.test_engine import ByteTokenizer
 from trainfer import registry
 from trainfer.bench import llama_bench_rows, measure_engine, paired_decode, parse_batched_bench, parse_llama_bench
 from trainfer.io.loader import load_model
 from trainfer.llm import LLM
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer over raw bytes so the tiny random model can stream text."""
+
+    stop_token_ids = {2}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(ids).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")

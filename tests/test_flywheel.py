@@ -8,8 +8,8 @@ import json
 
 import httpx
 
+from tests.conftest import make_chat_model_dir
 from tests.serve.conftest import ServerProcess
-from tests.train.conftest import make_chat_model_dir
 from tests.train.test_trainer import cli
 from trainfer.llm import LLM
 

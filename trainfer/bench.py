@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from trainfer import registry
 from trainfer.infer.sampling import SamplingParams
+from trainfer.io.loader import resolve
 from trainfer.llm import LLM
 from trainfer.rounds import alternate, describe, environment, ratio
 
@@ -224,7 +224,7 @@ def bench_decode(
             from transformers import AutoModelForCausalLM
 
             if hf_model is None:
-                p = registry.resolve(model)
+                p = resolve(model)
                 kw = {"gguf_file": p.name} if p.is_file() else {}
                 hf_model = AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=torch.float32, **kw)
             hf = hf_model.eval().to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # int8: vs fp32

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainfer import registry
-from trainfer.errors import TrainferError
+from trainfer.errors import TrainferError, new_directory
 from trainfer.infer.engine import TokenEvent
 from trainfer.infer.sampling import SamplingParams
 
@@ -175,11 +175,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from trainfer.io.quantized import save_quantized
     from trainfer.llm import LLM
-    from trainfer.quant.checkpoint import save_quantized
 
     if args.report:
-        from trainfer.quant.quality import format_report, quality_report
+        from trainfer.compress.quality import format_report, quality_report
 
         weights = ("float32", args.to) if args.to else ("float32", "int8", "int4")
         print(format_report(args.model, quality_report(args.model, weights, positions=args.positions)))
@@ -187,9 +187,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             return
     if not (args.to and args.out):
         raise TrainferError("quantize needs --to and --out (or --report alone for the quality table)")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise TrainferError(f"{out} exists and is not empty; choose a new directory")
+    out = new_directory(args.out)
     llm = LLM.load(args.model, dtype=args.to, num_blocks=2)
     print(save_quantized(llm.model, llm.tokenizer, out))
 
@@ -209,7 +207,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def _resumed_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run's own settings, so `--resume --out DIR` is enough; anything given again must agree."""
-    from trainfer.train.checkpoint import list_checkpoints, read_state
+    from trainfer.io.run_dir import list_checkpoints, read_state
 
     found = list_checkpoints(Path(args.out)) if args.resume and args.out else []
     return read_state(found[-1])["config"] if found else {}
@@ -249,9 +247,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from trainfer.io import peft
-    from trainfer.io.loader import export_hf
+    from trainfer.io.loader import export_hf, resolve
 
-    if not peft.is_adapter(registry.resolve(args.adapter)):
+    if not peft.is_adapter(resolve(args.adapter)):
         raise TrainferError(f"{args.adapter} is not a LoRA adapter (no adapter_config.json): nothing to merge")
     print(export_hf(args.adapter, Path(args.out), args.dtype, base=args.base))
 
@@ -355,8 +353,10 @@ def cmd_reason(args: argparse.Namespace) -> None:
     import dataclasses
     import json
 
+    from trainfer.reason import reason
+
     llm = _load(args)
-    result = llm.reason(args.question, args.strategy, n=args.n, kind=args.kind, temperature=args.temperature,
+    result = reason(llm, args.question, args.strategy, n=args.n, kind=args.kind, temperature=args.temperature,
                         max_tokens=args.max_tokens, seed=args.seed, scorer=args.scorer)  # fmt: skip
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
@@ -407,14 +407,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from trainfer.llm import LLM
-    from trainfer.serve.app import Server, create_app
+    from trainfer.serve.app import create_app
     from trainfer.serve.cache import MemoryCache, RedisCache
+    from trainfer.serve.server import Server
     from trainfer.web import is_run_dir
 
     if not 1 <= args.port <= 65535:
         raise TrainferError(f"--port must be in 1..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("TRAINFER_API_KEY") or None
-    engine_args = dict(kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs)
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise TrainferError(f"--max-model-len must be >= 1, got {args.max_model_len}")
+    engine_args = dict(kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     adapters = {}
     for item in args.lora:
         name, sep, path = item.partition("=")
@@ -424,8 +427,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise TrainferError(f"--lora name {name!r} is used twice (or is the base model's name)")
         adapters[name] = path
     llm = LLM.load(args.model, dtype=args.dtype, adapters=adapters, **engine_args)
-    if args.max_model_len:
-        llm.model.cfg.max_seq_len = min(llm.model.cfg.max_seq_len, args.max_model_len)
     cache = None
     if args.cache_url:
         cache = RedisCache(args.cache_url)

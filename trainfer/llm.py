@@ -20,6 +20,7 @@ import torch
 from trainfer.errors import TrainferError
 from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
+from trainfer.infer.text import TextOutput
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 
@@ -43,9 +44,15 @@ class Completion:
 
 
 class LLM:
+    """Owns a model, its tokenizer and one `Engine` over them: the Python API's calls (generate, chat, stream,
+    reason) each queue their prompts on that engine and read their own sequences back. Not thread-safe: one
+    caller at a time (the server drives the same engine through `AsyncEngine`)."""
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", **engine_args: Any) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.engine = Engine(model, tokenizer, **engine_args)
+        self.engine = Engine(
+            model, stop_token_ids=tokenizer.stop_token_ids, output=TextOutput(tokenizer), **engine_args
+        )
 
     @classmethod
     def load(
@@ -64,10 +71,10 @@ class LLM:
         A directory written by `trainfer quantize` loads as it was saved.
         adapters: {name: LoRA adapter directory or LoRA run}, kept unmerged next to the base so one batch mixes
         them (`complete(..., adapter=name)`, the server's `model` field); the base's own path stays native.
-        engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens.
+        engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
+        max_model_len.
         """
-        from trainfer.io.loader import check_memory
-        from trainfer.quant.checkpoint import load
+        from trainfer.io.loader import check_memory, load
 
         if engine_args.get("num_blocks") is None:
             check_memory(name_or_path, dtype, int(engine_args.get("kv_cache_gb", 1.0) * (1 << 30)))
@@ -76,11 +83,12 @@ class LLM:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
         llm = cls(model, tokenizer, str(name_or_path), **engine_args)
         if adapters:
-            from trainfer import registry
-            from trainfer.train import lora
+            from trainfer.io import peft
+            from trainfer.io.loader import resolve
+            from trainfer.model import lora
 
             for name, path in adapters.items():
-                lora.load_adapter(llm.model, registry.resolve(path), name)  # after the engine: see runner.py
+                peft.load_adapter(llm.model, resolve(path), name)  # after the engine: see runner.py
             lora.set_adapter(llm.model, None)
         return llm
 
@@ -121,26 +129,14 @@ class LLM:
         if params.n != 1:
             raise TrainferError("LLM.generate/chat return one completion per prompt; use the engine for n > 1")
         start = time.perf_counter()
-        ids = [f"llm-{id(self)}-{start}-{i}" for i in range(len(prompts))]
         per_prompt = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
-        for rid, prompt, name in zip(ids, prompts, per_prompt, strict=True):
-            self.engine.add_request(rid, prompt, params, name)
-        events: dict[str, list[tuple[float, TokenEvent]]] = {rid: [] for rid in ids}
-        try:
-            while any(rid in self.engine.requests for rid in ids):
-                for e in self.engine.step():
-                    events[e.request_id].append((time.perf_counter(), e))
-        finally:
-            for rid in ids:
-                self.engine.abort(rid)
+        results = self.engine.run(prompts, params, per_prompt)
         stop_ids = set(params.stop_token_ids) | self.tokenizer.stop_token_ids
-        return [self._completion(events[rid], len(p), start, stop_ids) for rid, p in zip(ids, prompts, strict=True)]
+        return [self._completion(r[0], len(p), start, stop_ids) for r, p in zip(results, prompts, strict=True)]
 
     @staticmethod
-    def _completion(
-        events: list[tuple[float, TokenEvent]], n_prompt: int, start: float, stop_ids: set[int]
-    ) -> Completion:
-        times, evs = [t for t, _ in events], [e for _, e in events]
+    def _completion(evs: list[TokenEvent], n_prompt: int, start: float, stop_ids: set[int]) -> Completion:
+        times = [e.time for e in evs]
         tokens = [e.token_id for e in evs]
         finish = evs[-1].finish_reason or "length"
         if finish == "stop" and tokens[-1] in stop_ids:
@@ -156,13 +152,6 @@ class LLM:
             evs[0].cached_prompt_tokens,
             [e.logprob for e in evs if e.logprob is not None],
         )
-
-    def reason(self, question: str, strategy: str = "self-consistency", **options: Any):
-        """Answer with test-time compute (trainfer/reason): greedy, cot, self-consistency, adaptive, best-of-n
-        or self-correction; returns the answer, candidates, votes or scores and the compute spent."""
-        from trainfer.reason.strategies import reason
-
-        return reason(self, question, strategy, **options)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -81,7 +81,7 @@ def quickstart(out: str | Path = "runs/quickstart", steps: int = 1000, vocab_siz
     # Held-out loss, bits per byte and the gap come from the run's final evaluation; the probe is added here.
     llm = LLM.load(run, kv_cache_gb=0.25)
     print("memorization probe", flush=True)
-    probe = memorization_probe(llm.model, llm.tokenizer, read_shard(data, "train"), read_shard(data, "val"))
+    probe = memorization_probe(llm.model, read_shard(data, "train"), read_shard(data, "val"))
     answers = []
     for prompt in PROMPTS:
         c = llm.generate(prompt, max_tokens=48, temperature=0.8, top_k=50, seed=0)

@@ -115,16 +115,9 @@ def pull(name: str, quiet: bool = False) -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike[str], download: bool = True) -> Path:
-    """An alias (pulled on first use), a .gguf file, a Hugging Face directory or a training run -> a local path."""
+    """An alias (pulled on first use) or an existing path -> a local path (io/loader.resolve adds training runs)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
-        from trainfer.train.checkpoint import best_checkpoint
-
-        best = best_checkpoint(path)  # a training run directory stands for its best checkpoint
-        if best is None:
-            raise TrainferError(f"{path} is a training run without a finished checkpoint yet")
-        return best
     if path.exists():
         return path
     if text in ALIASES:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainfer.quant.quality import _common_prefix, held_out_ids, quality_report
+from trainfer.compress.quality import _common_prefix, held_out_ids, quality_report
 
 
 def test_common_prefix():

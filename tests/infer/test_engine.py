@@ -16,15 +16,6 @@ from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
 
 
-class ByteTokenizer:
-    """Stand-in tokenizer over raw bytes so the tiny random model can stream text."""
-
-    stop_token_ids = {2}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
@@ -35,7 +26,7 @@ def tiny(tmp_path_factory):
 
 def engine(model, **kw) -> Engine:
     kw = {"num_blocks": 256, "block_size": 4, "max_num_batched_tokens": 64, **kw}
-    return Engine(model, ByteTokenizer(), **kw)
+    return Engine(model, stop_token_ids={2}, **kw)  # token ids only: no tokenizer
 
 
 def prompts(n: int, seed: int = 0, shared: list[int] | None = None) -> list[list[int]]:
@@ -177,6 +168,36 @@ def test_stops_and_limits(tiny):
         eng.add_request("too-long", list(range(3, 253)) * 3, GREEDY)
     with pytest.raises(TrainferError, match="empty"):
         eng.add_request("empty", [], GREEDY)
+    eng.pool.check_idle()
+
+
+class EndsAtThird:
+    """An output processor stand-in: every sample's third token ends it, as a stop string in its text would."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.ended: list[int] = []
+
+    def start(self, key, params) -> None:
+        self.counts[key] = 0
+
+    def token(self, key, token_id, finish_reason):
+        self.counts[key] += 1
+        return f"<{token_id}>", "stop" if self.counts[key] == 3 else finish_reason
+
+    def end(self, key) -> None:
+        self.ended.append(key)
+
+
+def test_an_output_processor_ends_samples_and_hears_of_every_end(tiny):
+    out = EndsAtThird()
+    eng = Engine(tiny, output=out, num_blocks=256, block_size=4, max_num_batched_tokens=64)
+    res = eng.run(prompts(4, seed=5), SamplingParams(max_tokens=10, temperature=0.8, ignore_eos=True, n=2, seed=1))
+    for sample in (s for r in res for s in r):
+        assert [e.finish_reason for e in sample] == [None, None, "stop"]
+        assert [e.text for e in sample] == [f"<{e.token_id}>" for e in sample]
+    assert sorted(out.ended) == sorted(out.counts) and len(out.counts) == 8  # one start and one end per sample
+    assert not eng.requests
     eng.pool.check_idle()
 
 
@@ -369,3 +390,12 @@ def test_block_hashes_are_a_sha256_chain():
     assert first == hashlib.sha256(array("q", [1, 2, 3, 4]).tobytes()).digest()
     assert block_hash(first, [5, 6, 7, 8]) == hashlib.sha256(first + array("q", [5, 6, 7, 8]).tobytes()).digest()
     assert block_hash(first, [5, 6, 7, 8]) != block_hash(block_hash(None, [1, 2, 3, 5]), [5, 6, 7, 8])
+
+
+def test_a_users_context_cap_limits_the_engine_not_the_model(tiny):
+    eng = engine(tiny, max_model_len=32)
+    assert eng.max_model_len == 32 and tiny.cfg.max_seq_len == 512
+    with pytest.raises(ContextLengthError, match="maximum context length is 32 tokens"):
+        eng.add_request("long", list(range(3, 30)), SamplingParams(max_tokens=8))
+    (res,) = eng.run([list(range(3, 30))], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))
+    assert len(res[0]) == 32 - 27 and res[0][-1].finish_reason == "length"  # to the cap, not the model's 512

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tests.conftest import make_hf_model
-from tests.infer.test_engine import ByteTokenizer
 from trainfer.infer.engine import Engine
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
@@ -59,7 +58,7 @@ def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, 
         pytest.skip("bf16 products apply to int8 / int4 weights on CPUs with AVX512_BF16")
     monkeypatch.setenv("TRAINFER_BF16", "1" if bf16 else "0")
     model = tiny_model(tmp_path, kind, weights, **overrides)
-    engine = Engine(model, ByteTokenizer(), num_blocks=96, block_size=4, max_num_batched_tokens=64)
+    engine = Engine(model, num_blocks=96, block_size=4, max_num_batched_tokens=64)
     assert engine.runner.decoder is not None
     diffs, kinds = compare_both_paths(engine, same_argmax=not bf16)
     shared = list(range(3, 40))  # 9 full blocks shared through the prefix cache by the later prompts
@@ -78,7 +77,7 @@ def test_projections_are_fused_into_views(tmp_path):
     """q/k/v and gate/up become one matrix each; the modules' weights are views into it, nothing is copied."""
     model = tiny_model(tmp_path, "llama", "int8")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    Engine(model, ByteTokenizer(), num_blocks=8, block_size=4)
+    Engine(model, num_blocks=8, block_size=4)
     attn = model.layers[0].self_attn
     q, k = attn.q_proj.qweight, attn.k_proj.qweight
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
@@ -89,7 +88,7 @@ def test_projections_are_fused_into_views(tmp_path):
 def test_without_the_build_the_module_path_runs(tmp_path, monkeypatch):
     monkeypatch.setattr("trainfer.infer.native_decode.extension", lambda: None)
     model = tiny_model(tmp_path, "llama", "int8")
-    engine = Engine(model, ByteTokenizer(), num_blocks=32, block_size=4)
+    engine = Engine(model, num_blocks=32, block_size=4)
     assert engine.runner.decoder is None
     out = engine.run([[5, 6, 7]], [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)])
     assert len(out[0][0]) == 4
@@ -97,7 +96,7 @@ def test_without_the_build_the_module_path_runs(tmp_path, monkeypatch):
 
 def test_the_step_checks_what_it_is_given(tmp_path):
     model = tiny_model(tmp_path, "llama", "float32")
-    engine = Engine(model, ByteTokenizer(), num_blocks=8, block_size=4)
+    engine = Engine(model, num_blocks=8, block_size=4)
     pool, hd = engine.pool, model.cfg.head_dim
     cos = sin = torch.zeros(1, hd)
     args = dict(tokens=torch.tensor([5]), tables=torch.tensor([[0]]), lengths=torch.tensor([3]))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainfer.infer.text import Detokenizer, StopMatcher
+from trainfer.infer.sampling import SamplingParams
+from trainfer.infer.text import Detokenizer, StopMatcher, TextOutput
 
 
 def feed(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:
@@ -70,3 +71,48 @@ def test_stop_matcher_equals_cutting_the_whole_text():
                 want = (seen[: min(found)], True)
                 break
         assert feed(StopMatcher(stops), pieces) == want, (stops, pieces)
+
+
+class Bytes:
+    """A tokenizer over raw bytes: a multi-byte character spans tokens, as in a real BPE vocabulary."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def released(out: TextOutput, key: int, ids: list[int], last: str | None = None) -> tuple[str, str | None]:
+    """Feed ids as the engine would (the engine's own finish reason on the last one); text and the end."""
+    text, reason = "", None
+    for i, t in enumerate(ids):
+        piece, reason = out.token(key, t, last if i == len(ids) - 1 else None)
+        text += piece
+        if reason:
+            break
+    return text, reason
+
+
+def test_text_output_ends_a_sample_at_a_stop_string_and_withholds_it():
+    out = TextOutput(Bytes())
+    out.start(1, SamplingParams(stop=["é!"]))
+    assert released(out, 1, list("café! more".encode())) == ("caf", "stop")
+
+
+def test_text_output_flushes_held_text_when_the_engine_ends_the_sample():
+    out = TextOutput(Bytes())
+    out.start(1, SamplingParams(stop=["STOP"]))
+    assert released(out, 1, list(b"abcST"), last="length") == ("abcST", "length")  # max_tokens: the tail is text
+    out.start(2, SamplingParams(stop=["STOP"]))
+    held, _ = released(out, 2, list(b"xyST"))
+    assert (held, out.token(2, 0, "stop")) == ("xy", ("ST", "stop"))  # a stop token adds no text of its own
+
+
+def test_text_output_keeps_samples_apart_and_forgets_ended_ones():
+    out = TextOutput(Bytes())
+    out.start(1, SamplingParams())
+    out.start(2, SamplingParams())
+    a = "é".encode()
+    assert out.token(1, a[0], None) == ("", None)  # half a character is held back
+    assert out.token(2, ord("z"), None) == ("z", None)
+    assert out.token(1, a[1], None) == ("é", None)
+    out.end(1)
+    assert list(out.samples) == [2]

@@ -180,7 +180,8 @@ def test_what_cannot_be_written_is_refused(tmp_path):
 
 @pytest.mark.parametrize("to,name", [("gguf", "m.gguf"), ("onnx", "m.onnx"), ("hf", "hf")])
 def test_a_quantized_directory_is_refused_by_every_export(tmp_path, to, name):
-    from trainfer.quant.checkpoint import load, save_quantized
+    from trainfer.io.loader import load
+    from trainfer.io.quantized import save_quantized
 
     save_quantized(*load(model_dir(tmp_path / "src"), "int8"), tmp_path / "q8")
     with pytest.raises(TrainferError, match="trainfer quantize"):

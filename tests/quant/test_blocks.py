@@ -201,14 +201,13 @@ def test_quantize_model_swaps_linears_and_ties_the_embedding(tiny_quantized):
 
 
 def test_engine_greedy_equals_the_quantized_model_alone(tiny_quantized):
-    from tests.infer.test_engine import ByteTokenizer
     from trainfer.infer.engine import Engine
     from trainfer.infer.sampling import SamplingParams
 
     model, _ = tiny_quantized
     prompts = [[5, 17, 99, 3], list(range(3, 60)), [200, 201]]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    engine = Engine(model, ByteTokenizer(), num_blocks=64, block_size=4, max_num_batched_tokens=32)
+    engine = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=32)
     got = [[e.token_id for e in r[0]] for r in engine.run(prompts, [params] * 3)]
     for prompt, tokens in zip(prompts, got, strict=True):
         ids = list(prompt)
@@ -275,7 +274,7 @@ def test_quantize_save_and_load_round_trip(tmp_path, kind):
 
     from tests.conftest import make_tiny_model_dir
     from trainfer import LLM
-    from trainfer.quant.checkpoint import is_quantized
+    from trainfer.io.quantized import is_quantized
 
     src = make_tiny_model_dir(tmp_path / "src", context=128)
     out = tmp_path / kind
@@ -318,8 +317,7 @@ def test_serve_quantized_answers_like_the_library(tmp_path, kind):
 def test_a_hugging_face_model_quantizes_one_tensor_at_a_time(tmp_path, kind, tied):
     """int8 / int4 from safetensors, converted as each tensor is read: the same blocks and logits as quantizing the
     whole fp32 model, a tied head in int8 read by the embedding too."""
-    from trainfer.io.loader import load_model
-    from trainfer.quant.checkpoint import load
+    from trainfer.io.loader import load, load_model
 
     hf = make_hf_model("llama", vocab_size=96, hidden_size=64, intermediate_size=128, tie_word_embeddings=tied)
     hf.save_pretrained(tmp_path / "m")

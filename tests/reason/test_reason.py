@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import make_tiny_model_dir
 from trainfer.errors import TrainferError
 from trainfer.reason.extract import last_line, number, option
-from trainfer.reason.strategies import COT, flops, reason, vote
+from trainfer.reason.strategies import COT, reason, vote
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_samples_share_one_prefill_and_the_account_adds_up(tiny):
     assert c.processed_tokens == prompt + 6 * (10 - 1)
     cfg = tiny.model.cfg
     assert c.flops == pytest.approx(
-        flops(cfg, c.processed_tokens, 60, (prompt * prompt / 2 + 54 * (prompt + 10 / 2)) / c.processed_tokens)
+        cfg.forward_flops(c.processed_tokens, 60, (prompt * prompt / 2 + 54 * (prompt + 10 / 2)) / c.processed_tokens)
     )
     # a second call serves the prompt from the prefix cache (all but its last partial block)
     before = tiny.engine.scheduler.num_computed_tokens
@@ -70,7 +70,7 @@ def test_samples_share_one_prefill_and_the_account_adds_up(tiny):
 def test_flops_by_hand(tiny):
     cfg = tiny.model.cfg  # tiny llama: 2 layers, 4 heads x 16, dim 64, vocab 256, untied
     head, body = 256 * 64, cfg.n_params - 2 * 256 * 64
-    assert flops(cfg, 10, 3, 20.0) == 2 * body * 10 + 2 * head * 3 + 4 * 2 * 4 * 16 * 20.0 * 10
+    assert cfg.forward_flops(10, 3, 20.0) == 2 * body * 10 + 2 * head * 3 + 4 * 2 * 4 * 16 * 20.0 * 10
 
 
 def test_adaptive_stops_early_when_unanimous_and_not_when_split(tiny):

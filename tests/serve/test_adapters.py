@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import make_chat_model_dir
 from tests.serve.conftest import ServerProcess
-from tests.train.conftest import make_chat_model_dir
 from trainfer.llm import LLM
 from trainfer.train.finetune import finetune, load_finetune_config
 

@@ -23,12 +23,13 @@ MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 
 def test_same_answer_as_the_library(server, tiny_chat_dir):
     from trainfer import LLM
+    from trainfer.reason import reason
 
     body = {"messages": MESSAGES, "max_tokens": 12, "temperature": 1.0, "seed": 3,
             "test_time": {"strategy": "self_consistency", "n": 4, "kind": "line"}}  # fmt: skip
     got = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
     llm = LLM.load(tiny_chat_dir, num_blocks=128)
-    want = llm.reason(MESSAGES, "self-consistency", n=4, kind="line", max_tokens=12, temperature=1.0, seed=3)
+    want = reason(llm, MESSAGES, "self-consistency", n=4, kind="line", max_tokens=12, temperature=1.0, seed=3)
     tt = got["test_time"]
     assert tt["answer"] == want.answer and tt["answers"] == want.answers and tt["votes"] == want.votes
     assert got["choices"][0]["message"]["role"] == "assistant" and got["object"] == "chat.completion"
@@ -39,12 +40,13 @@ def test_same_answer_as_the_library(server, tiny_chat_dir):
 
 def test_best_of_n_judged_by_the_model_matches_the_library(server, tiny_chat_dir):
     from trainfer import LLM
+    from trainfer.reason import reason
 
     body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 1.0, "seed": 5,
             "test_time": {"strategy": "best_of_n", "n": 3, "kind": "line", "scorer": "judge"}}  # fmt: skip
     got = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
     llm = LLM.load(tiny_chat_dir, num_blocks=128)
-    want = llm.reason(MESSAGES, "best-of-n", n=3, kind="line", max_tokens=6, temperature=1.0, seed=5, scorer="judge")
+    want = reason(llm, MESSAGES, "best-of-n", n=3, kind="line", max_tokens=6, temperature=1.0, seed=5, scorer="judge")
     tt = got["test_time"]
     assert tt["answer"] == want.answer and tt["scores"] == pytest.approx(want.scores)
     judged = len({a for a in want.answers if a is not None})  # one one-token judge draw per distinct answer

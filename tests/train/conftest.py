@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from trainfer.data.prepare import prepare
 
@@ -59,37 +58,3 @@ def tiny_settings(**extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
-
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def make_chat_model_dir(path: Path, seed: int = 0, tied: bool = False) -> Path:
-    """A tiny random Llama whose byte-level tokenizer has ChatML's two special tokens (256, 257) and template:
-    one token per character, so a test can build the loss mask by hand. `tied`: the embedding is the head."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from tests.conftest import make_hf_model
-    from trainfer.io.tokenizer import Tokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    model = make_hf_model("llama", seed=seed, vocab_size=258, max_position_embeddings=512, eos_token_id=257,
-                          tie_word_embeddings=tied)  # fmt: skip
-    with torch.no_grad():  # a random head at std 0.02 caps every logit near 1: LoRA (head frozen) could not
-        model.lm_head.weight.mul_(50)  # make any answer likely; a trained model's head is this sharp
-    model.save_pretrained(path)
-    Tokenizer(backend, bos_token_id=None, eos_token_id=257, chat_template=CHATML).save(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def chat_model(tmp_path_factory) -> Path:
-    return make_chat_model_dir(tmp_path_factory.mktemp("chat-model"))

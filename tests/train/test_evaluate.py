@@ -47,13 +47,13 @@ def test_bits_per_byte():
 def test_probe_tells_a_memorizing_model_from_one_that_did_not(small_data, memorized_run, tmp_path):
     train_ids, val_ids = read_shard(small_data, "train"), read_shard(small_data, "val")
     model, tok = load_model(memorized_run)
-    probe = memorization_probe(model, tok, train_ids, val_ids, passages=16, prefix_tokens=48, continuation_tokens=24)
+    probe = memorization_probe(model, train_ids, val_ids, passages=16, prefix_tokens=48, continuation_tokens=24)
     assert probe.train_exact >= 0.5 and probe.val_exact <= 0.1 and probe.gap >= 0.4, probe
     # A model that saw the data for a few steps only has learned letters, not passages: no gap.
     early = tmp_path / "early"
     train(load_config(None, tiny_settings(max_steps=20), data=str(small_data), out_dir=str(early)))
     model, tok = load_model(early)
-    probe = memorization_probe(model, tok, train_ids, val_ids, passages=16, prefix_tokens=48, continuation_tokens=24)
+    probe = memorization_probe(model, train_ids, val_ids, passages=16, prefix_tokens=48, continuation_tokens=24)
     assert probe.train_exact == 0 and probe.val_exact == 0 and probe.gap == 0, probe
 
 

@@ -186,9 +186,9 @@ def test_kl_anchor_scores_general_rows_against_the_base(chat_model, tmp_path, lo
     the hand-computed value once it moves); conversation rows keep their cross-entropy."""
     import torch.nn.functional as F
 
+    from trainfer.model.lora import adapters_off
     from trainfer.train import chat_data
     from trainfer.train.finetune import FineTuner
-    from trainfer.train.lora import adapters_off
 
     data = chat_file(tmp_path / "facts.jsonl")
     settings = ["max_steps=4", "batch_size=2", "grad_accum=1", "seq_len=64", "val_fraction=0", "dtype=float32",
@@ -239,7 +239,7 @@ def test_neftune_noises_training_embeddings_only(tmp_path, base_dtype):
     """neftune_alpha: a training forward with gradients sees embeddings moved by at most alpha / sqrt(T * dim);
     evaluation and the KL anchor's no-grad base forward see the clean ones. Also on a quantized base, whose tied
     embedding is a module that quantization puts in place."""
-    from tests.train.conftest import make_chat_model_dir
+    from tests.conftest import make_chat_model_dir
     from trainfer.quant.blocks import QEmbedding
     from trainfer.train.finetune import FineTuner
 

@@ -31,7 +31,6 @@ from trainfer.io.loader import build_model, load_checkpoint
 from trainfer.model.transformer import Transformer
 from trainfer.train.config import TrainConfig, load_config
 from trainfer.train.evaluate import spread_starts, windows
-from trainfer.train.metrics import flops_per_token
 from trainfer.train.trainer import Trainer, TrainResult
 
 
@@ -126,7 +125,8 @@ class Distiller(Trainer):
                     f"{cfg.student} has a vocabulary of {s_cfg.vocab_size}, the teacher {t_cfg.vocab_size}"
                 )
             self.model_cfg = s_cfg.replace(max_seq_len=max(s_cfg.max_seq_len, cfg.seq_len))
-        self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len) + flops_per_token(t_cfg, cfg.seq_len) / 3
+        student, teacher = self.model_cfg.training_flops_per_token, t_cfg.training_flops_per_token
+        self.flops_per_token = student(cfg.seq_len) + teacher(cfg.seq_len) / 3  # the teacher: forward only, 2N of 6N
         self.cache = None
         if cfg.teacher_cache:
             self.cache = TeacherCache(Path(cfg.teacher_cache), self.teacher, self.data_dir, cfg.seq_len, cfg.top_k)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainfer.errors import TrainferError
+from trainfer.errors import TrainferError, new_directory
 from trainfer.io.hf import save_hf
 from trainfer.io.loader import build_model, load_checkpoint
 from trainfer.io.tokenizer import Tokenizer
@@ -321,9 +321,7 @@ def prune(
         raise TrainferError(f"{method} pruning measures importance by {', '.join(allowed)}; got {metric!r}")
     if not 0 < ratio < 1:
         raise TrainferError(f"--ratio must be between 0 and 1 (a share of the block parameters), got {ratio}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise TrainferError(f"{out} exists and is not empty; choose a new directory")
+    out = new_directory(out)
     cfg, state, tok = load_checkpoint(model, torch.float32)
     if tok is None:
         raise TrainferError(f"{model} has no tokenizer: calibration text needs one")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from trainfer.cost.estimate import project
 from trainfer.cost.hardware import PriceTable
 from trainfer.errors import TrainferError
+from trainfer.train import evaluate
 
 SERVE_BELOW, FINETUNE_BELOW = 1.15, 2.0
 
@@ -51,11 +52,11 @@ def choose(ratio: float) -> str:
 
 
 def bits_per_byte(model, ids: list[int], n_bytes: int, window: int) -> float:
-    """The mean next-token loss over the text (quant/quality.score's windows), in bits per byte of it."""
-    from trainfer.quant.quality import score
+    """The mean next-token loss over the text (compress/quality.score's windows), in bits per byte of it."""
+    from trainfer.compress.quality import score
 
     nll, _ = score(model, ids, window)
-    return nll * (len(ids) - 1) / math.log(2) / n_bytes
+    return evaluate.bits_per_byte(nll, n_bytes / (len(ids) - 1))
 
 
 def training_tokens_per_s(model, ids: list[int], seq_len: int = 256) -> float:
@@ -97,7 +98,7 @@ def advise(model_name: str, data: list[str], table: PriceTable, hardware: str = 
 
 
 def load_model(model_name: str):
-    from trainfer.quant.checkpoint import load
+    from trainfer.io.loader import load
 
     model, tok = load(model_name, "float32")
     if tok is None:
@@ -107,7 +108,7 @@ def load_model(model_name: str):
 
 def text_gap(model, tok, ids: list[int], max_tokens: int, window: int) -> tuple[float, float, int]:
     """Bits per byte of the model on the user's tokens and on as many held-out Shakespeare tokens."""
-    from trainfer.quant.quality import held_out_ids
+    from trainfer.compress.quality import held_out_ids
 
     scored = ids[:max_tokens]
     ref = held_out_ids(tok, "shakespeare", min(max_tokens, len(scored)))

@@ -146,13 +146,12 @@ def decode(model: str, hardware: list[str], table, batches: list[int], weight_by
            calibrate: Path | None, as_json: bool) -> None:  # fmt: skip
     """Projected $ per 1M output tokens of a model's decode on price-table rows (and, with --calibrate, the same
     projection for the machine a `bench serve` report was measured on next to what it measured)."""
-    from trainfer.io.loader import load_checkpoint
-    from trainfer.registry import resolve
+    from trainfer.io.loader import load_checkpoint, resolve
 
     cfg, _, _ = load_checkpoint(resolve(model), "float32")
     weight_bytes = cfg.n_params * weight_bytes_per_param
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, 16-bit
-    per_token = 2 * cfg.n_params + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context  # + attention
+    per_token = cfg.forward_flops(1, 1, context)
     points = [est.project_decode(table.get(h), weight_bytes, kv_bytes, per_token, context, b, bandwidth_efficiency,
                                  mfu, step_overhead_ms) for h in hardware for b in batches]  # fmt: skip
     rows = [[p.hardware, p.batch, p.bound, p.step_ms, p.output_tok_s, p.dollars_per_million] for p in points]

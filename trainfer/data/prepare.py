@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from trainfer.data.sources import Document, load_corpus
-from trainfer.errors import TrainferError
+from trainfer.errors import TrainferError, new_directory
 from trainfer.io.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"
@@ -133,9 +133,7 @@ def prepare(
     """
     if split not in ("documents", "contiguous"):
         raise TrainferError(f"split must be documents or contiguous, got {split!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TrainferError(f"{out_dir} exists and is not empty; choose a new directory")
+    out_dir = new_directory(out_dir)
     docs = load_corpus(sources)
     if split == "contiguous":
         train_docs, val_docs = split_contiguous(docs, val_fraction)

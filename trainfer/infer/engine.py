@@ -1,18 +1,23 @@
 """The continuous-batching engine: requests in, token events out, one model forward per step.
 
-    engine = Engine(model, tokenizer, kv_cache_gb=1.0)
+    engine = Engine(model, stop_token_ids=tokenizer.stop_token_ids, output=TextOutput(tokenizer))
     engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=32))
     while engine.has_unfinished(): events = engine.step()
 
-`AsyncEngine` runs the same loop in a background thread for the HTTP server (docs/engine.md).
+The engine works on token ids. Text (incremental detokenization, stop strings) is the job of an output
+processor handed to it (`infer/text.TextOutput`); without one, events carry ids only, which is all that
+evaluation, the fine-tuner's replay and the benchmarks need. `run` and `stream` are the one way to drive
+it synchronously; `AsyncEngine` steps the same loop on an asyncio loop for the HTTP server (docs/engine.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -22,8 +27,6 @@ from trainfer.infer.runner import ModelRunner
 from trainfer.infer.sampling import SamplingParams, apply_penalties, batch_logprobs, sample, top_logprobs
 from trainfer.infer.scheduler import Scheduler
 from trainfer.infer.sequence import Sequence, Status, TopLogprobs
-from trainfer.infer.text import Detokenizer, StopMatcher
-from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 
 
@@ -34,7 +37,7 @@ class TokenEvent:
     request_id: str
     index: int  # which of the request's n samples
     token_id: int  # -1 on an "error" event, which carries no token
-    text: str
+    text: str  # the text this token released; "" without an output processor
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" on a sample's last event
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
@@ -42,6 +45,7 @@ class TokenEvent:
     cached_prompt_tokens: int = 0  # served from the prefix cache
     error: str | None = None  # why the sample failed (finish_reason "error"); other samples go on
     prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None  # on a sample's first event, if asked
+    time: float = field(default_factory=time.perf_counter)  # when the step produced it
 
 
 class ContextLengthError(TrainferError):
@@ -61,26 +65,43 @@ class ForwardError(Exception):
     """The model forward raised; no sequence state had changed yet, so the step can be retried."""
 
 
-@dataclass
-class _Output:
-    detok: Detokenizer
-    stops: StopMatcher
-    stop_ids: set[int]  # stop token ids plus, unless ignore_eos, the tokenizer's end-of-turn ids
+class Output(Protocol):
+    """What the engine asks of an output processor (infer/text.TextOutput): per sample, keyed by its sequence
+    id, the text each sampled token releases and whether a stop string ended it."""
+
+    def start(self, key: int, params: SamplingParams) -> None: ...
+
+    def token(self, key: int, token_id: int, finish_reason: str | None) -> tuple[str, str | None]: ...
+
+    def end(self, key: int) -> None: ...
 
 
 class Engine:
+    """Owns the requests in flight and their sequences, the KV block pool, the scheduler and the runner:
+    `add_request`, then `step` until nothing is unfinished, each step one forward and one token per sequence
+    at its end. It knows token ids only (text is the output processor's), never blocks on I/O and knows
+    nothing of HTTP.
+
+    stop_token_ids: the model's end-of-turn ids (a tokenizer's `stop_token_ids`), unless `ignore_eos`.
+    output: turns each sample's ids into text and finds stop strings; None gives events without text.
+    max_model_len: a cap on prompt + completion below what the model and the pool allow (serve --max-model-len).
+    """
+
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Tokenizer,
         *,
+        stop_token_ids: Iterable[int] = (),
+        output: Output | None = None,
         kv_cache_gb: float = 1.0,
         num_blocks: int | None = None,
         block_size: int = 16,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.stop_token_ids, self.output = model, set(stop_token_ids), output
+        self.context_limit = max_model_len  # a user's cap below the model's own context (serve --max-model-len)
         dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
         if num_blocks is None:
             num_blocks = int(kv_cache_gb * (1 << 30)) // bytes_per_block(model.cfg, block_size, dtype)
@@ -88,12 +109,13 @@ class Engine:
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool)
         self.requests: dict[str, list[Sequence]] = {}
-        self.outputs: dict[int, _Output] = {}
         self._ids = itertools.count()
 
     @property
     def max_model_len(self) -> int:
-        return min(self.model.cfg.max_seq_len, self.pool.num_blocks * self.pool.block_size)
+        """Tokens a sequence may hold: the model's context, the pool's size and the user's cap, the least."""
+        limit = min(self.model.cfg.max_seq_len, self.pool.num_blocks * self.pool.block_size)
+        return limit if self.context_limit is None else min(limit, self.context_limit)
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
@@ -120,15 +142,16 @@ class Engine:
         seq = Sequence(
             next(self._ids), request_id, ids, prompt_len, params, params.generator(index), budget, index=index
         )
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.tokenizer.stop_token_ids)
-        self.outputs[seq.seq_id] = _Output(Detokenizer(self.tokenizer), StopMatcher(params.stop), stop_ids)
+        if self.output is not None:
+            self.output.start(seq.seq_id, params)
         return seq
 
     def abort(self, request_id: str) -> None:
         for seq in self.requests.pop(request_id, []):
             if seq.status != Status.FINISHED:
                 self.scheduler.finish(seq, "abort")
-            self.outputs.pop(seq.seq_id, None)
+            if self.output is not None:
+                self.output.end(seq.seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -211,7 +234,7 @@ class Engine:
         return children
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
-        p, out = seq.params, self.outputs[seq.seq_id]
+        p = seq.params
         processed = logits
         if p.uses_penalties:
             processed = apply_penalties(logits, p, torch.tensor(seq.token_ids), torch.tensor(seq.output_ids))
@@ -229,15 +252,12 @@ class Engine:
         if p.prompt_logprobs is not None and not seq.output_ids:
             event.prompt_logprobs = seq.prompt_logprobs
         seq.token_ids.append(token)
-        if token in out.stop_ids:
-            event.text, event.finish_reason = out.stops.flush(), "stop"
-        else:
-            event.text, hit = out.stops.push(out.detok.add(token))
-            if hit:
-                event.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.max_tokens:
-                event.text += out.stops.flush()
-                event.finish_reason = "length"
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.stop_token_ids):
+            event.finish_reason = "stop"
+        elif len(seq.output_ids) >= seq.max_tokens:
+            event.finish_reason = "length"
+        if self.output is not None:  # the text, and a stop string may end the sample here
+            event.text, event.finish_reason = self.output.token(seq.seq_id, token, event.finish_reason)
         if event.finish_reason:
             self._finish(seq, event.finish_reason)
         return event
@@ -250,21 +270,36 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status != Status.FINISHED:
             self.scheduler.finish(seq, reason)
-        self.outputs.pop(seq.seq_id, None)
+        if self.output is not None:
+            self.output.end(seq.seq_id)
         family = self.requests.get(seq.request_id, [])
         if all(s.status == Status.FINISHED for s in family):
             self.requests.pop(seq.request_id, None)
 
     # ---- synchronous helpers ----
-    def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[list[TokenEvent]]]:
-        """Run prompts together to completion: per prompt, per sample, its events."""
+    def run(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        adapters: list[str | None] | None = None,
+    ) -> list[list[list[TokenEvent]]]:
+        """Run prompts together to completion: per prompt, per sample, its events. One `params` for all or
+        one per prompt; `adapters`, one LoRA adapter name (or None) per prompt. What is left is aborted if
+        the caller is interrupted."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"batch-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            self.add_request(rid, prompt, p)
-        results = {rid: [[] for _ in range(p.n)] for rid, p in zip(ids, params, strict=True)}
-        while any(rid in self.requests for rid in ids):
-            for e in self.step():
-                results[e.request_id][e.index].append(e)
+        results = {rid: [[] for _ in range(p.n)] for rid, p in zip(ids, per_prompt, strict=True)}
+        try:
+            for rid, prompt, p, adapter in zip(
+                ids, prompts, per_prompt, adapters or [None] * len(prompts), strict=True
+            ):
+                self.add_request(rid, prompt, p, adapter)
+            while any(rid in self.requests for rid in ids):
+                for e in self.step():
+                    results[e.request_id][e.index].append(e)
+        finally:
+            for rid in ids:
+                self.abort(rid)
         return [results[rid] for rid in ids]
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[TokenEvent]:

@@ -47,6 +47,9 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
 
 
 class BlockPool:
+    """Owns the K/V tensors, every block's ref count, the free list and the prefix cache (hash -> block,
+    LRU among unreferenced blocks). Sequences hold block tables that only these methods change."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         if num_blocks < 2:
             raise TrainferError(f"the KV cache needs at least 2 blocks, got {num_blocks}; raise --kv-cache-gb")

@@ -118,6 +118,10 @@ def split_linears(model: nn.Module, parts: int) -> None:
 
 
 class ModelRunner:
+    """Owns the forward over a flattened batch: slot mapping, attention over the paged pool, the native decode
+    step and LoRA routing per row. It changes the model it is handed (fuses projections for the native decoder,
+    sets `routing` on LoRA modules), so callers give it a model of its own."""
+
     def __init__(self, model: Transformer, pool: BlockPool) -> None:
         self.model, self.pool = model, pool
         self._lora: list[nn.Module] | None = None  # found on first use: adapters are added after the runner
@@ -204,7 +208,7 @@ class ModelRunner:
 
     @property
     def adapters(self) -> set[str]:
-        """Names of the LoRA adapters loaded on the model (train/lora.py's LoRALinear modules)."""
+        """Names of the LoRA adapters loaded on the model (model/lora.py's LoRALinear modules)."""
         return {name for m in self._lora_modules() for name in m.lora_A}
 
     def _lora_modules(self) -> list[nn.Module]:

@@ -13,6 +13,10 @@ from trainfer.infer.sequence import Sequence, Status
 
 
 class Scheduler:
+    """Owns the waiting and running queues and the step's plan (who decodes, who prefills which chunk, who is
+    preempted) under `max_num_seqs` and a token budget. Blocks change hands only through the pool's methods;
+    it never runs the model or samples."""
+
     def __init__(self, pool: BlockPool, max_num_seqs: int = 64, max_num_batched_tokens: int = 512) -> None:
         self.pool = pool
         self.max_num_seqs = max_num_seqs

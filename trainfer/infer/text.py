@@ -1,11 +1,41 @@
 """Text out of token ids: incremental detokenization that never splits a UTF-8 character, and stop strings.
 
-The engine works in token ids; these two turn each sequence's ids into the text a user sees.
+The engine works in token ids; `TextOutput`, the output processor handed to it, turns each sample's ids into
+the text a user sees with these two.
 """
 
 from __future__ import annotations
 
+from trainfer.infer.sampling import SamplingParams
 from trainfer.io.tokenizer import Tokenizer
+
+
+class TextOutput:
+    """The engine's output processor: owns each running sample's detokenizer and stop-string matcher, keyed
+    by sequence id, from `start` to `end`. It decides text and stop strings only; the engine owns the rest."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.samples: dict[int, tuple[Detokenizer, StopMatcher]] = {}
+
+    def start(self, key: int, params: SamplingParams) -> None:
+        self.samples[key] = (Detokenizer(self.tokenizer), StopMatcher(params.stop))
+
+    def token(self, key: int, token_id: int, finish_reason: str | None) -> tuple[str, str | None]:
+        """The text `token_id` releases and the sample's finish reason: the engine's ("stop" for a stop token,
+        which adds no text, or "length"), or "stop" when a stop string ends it here (its text is withheld)."""
+        detok, stops = self.samples[key]
+        if finish_reason == "stop":
+            return stops.flush(), "stop"
+        text, hit = stops.push(detok.add(token_id))
+        if hit:
+            return text, "stop"
+        if finish_reason:
+            text += stops.flush()
+        return text, finish_reason
+
+    def end(self, key: int) -> None:
+        self.samples.pop(key, None)
 
 
 class Detokenizer:

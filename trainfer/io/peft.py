@@ -2,7 +2,7 @@
 
 Keys are PEFT's for a Llama-family model, `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`
 ((r, in)) and `...lora_B.weight` ((out, r)); the update is W + scaling * B @ A with scaling = alpha / r
-(alpha / sqrt(r) under rsLoRA). What peft writes, trainfer reads, and the reverse (tests/train/test_lora.py).
+(alpha / sqrt(r) under rsLoRA). What peft writes, trainfer reads, and the reverse (tests/io/test_peft.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from trainfer.errors import TrainferError
+from trainfer.model.lora import LoRAConfig, apply_lora, lora_modules
+from trainfer.model.transformer import Transformer
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model.model."  # PeftModel > LlamaForCausalLM > LlamaModel
@@ -131,3 +134,41 @@ def merge_into(state: dict[str, Tensor], path: str | Path) -> dict[str, Tensor]:
                                 f"{(b.size(0), a.size(1))}: another base model?")  # fmt: skip
         state[key] = (w.float() + scaling * (b @ a)).to(w.dtype) if w.is_floating_point() else w
     return state
+
+
+# ---- adapters on a model ------------------------------------------------------------------------------
+
+
+def settings(cfg: LoRAConfig) -> dict[str, Any]:
+    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": cfg.targets, "rslora": cfg.rslora}
+
+
+def save_adapter(out_dir: Path, model: Transformer, cfg: LoRAConfig, base: str, name: str = "default") -> None:
+    weights = {full: (m.lora_A[name], m.lora_B[name]) for full, m in lora_modules(model).items() if name in m.lora_A}
+    write(out_dir, weights, settings(cfg), base)
+
+
+def read_adapter_config(path: Path) -> tuple[LoRAConfig, str]:
+    """The LoRA settings and the base model an adapter directory names (PEFT's or ours)."""
+    s = read_settings(path)
+    return LoRAConfig(s["r"], s["alpha"], s["dropout"], s["targets"], s["rslora"]), s["base"]
+
+
+def load_adapter(model: Transformer, path: Path, name: str = "default") -> Transformer:
+    """Add the adapter saved at `path` to `model` under `name`; every target must be present with its shape."""
+    cfg, _ = read_adapter_config(path)
+    weights = read_weights(path)
+    apply_lora(model, cfg, name)
+    modules = {n: m for n, m in lora_modules(model).items() if name in m.lora_A}
+    if set(weights) != set(modules):
+        extra, missing = sorted(set(weights) - set(modules)), sorted(set(modules) - set(weights))
+        raise TrainferError(f"{path}: the adapter's modules do not match its target_modules on this model "
+                            f"(unexpected {extra[:3]}, missing {missing[:3]})")  # fmt: skip
+    for full, (a, b) in weights.items():
+        m = modules[full]
+        for t, param in ((a, m.lora_A[name]), (b, m.lora_B[name])):
+            if tuple(t.shape) != tuple(param.shape):
+                raise TrainferError(f"{path}: {full} has {tuple(t.shape)}, this model needs {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(t)
+    return model

@@ -11,95 +11,18 @@ as they are computed, so it loads again without re-quantizing (`trainfer quantiz
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from trainfer.errors import TrainferError
+from trainfer.errors import TrainferError, new_directory
 from trainfer.io.hf import config_to_hf, load_state_dict, read_config
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
-from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear, quantize_int4, quantize_int8, quantize_model, weights_kind
+from trainfer.quant.blocks import BLOCK, QEmbedding, QLinear, weights_kind
 
 FORMATS = {"int8": "q8_0", "int4": "q4_1"}
-
-
-def load(name_or_path: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[Transformer, Tokenizer | None]:
-    """Any model for inference. auto: as the file stores it (a GGUF's own blocks, memory-mapped; a Hugging Face
-    directory as float32, or bfloat16 when its config says so). float32 / bfloat16: expanded. int8 / int4:
-    quantized at load (a GGUF one tensor at a time; its tensors already in that kind keep their blocks). A
-    `trainfer quantize` directory loads as it was saved (whatever dtype says)."""
-    from trainfer import registry
-    from trainfer.io.gguf import load_gguf_model
-    from trainfer.io.loader import load_model, parse_dtype
-
-    path = registry.resolve(name_or_path)
-    if is_quantized(path):
-        model, tok = load_quantized(path)
-        return model.to(device), tok
-    if path.is_file() and path.suffix == ".gguf":
-        log: list[str] = []
-        model, tok = load_gguf_model(path, dtype, log)
-        for line in log:
-            print(f"trainfer: {line}", file=sys.stderr)
-        return model.to(device), tok
-    if dtype == "auto":
-        dtype = "bfloat16" if read_config_dtype(path) == "bfloat16" else "float32"
-    if dtype not in ("int8", "int4"):
-        return load_model(path, parse_dtype(dtype), device)
-    model = load_hf_quantized(path, dtype)
-    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-    return model.to(device), tok
-
-
-def load_hf_quantized(path: Path, kind: str) -> Transformer:
-    """A Hugging Face directory (or a float run) quantized one tensor at a time as its safetensors are read: never
-    a float copy of the whole model (an 8B model in bf16 is 16 GB; its int4 blocks 4.5 GB)."""
-    from trainfer.io import peft
-    from trainfer.io.loader import build_model, load_checkpoint
-
-    if peft.is_adapter(path) or not (Path(path) / "config.json").exists():  # an adapter merges into float first
-        cfg, state, _ = load_checkpoint(path, "float32")
-        return quantize_model(build_model(cfg, state), kind)
-    cfg = read_config(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % BLOCK == 0}
-    given: dict[str, tuple] = {}
-
-    def each(name: str, t: torch.Tensor) -> torch.Tensor | None:
-        module = name.removesuffix(".weight")
-        if cfg.tie_embeddings and module in ("embed_tokens", "lm_head"):
-            if module == "lm_head":
-                return None  # the same table as the embedding, which the tied head reads
-            module = "lm_head"
-        if module not in linears or not name.endswith(".weight"):
-            return t.float()
-        w = t.float()
-        int8 = kind == "int8" or (module == "lm_head" and cfg.tie_embeddings)
-        given[module] = (*quantize_int8(w), None) if int8 else quantize_int4(w)
-        return None
-
-    state = load_state_dict(path, None, each)
-    model.load_state_dict(state, strict=False, assign=True)
-    quantize_model(model, kind, given)
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left or set(given) != linears:
-        missing = left or sorted(linears - set(given))
-        raise TrainferError(f"{path}: weights do not match the config: missing {missing[:5]}")
-    return model.eval()
-
-
-def read_config_dtype(path: Path) -> str | None:
-    """The torch_dtype (or dtype) a Hugging Face config.json names, if any."""
-    config = Path(path) / "config.json"
-    try:
-        hf = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return hf.get("torch_dtype") or hf.get("dtype")
 
 
 def is_quantized(path: Path) -> bool:
@@ -113,9 +36,7 @@ def is_quantized(path: Path) -> bool:
 
 
 def save_quantized(model: Transformer, tokenizer: Tokenizer | None, out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TrainferError(f"{out_dir} exists and is not empty; choose a new directory")
+    out_dir = new_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():

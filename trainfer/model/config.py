@@ -58,6 +58,21 @@ class ModelConfig:
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * layer + d + head
 
+    # ---- FLOPs: the one home of these formulas (training, the reason/ compute account, the cost model) ----
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """Forward + backward per token: 6N for the matmuls (an embedding lookup is not one; a tied embedding
+        is, as the head) plus attention (PaLM's 12 x L x H x hd x T, as nanoGPT counts)."""
+        n = self.n_params - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+    def forward_flops(self, processed: int, sampled: int, context: float) -> float:
+        """Inference: 2 x body parameters per processed token, 2 x the LM head per sampled token (prefill rows
+        skip the head), and attention over `context` keys on average (QK and AV: 4 x L x H x hd per key)."""
+        head = self.vocab_size * self.dim
+        body = self.n_params - head * (1 if self.tie_embeddings else 2)
+        attention = 4 * self.n_layers * self.n_heads * self.head_dim * context
+        return 2 * body * processed + 2 * head * sampled + attention * processed
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -1,4 +1,5 @@
-"""LoRA: low-rank adapters on a frozen model, saved in the PEFT format, merged into plain weights on demand.
+"""LoRA: low-rank adapters on a frozen model, merged into plain weights on demand (saved and loaded in the PEFT
+format by io/peft.py).
 
     y = W x + (alpha / r) * B (A dropout(x))     (rsLoRA: alpha / sqrt(r)), B starts at zero
 
@@ -13,14 +14,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from trainfer.errors import TrainferError
-from trainfer.io import peft
 from trainfer.model.transformer import Transformer
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -166,44 +165,6 @@ def merge(model: Transformer, name: str = "default") -> Transformer:
                 base.weight += m.delta(name).to(base.weight.dtype)
         parent, _, child = full.rpartition(".")
         setattr(model.get_submodule(parent), child, base)
-    return model
-
-
-# ---- the PEFT format (io/peft.py) ----------------------------------------------------------------------
-
-
-def settings(cfg: LoRAConfig) -> dict[str, Any]:
-    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": cfg.targets, "rslora": cfg.rslora}
-
-
-def save_adapter(out_dir: Path, model: Transformer, cfg: LoRAConfig, base: str, name: str = "default") -> None:
-    weights = {full: (m.lora_A[name], m.lora_B[name]) for full, m in lora_modules(model).items() if name in m.lora_A}
-    peft.write(out_dir, weights, settings(cfg), base)
-
-
-def read_adapter_config(path: Path) -> tuple[LoRAConfig, str]:
-    """The LoRA settings and the base model an adapter directory names (PEFT's or ours)."""
-    s = peft.read_settings(path)
-    return LoRAConfig(s["r"], s["alpha"], s["dropout"], s["targets"], s["rslora"]), s["base"]
-
-
-def load_adapter(model: Transformer, path: Path, name: str = "default") -> Transformer:
-    """Add the adapter saved at `path` to `model` under `name`; every target must be present with its shape."""
-    cfg, _ = read_adapter_config(path)
-    weights = peft.read_weights(path)
-    apply_lora(model, cfg, name)
-    modules = {n: m for n, m in lora_modules(model).items() if name in m.lora_A}
-    if set(weights) != set(modules):
-        extra, missing = sorted(set(weights) - set(modules)), sorted(set(modules) - set(weights))
-        raise TrainferError(f"{path}: the adapter's modules do not match its target_modules on this model "
-                            f"(unexpected {extra[:3]}, missing {missing[:3]})")  # fmt: skip
-    for full, (a, b) in weights.items():
-        m = modules[full]
-        for t, param in ((a, m.lora_A[name]), (b, m.lora_B[name])):
-            if tuple(t.shape) != tuple(param.shape):
-                raise TrainferError(f"{path}: {full} has {tuple(t.shape)}, this model needs {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(t)
     return model
 
 

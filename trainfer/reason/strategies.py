@@ -55,16 +55,6 @@ class Result:
     compute: Compute = field(default_factory=Compute)
 
 
-def flops(cfg, processed: int, sampled: int, context: float) -> float:
-    """2 x body parameters per processed token, 2 x the LM head per sampled token (prefill rows skip the head),
-    and attention over `context` keys on average (QK and AV: 4 x layers x heads x head_dim per key)."""
-    head = cfg.vocab_size * cfg.dim
-    body = cfg.n_params - head * (1 if cfg.tie_embeddings else 2)
-    return (
-        2 * body * processed + 2 * head * sampled + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context * processed
-    )
-
-
 @dataclass
 class Draw:
     """One engine request of a strategy: n samples of one prompt (one prefill for all of them)."""
@@ -116,7 +106,7 @@ def account(compute: Compute, cfg, draw: Draw, samples: list[Sample]) -> None:
     # keys attended, averaged: a prompt row sees half the prompt, a fed-back token the prompt + half its sample
     per_sample = generated / max(1, len(samples))
     context = (prompt_rows * len(draw.prompt) / 2 + fed_back * (len(draw.prompt) + per_sample / 2)) / max(1, processed)
-    compute.flops += flops(cfg, processed, generated, context)
+    compute.flops += cfg.forward_flops(processed, generated, context)
 
 
 def draw_on(engine, draw: Draw) -> list[Sample]:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trainfer.errors import TrainferError
+from trainfer.train.config import parse_value
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,6 @@ def reasoning_gym(spec: str, count: int, seed: int) -> list[Problem]:
         import reasoning_gym
     except ImportError:
         raise TrainferError("rg: tasks need reasoning-gym (pip install reasoning-gym==0.1.25)") from None
-    from trainfer.train.config import parse_value
 
     name, _, options = spec.partition(":")
     config = {}

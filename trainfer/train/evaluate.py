@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from trainfer.errors import TrainferError
+from trainfer.infer.sampling import SamplingParams
+from trainfer.infer.sampling import sample as sample_token
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 
@@ -86,6 +88,35 @@ def bytes_per_token(data_dir: Path, split: str, tokenizer: Tokenizer) -> float:
 
 
 @torch.no_grad()
+def decode_without_cache(
+    model: Transformer,
+    ids: list[int],
+    max_tokens: int,
+    params: SamplingParams,
+    device: torch.device | str = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+) -> list[int]:
+    """Token by token by full forwards, no KV cache: the one decoder for a model mid-training, which the
+    engine must not be handed (its runner fuses weights in place). It stops early at `stop_ids`; with none,
+    it always runs max_tokens forwards, as every FSDP rank must. Leaves the global RNG untouched."""
+    gen = params.generator()
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    context = model.cfg.max_seq_len
+    for _ in range(max_tokens):
+        x = torch.tensor([(ids + out)[-context:]], device=device)
+        with autocast or contextlib.nullcontext():
+            logits = model(x)[0, -1]
+        token = sample_token(logits.float().cpu(), params, gen)
+        if token in stop_ids:
+            break
+        out.append(token)
+    model.train(was_training)
+    return out
+
+
 def sample(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -96,24 +127,12 @@ def sample(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> str:
-    """A seeded sample without a KV cache (training-time models are small); leaves global RNG untouched."""
-    from trainfer.infer.sampling import SamplingParams
-    from trainfer.infer.sampling import sample as sample_token
-
-    params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed)
-    gen = params.generator()
+    """A seeded sample of a model in training (cut at end-of-text afterwards: see decode_without_cache)."""
     ids = tokenizer.encode(prompt, add_bos=False) if prompt else []
     if not ids:
         ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0]  # start of a document
-    was_training = model.training
-    model.eval()
-    out: list[int] = []
-    context = model.cfg.max_seq_len
-    for _ in range(max_tokens):
-        x = torch.tensor([(ids + out)[-context:]], device=device)
-        out.append(sample_token(model(x)[0, -1].cpu(), params, gen))
-    model.train(was_training)
-    # Always max_tokens forwards, cut at end-of-text afterwards: under FSDP every rank must run the same number.
+    params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed)
+    out = decode_without_cache(model, ids, max_tokens, params, device)
     if tokenizer.eos_token_id in out:
         out = out[: out.index(tokenizer.eos_token_id)]
     return prompt + tokenizer.decode(out, skip_special_tokens=True)
@@ -145,7 +164,6 @@ def _passages(data: np.ndarray, n: int, length: int, seed: int) -> list[list[int
 
 def memorization_probe(
     model: Transformer,
-    tokenizer: Tokenizer,
     train: np.ndarray,
     val: np.ndarray,
     passages: int = 32,
@@ -155,23 +173,17 @@ def memorization_probe(
 ) -> ProbeResult:
     """Greedy continuations of training vs held-out passages, decoded together on the inference engine."""
     from trainfer.infer.engine import Engine
-    from trainfer.infer.sampling import SamplingParams
 
     length = prefix_tokens + continuation_tokens
     groups = [_passages(train, passages, length, seed), _passages(val, passages, length, seed + 1)]
-    engine = Engine(model, tokenizer, max_num_seqs=min(64, passages), kv_cache_gb=0.25)
+    engine = Engine(model, max_num_seqs=min(64, passages), kv_cache_gb=0.25)
     params = SamplingParams(max_tokens=continuation_tokens, temperature=0.0, ignore_eos=True)
     results = []
     for group in groups:
-        for i, p in enumerate(group):
-            engine.add_request(str(i), p[:prefix_tokens], params)
-        got: dict[str, list[int]] = {str(i): [] for i in range(len(group))}
-        while engine.requests:
-            for e in engine.step():
-                got[e.request_id].append(e.token_id)
+        got = engine.run([p[:prefix_tokens] for p in group], params)
         exact = token = 0.0
-        for i, p in enumerate(group):
-            want, out = p[prefix_tokens:], got[str(i)]
+        for p, r in zip(group, got, strict=True):
+            want, out = p[prefix_tokens:], [e.token_id for e in r[0]]
             exact += out == want
             token += sum(a == b for a, b in zip(out, want, strict=False)) / continuation_tokens
         results.append((exact / len(group), token / len(group)))
@@ -218,7 +230,7 @@ def evaluate_model(
 ) -> EvalReport:
     """Loss, perplexity and bits per byte on both splits, plus the memorization probe (passages=0: skip)."""
     from trainfer.data.prepare import read_shard
-    from trainfer.quant.checkpoint import load
+    from trainfer.io.loader import load
 
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").exists():
@@ -246,7 +258,7 @@ def evaluate_model(
     train_loss = evaluate_loss(model, train, seq_len, batch_size, n)
     probe = None
     if passages:
-        probe = memorization_probe(model, tok, train, val, passages, prefix_tokens, continuation_tokens)
+        probe = memorization_probe(model, train, val, passages, prefix_tokens, continuation_tokens)
     return EvalReport(
         str(model_path),
         str(data_dir),

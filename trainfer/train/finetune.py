@@ -5,13 +5,12 @@
 
 The pretraining loop (train/trainer.py) with other data and weights: rows of packed conversations whose loss
 covers assistant tokens only (train/chat_data.py), the base model's weights (frozen under LoRA,
-train/lora.py), and checkpoints that hold a PEFT adapter or a full model. The data order is a pure function
+model/lora.py), and checkpoints that hold a PEFT adapter or a full model. The data order is a pure function
 of (seed, cursor), so a resumed fine-tune continues bit for bit. Design: docs/finetune.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -25,11 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer.errors import TrainferError
+from trainfer.infer.sampling import SamplingParams
 from trainfer.io import peft
+from trainfer.model import lora
 from trainfer.model.transformer import Transformer
-from trainfer.train import chat_data, lora
+from trainfer.train import chat_data
 from trainfer.train.config import TrainConfig, load_config
-from trainfer.train.metrics import flops_per_token
+from trainfer.train.evaluate import decode_without_cache
 from trainfer.train.trainer import Trainer, TrainResult
 
 AUTO_LR = {True: 1e-3, False: 5e-5}  # LoRA, full: see docs/finetune.md for how these were chosen
@@ -159,8 +160,8 @@ class FineTuner(Trainer):
 
     def _load_data(self) -> None:
         from trainfer.io.hf import read_config
-        from trainfer.io.loader import load_checkpoint
-        from trainfer.registry import ALIASES, resolve
+        from trainfer.io.loader import load_checkpoint, resolve
+        from trainfer.registry import ALIASES
 
         cfg = self.cfg
         if not cfg.base_model:
@@ -211,7 +212,7 @@ class FineTuner(Trainer):
             print(self.plan(), flush=True)
         self.val_bytes_per_token = _bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
         # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
-        self.flops_per_token = flops_per_token(self.base_cfg, cfg.seq_len) * (4 / 6 if cfg.lora else 1)
+        self.flops_per_token = self.base_cfg.training_flops_per_token(cfg.seq_len) * (4 / 6 if cfg.lora else 1)
 
     def plan(self) -> str:
         """What the run will do, said before it starts: the split, the rows, the steps, and whether that is enough."""
@@ -263,7 +264,6 @@ class FineTuner(Trainer):
         if path.exists():
             return np.load(path)
         from trainfer.infer.engine import Engine
-        from trainfer.infer.sampling import SamplingParams
         from trainfer.io.loader import build_model
 
         cfg = self.cfg
@@ -271,17 +271,10 @@ class FineTuner(Trainer):
         start = start if start is not None else tokenizer.bos_token_id or tokenizer.eos_token_id or 0
         n = max(4, 2 * self.general_rows_for(len(self.train_rows)))
         model = build_model(self.base_cfg, self.base_state)  # its own modules: the engine fuses them in place
-        engine = Engine(model, tokenizer, max_num_seqs=n, kv_cache_gb=0.5)
+        engine = Engine(model, max_num_seqs=n, kv_cache_gb=0.5)
         params = SamplingParams(max_tokens=cfg.seq_len, temperature=1.0, top_p=0.95, seed=cfg.seed, ignore_eos=True)
-        for i in range(n):
-            engine.add_request(str(i), [start], dataclasses.replace(params, seed=cfg.seed + i))
-        out: dict[str, list[int]] = {str(i): [start] for i in range(n)}
-        while engine.requests:
-            for e in engine.step():
-                out[e.request_id].append(e.token_id)
-                if e.finish_reason:
-                    engine.abort(e.request_id)
-        data = np.array([t for i in range(n) for t in out[str(i)]], dtype=np.int64)
+        got = engine.run([[start]] * n, [dataclasses.replace(params, seed=cfg.seed + i) for i in range(n)])
+        data = np.array([t for r in got for t in [start, *(e.token_id for e in r[0])]], dtype=np.int64)
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             np.save(path, data)
@@ -319,7 +312,7 @@ class FineTuner(Trainer):
             if self.resume_from is not None:
                 if not peft.is_adapter(self.resume_from):
                     raise TrainferError(f"{self.resume_from} is a full fine-tune checkpoint; resume it without lora")
-                lora.load_adapter(model, self.resume_from)
+                peft.load_adapter(model, self.resume_from)
         elif self.resume_from is not None and peft.is_adapter(self.resume_from):
             raise TrainferError(f"{self.resume_from} is a LoRA checkpoint; resume it with lora = true")
         return model
@@ -411,36 +404,22 @@ class FineTuner(Trainer):
         where = (doc == first) & packed.loss[0]
         upto = int(np.argmax(where)) if where.any() else int((doc == first).sum())
         prompt = packed.inputs[0, : upto + 1].tolist()  # through the first position whose target is trained
-        return greedy(self.raw, self.tokenizer, prompt, self.cfg.sample_tokens, self.device, self.autocast())
+        greedy = SamplingParams(temperature=0.0)
+        out = decode_without_cache(
+            self.raw,
+            prompt,
+            self.cfg.sample_tokens,
+            greedy,
+            self.device,
+            self.autocast(),
+            self.tokenizer.stop_token_ids,
+        )
+        return self.tokenizer.decode(out, skip_special_tokens=True)
 
     def write_model(self, directory: Path, model_state: dict[str, Tensor]) -> None:
         if not self.cfg.lora:
             return super().write_model(directory, model_state)
-        lora.save_adapter(directory, self.raw, self.cfg.lora_config(), self.cfg.base_model)
-
-
-def greedy(
-    model: Transformer,
-    tokenizer,
-    prompt: list[int],
-    max_tokens: int,
-    device: torch.device | str = "cpu",
-    autocast: contextlib.AbstractContextManager | None = None,
-) -> str:
-    """Greedy decoding by full forwards: for a model mid-training (the engine's fast path rewires weights)."""
-    was = model.training
-    model.eval()
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            x = torch.tensor([(prompt + out)[-model.cfg.max_seq_len :]], device=device)
-            with autocast or contextlib.nullcontext():
-                nxt = int(model(x)[0, -1].argmax())
-            if nxt in tokenizer.stop_token_ids:
-                break
-            out.append(nxt)
-    model.train(was)
-    return tokenizer.decode(out, skip_special_tokens=True)
+        peft.save_adapter(directory, self.raw, self.cfg.lora_config(), self.cfg.base_model)
 
 
 def _bytes_per_target(packed: chat_data.Packed, tokenizer) -> float:

@@ -18,13 +18,6 @@ import torch
 from trainfer.errors import TrainferError
 from trainfer.model.config import ModelConfig
 
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus attention (PaLM's 12*L*H*hd*T, as nanoGPT counts)."""
-    n = cfg.n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)  # lookups are not matmuls
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
 SOURCES = ("stated", "cached", "measured")
 PEAK_ENV = "TRAINFER_PEAK_FLOPS"  # a stated peak for every run on this machine (FLOP/s per process)
 CACHE_MAX_AGE_DAYS = 30  # then measure again, keeping the faster

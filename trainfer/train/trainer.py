@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from trainfer.data.prepare import read_shard
 from trainfer.errors import TrainferError
+from trainfer.io import run_dir
 from trainfer.io.hf import load_state_dict, read_config, save_hf
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
@@ -47,7 +48,7 @@ from trainfer.train.evaluate import (
     sample,
     windows,
 )
-from trainfer.train.metrics import cpu_has_bf16, flops_per_token, matmul_peak, plot_metrics, read_metrics
+from trainfer.train.metrics import cpu_has_bf16, matmul_peak, plot_metrics, read_metrics
 from trainfer.train.schedule import WindowSampler, lr_at
 
 
@@ -89,10 +90,14 @@ class TrainResult:
 
 
 class Trainer:
+    """Owns one training run: its output directory (checkpoints, metrics.jsonl, report), the model, optimizer,
+    schedule and the data cursor, all restored exactly on `resume`. It refuses a directory that already holds
+    another run's checkpoints; it does not prepare data or touch a run it did not start."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        existing = ckpt.list_checkpoints(self.out)
+        existing = run_dir.list_checkpoints(self.out)
         if resume and not existing:
             raise TrainferError(f"nothing to resume: {self.out} has no checkpoints")
         if existing and not resume:
@@ -144,7 +149,7 @@ class Trainer:
                 f"{cfg.seq_len + 1}; lower seq_len or hold out more text"
             )
         self.val_bytes_per_token = bytes_per_token(self.data_dir, "val", self.tokenizer) if len(self.val_data) else None
-        self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len)
+        self.flops_per_token = self.model_cfg.training_flops_per_token(cfg.seq_len)
 
     def _make_model(self) -> Transformer:
         """Fresh weights, or the resumed checkpoint's (on the CPU; _build moves them)."""
@@ -243,7 +248,7 @@ class Trainer:
         return path
 
     def _restore(self, path: Path) -> None:
-        state = ckpt.read_state(path)
+        state = run_dir.read_state(path)
         saved = state["config"]
         changed = [k for k in ("seed", "seq_len") if saved.get(k) != getattr(self.cfg, k)]
         if changed:
@@ -324,7 +329,7 @@ class Trainer:
         """The memorization probe on a frozen copy: the engine fuses and splits the weights it runs in place."""
         frozen = copy.deepcopy(self.raw).eval().requires_grad_(False)
         try:
-            p = memorization_probe(frozen, self.tokenizer, self.train_data, self.val_data, self.cfg.probe_passages)
+            p = memorization_probe(frozen, self.train_data, self.val_data, self.cfg.probe_passages)
         except TrainferError:
             return {}  # a split too short for the probe's passages: nothing to log
         return {
@@ -492,7 +497,7 @@ class Trainer:
         return TrainResult(
             self.out, self.step, self.step * tokens_per_step, loss_val,
             last_eval.get("val_loss") if last_eval else None, last_eval.get("val_bpb") if last_eval else None,
-            ckpt.best_checkpoint(self.out) if self.dist.main else None, rate, rate * flops_tok / peak,
+            run_dir.best_checkpoint(self.out) if self.dist.main else None, rate, rate * flops_tok / peak,
             self.elapsed, stopped, found.source,
         )  # fmt: skip
 

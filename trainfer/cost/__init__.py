@@ -1,0 +1,1 @@
+"""The cost model: measured runs and a price table in, dollars and projections out (docs/cost.md)."""
