@@ -115,20 +115,45 @@ def table(results: list[dict], env: dict) -> str:
     ]
     for r in results:
         printed = "<br>".join(ln.replace("|", "/")[:220] for ln in r["lines"][:8]) or "-"
-        status = f"{r['status'][:200]}, {r['wall_s']:.0f} s"
+        status = f"{' '.join(r['status'].split())[:200]}, {r['wall_s']:.0f} s".replace("|", "/")  # one table cell
         rows.append(f"| {r['name']} | `{r.get('command', '')}` | {status} | {printed} |")
     return "\n".join([*rows, END])
 
 
 def write(summary: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace the block between the markers (or put it after the introduction, before the first section)."""
+    """Replace the block between the markers (or put it after the introduction, before the first section). A run of
+    some benchmarks (--only) replaces their rows and keeps the others, each row with its own date and commit."""
     text = path.read_text()
     if BEGIN in text and END in text:
+        old = text[text.index(BEGIN) : text.index(END)]
+        summary = merged(old, summary)
         text = text[: text.index(BEGIN)] + summary + text[text.index(END) + len(END) :]
     else:
         first = text.index("\n## ")
         text = text[:first] + "\n\n" + summary + "\n" + text[first:]
     path.write_text(text)
+
+
+def merged(old: str, new: str) -> str:
+    """The new block, plus the old block's rows of benchmarks the new run did not include (in QUICK's order), each
+    kept row saying which run it comes from."""
+
+    def rows(block: str) -> dict[str, str]:
+        cells = (line.split("|") for line in block.splitlines() if line.startswith("| "))
+        return {c[1].strip(): "|".join(c) for c in cells if c[1].strip() in QUICK}
+
+    fresh, kept = rows(new), rows(old)
+    if not set(kept) - set(fresh):
+        return new
+    origin = re.search(r"\), (.+?) UTC, commit (\w+)", old)
+    since = f" (run of {origin[1]} UTC, commit {origin[2]})" if origin else " (an earlier run)"
+    for name in set(kept) - set(fresh):
+        cells = kept[name].split("|")
+        cells[3] = cells[3].rstrip() + since + " "
+        fresh[name] = "|".join(cells)
+    lines = [ln for ln in new.splitlines() if not (ln.startswith("| ") and ln.split("|")[1].strip() in QUICK)]
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("|---"))
+    return "\n".join([*lines[: at + 1], *(fresh[name] for name in QUICK if name in fresh), *lines[at + 1 :]])
 
 
 def main() -> int:

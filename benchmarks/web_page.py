@@ -22,10 +22,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from finetune_faq import cpu_flags  # noqa: E402
 
 from tests.serve.conftest import ServerProcess  # noqa: E402
 from tests.web.conftest import CHROMIUM_ARGS, chromium_path  # noqa: E402
+from trainfer.rounds import describe, environment  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "Write a short Python function that reverses a string, with one example."
@@ -147,7 +147,7 @@ def main() -> None:
             browser.close()
     finally:
         server.stop()
-    print(f"\nthe web page on {MODEL}, {time.strftime('%Y-%m-%d')}, CPU flags: {cpu_flags()}")
+    print(f"\nthe web page on {MODEL}: {describe(environment())}")
     print(f"{'measure':32} {'value':>12}  note")
     for name, value, note in rows:
         print(f"{name:32} {value:>12}  {note}")
