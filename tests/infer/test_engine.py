@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import make_hf_model
 from trainfer.errors import TrainferError
-from trainfer.infer.engine import AsyncEngine, ContextLengthError, Engine
+from trainfer.infer.async_engine import AsyncEngine
+from trainfer.infer.engine import ContextLengthError, Engine
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
 

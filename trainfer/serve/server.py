@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from trainfer.errors import TrainferError
-from trainfer.infer.engine import AsyncEngine, ContextLengthError, TokenEvent
+from trainfer.infer.async_engine import AsyncEngine
+from trainfer.infer.engine import ContextLengthError, TokenEvent
 from trainfer.infer.sampling import SamplingParams
 from trainfer.llm import LLM
 from trainfer.serve.admission import Admission, Ticket

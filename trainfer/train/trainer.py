@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from trainfer.train.evaluate import (
     sample,
     windows,
 )
-from trainfer.train.metrics import cpu_has_bf16, matmul_peak, plot_metrics, read_metrics
+from trainfer.train.metrics import PeakFlops, cpu_has_bf16, matmul_peak, plot_metrics, read_metrics
 from trainfer.train.schedule import WindowSampler, lr_at
 
 
@@ -365,33 +365,11 @@ class Trainer:
         save_hf(directory, self.model_cfg, model_state, torch.float32)
 
     def train(self) -> TrainResult:
-        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.resume_from is not None:
-                self._drop_metrics_after_checkpoint()
-        flops_tok = self.flops_per_token
-        found = matmul_peak(self.device, self.amp_dtype, self.model_cfg, cfg.batch_size * cfg.seq_len, cfg.peak_flops)
-        peak = found.flops * world
-        if self.dist.main:
-            print(f"MFU against a {peak / 1e9:,.1f} GFLOP/s matmul peak, {found.source} ({found.detail})", flush=True)
+        """Steps until max_steps or an early stop: a log line every log_every, an evaluation every eval_every,
+        a checkpoint every ckpt_every (and at a new best, a stop and the end)."""
+        cfg = self.cfg
+        found, peak = self._begin()
         tokens_per_step = self.global_windows * cfg.seq_len
-        if self.dist.main and self.step == 0:
-            self._log(
-                {
-                    "step": 0,
-                    "event": "start",
-                    "params": self.model_cfg.n_params,
-                    "flops_per_token": flops_tok,
-                    "peak_flops": peak,
-                    "peak_source": found.source,
-                    "peak_detail": found.detail,
-                    "tokens_per_step": tokens_per_step,
-                    "world": world,
-                    "dtype": str(self.amp_dtype).removeprefix("torch."),
-                    "config": cfg.to_dict(),
-                }
-            )
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -399,107 +377,163 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        rates: list[float] = []
+        clock = _Clock(time.perf_counter(), time.perf_counter() - self.elapsed)
         loss_val, last_eval, stopped = float("nan"), None, False
-        t_log, steps_since = time.perf_counter(), 0
-        session_start = time.perf_counter() - self.elapsed
         while self.step < cfg.max_steps and not stopped:
-            lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            first = self.step * self.global_windows + rank * cfg.batch_size * cfg.grad_accum
-            items = self.micro_batches(first)
-            loss_sum = torch.zeros((), device=self.device)
-            for micro, item in enumerate(items):
-                # Gradients are reduced across ranks once per step, after the last micro-batch.
-                sync = micro == cfg.grad_accum - 1
-                if cfg.fsdp:
-                    self.raw.set_requires_gradient_sync(sync)
-                skip = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-                with skip, self.autocast():
-                    loss = self.micro_loss(item, items)
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip or float("inf"))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            steps_since += 1
+            lr, loss_sum, grad_norm = self._optimizer_step()
+            clock.steps += 1
             bar.update(1)
-
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                if world > 1:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                loss_val = loss_sum.item()
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                now = time.perf_counter()
-                rate = steps_since * tokens_per_step / (now - t_log)
-                rates.append(rate)
-                t_log, steps_since = now, 0
-                self.elapsed = now - session_start
-                mfu = rate * flops_tok / peak
-                bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
-                self._log(
-                    {
-                        "step": self.step,
-                        "loss": loss_val,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "tokens": self.step * tokens_per_step,
-                        "tokens_per_s": rate,
-                        "mfu": mfu,
-                        "elapsed_s": self.elapsed,
-                    }
-                )
-
+                loss_val = self._log_progress(bar, clock, lr, loss_sum, grad_norm, tokens_per_step, peak)
             is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
             new_best = False
             if is_eval:
                 t0 = time.perf_counter()
-                last_eval = self._agree(self.evaluate())
-                sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
-                if sample_due and cfg.sample_tokens > 0:
-                    last_eval["sample"] = self.sample_text()
-                if cfg.probe_passages and self.dist.main:
-                    last_eval.update(self.probe())
-                val = last_eval.get("val_loss")
-                if val is not None:
-                    if val < self.best_val - cfg.early_stop_min_delta:
-                        self.best_val, self.bad_evals, new_best = val, 0, True
-                    else:
-                        self.bad_evals += 1
-                        stopped = bool(cfg.early_stop_patience) and self.bad_evals >= cfg.early_stop_patience
-                self.elapsed = time.perf_counter() - session_start
-                last_eval["elapsed_s"] = self.elapsed
-                self._log({**last_eval, "event": "eval"})
-                if self.dist.main:
-                    msg = f"step {self.step}: train {last_eval['train_eval_loss']:.4f}"
-                    if val is not None:
-                        msg += (
-                            f" val {val:.4f} (ppl {last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte, "
-                            f"gap {last_eval['gap']:+.4f})"
-                        )
-                    bar.write(msg + ("  [early stop]" if stopped else ""))
-                    if "sample" in last_eval:
-                        bar.write("  | " + last_eval["sample"].replace("\n", "\n  | "))
-                t_log += time.perf_counter() - t0  # evaluation time is not training throughput
+                last_eval, new_best, stopped = self._evaluate_and_report(bar, clock.session_start)
+                clock.t_log += time.perf_counter() - t0  # evaluation time is not training throughput
             if self.step % cfg.ckpt_every == 0 or new_best or stopped or self.step == cfg.max_steps:
                 t0 = time.perf_counter()
-                self.elapsed = time.perf_counter() - session_start
+                self.elapsed = time.perf_counter() - clock.session_start
                 self.save(last_eval.get("val_loss") if is_eval and last_eval else None)
-                t_log += time.perf_counter() - t0
+                clock.t_log += time.perf_counter() - t0
         bar.close()
         self._log({"step": self.step, "event": "end", "early_stop": stopped, "elapsed_s": self.elapsed})
         if self.dist.main:
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
-        rate = float(np.median(rates)) if rates else 0.0
+        rate = float(np.median(clock.rates)) if clock.rates else 0.0
         return TrainResult(
             self.out, self.step, self.step * tokens_per_step, loss_val,
             last_eval.get("val_loss") if last_eval else None, last_eval.get("val_bpb") if last_eval else None,
-            run_dir.best_checkpoint(self.out) if self.dist.main else None, rate, rate * flops_tok / peak,
+            run_dir.best_checkpoint(self.out) if self.dist.main else None, rate, rate * self.flops_per_token / peak,
             self.elapsed, stopped, found.source,
         )  # fmt: skip
+
+    def _begin(self) -> tuple[PeakFlops, float]:
+        """The run directory (a resumed run's metrics after its checkpoint dropped), the MFU peak, the start record."""
+        cfg, world = self.cfg, self.dist.world
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                self._drop_metrics_after_checkpoint()
+        found = matmul_peak(self.device, self.amp_dtype, self.model_cfg, cfg.batch_size * cfg.seq_len, cfg.peak_flops)
+        peak = found.flops * world
+        if self.dist.main:
+            print(f"MFU against a {peak / 1e9:,.1f} GFLOP/s matmul peak, {found.source} ({found.detail})", flush=True)
+        if self.dist.main and self.step == 0:
+            self._log(
+                {
+                    "step": 0,
+                    "event": "start",
+                    "params": self.model_cfg.n_params,
+                    "flops_per_token": self.flops_per_token,
+                    "peak_flops": peak,
+                    "peak_source": found.source,
+                    "peak_detail": found.detail,
+                    "tokens_per_step": self.global_windows * cfg.seq_len,
+                    "world": world,
+                    "dtype": str(self.amp_dtype).removeprefix("torch."),
+                    "config": cfg.to_dict(),
+                }
+            )
+        return found, peak
+
+    def _optimizer_step(self) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches: (lr, summed loss, gradient norm before clipping)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        first = self.step * self.global_windows + self.dist.rank * cfg.batch_size * cfg.grad_accum
+        items = self.micro_batches(first)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro, item in enumerate(items):
+            # Gradients are reduced across ranks once per step, after the last micro-batch.
+            sync = micro == cfg.grad_accum - 1
+            if cfg.fsdp:
+                self.raw.set_requires_gradient_sync(sync)
+            skip = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+            with skip, self.autocast():
+                loss = self.micro_loss(item, items)
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr, loss_sum, grad_norm
+
+    def _log_progress(
+        self, bar, clock: _Clock, lr: float, loss_sum: torch.Tensor, grad_norm, tokens_per_step: int, peak: float
+    ) -> float:
+        """The training loss (averaged over ranks), throughput and MFU since the last log line; returns the loss."""
+        if self.dist.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_val = loss_sum.item()
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        now = time.perf_counter()
+        rate = clock.steps * tokens_per_step / (now - clock.t_log)
+        clock.rates.append(rate)
+        clock.t_log, clock.steps = now, 0
+        self.elapsed = now - clock.session_start
+        mfu = rate * self.flops_per_token / peak
+        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+        self._log(
+            {
+                "step": self.step,
+                "loss": loss_val,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": self.step * tokens_per_step,
+                "tokens_per_s": rate,
+                "mfu": mfu,
+                "elapsed_s": self.elapsed,
+            }
+        )
+        return loss_val
+
+    def _evaluate_and_report(self, bar, session_start: float) -> tuple[dict[str, Any], bool, bool]:
+        """Validation (and a sample, the memorization probe), early stopping's count, the eval record and line:
+        (the eval, whether it is a new best, whether to stop)."""
+        cfg = self.cfg
+        new_best = stopped = False
+        last_eval = self._agree(self.evaluate())
+        sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
+        if sample_due and cfg.sample_tokens > 0:
+            last_eval["sample"] = self.sample_text()
+        if cfg.probe_passages and self.dist.main:
+            last_eval.update(self.probe())
+        val = last_eval.get("val_loss")
+        if val is not None:
+            if val < self.best_val - cfg.early_stop_min_delta:
+                self.best_val, self.bad_evals, new_best = val, 0, True
+            else:
+                self.bad_evals += 1
+                stopped = bool(cfg.early_stop_patience) and self.bad_evals >= cfg.early_stop_patience
+        self.elapsed = time.perf_counter() - session_start
+        last_eval["elapsed_s"] = self.elapsed
+        self._log({**last_eval, "event": "eval"})
+        if self.dist.main:
+            msg = f"step {self.step}: train {last_eval['train_eval_loss']:.4f}"
+            if val is not None:
+                msg += (
+                    f" val {val:.4f} (ppl {last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte, "
+                    f"gap {last_eval['gap']:+.4f})"
+                )
+            bar.write(msg + ("  [early stop]" if stopped else ""))
+            if "sample" in last_eval:
+                bar.write("  | " + last_eval["sample"].replace("\n", "\n  | "))
+        return last_eval, new_best, stopped
+
+
+@dataclass
+class _Clock:
+    """Throughput bookkeeping of `Trainer.train`: when the last log line was, steps since, this session's start."""
+
+    t_log: float
+    session_start: float
+    steps: int = 0
+    rates: list[float] = field(default_factory=list)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
