@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from trainfer.errors import TrainferError
+from trainfer.infer import native_decode
 from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
 from trainfer.infer.text import TextOutput
@@ -81,6 +82,7 @@ class LLM:
         model, tokenizer = load(name_or_path, dtype, device)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
+        native_decode.prepare(model)  # this model is ours: fused and split once, before its engine and adapters
         llm = cls(model, tokenizer, str(name_or_path), **engine_args)
         if adapters:
             from trainfer.io import peft
@@ -88,7 +90,7 @@ class LLM:
             from trainfer.model import lora
 
             for name, path in adapters.items():
-                peft.load_adapter(llm.model, resolve(path), name)  # after the engine: see runner.py
+                peft.load_adapter(llm.model, resolve(path), name)  # wraps the prepared modules
             lora.set_adapter(llm.model, None)
         return llm
 

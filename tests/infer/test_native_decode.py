@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import make_hf_model
+from trainfer.infer import native_decode
 from trainfer.infer.engine import Engine
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
@@ -51,13 +52,17 @@ def compare_both_paths(engine: Engine, same_argmax: bool = True) -> tuple[list[f
                                             ("qwen2", {}), ("qwen3", {})],
                          ids=["llama", "tied", "qwen2-bias", "qwen3-qk-norm"])  # fmt: skip
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, bf16, monkeypatch):
+@pytest.mark.parametrize("prepared", [False, True], ids=["stacked", "fused"])
+def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, bf16, prepared, monkeypatch):
     """fp32 products: equal up to summation order. bf16 products (more than 4 rows of int8 / int4 weights on a CPU
-    with AVX512_BF16): both paths round the same inputs, up to the last bits that differ before rounding."""
+    with AVX512_BF16): both paths round the same inputs, up to the last bits that differ before rounding. A model
+    as handed (its projections stacked) and one prepared at load (fused, split) alike."""
     if bf16 and (weights == "float32" or not native.extension().bf16_gemm):
         pytest.skip("bf16 products apply to int8 / int4 weights on CPUs with AVX512_BF16")
     monkeypatch.setenv("TRAINFER_BF16", "1" if bf16 else "0")
     model = tiny_model(tmp_path, kind, weights, **overrides)
+    if prepared:
+        native_decode.prepare(model)
     engine = Engine(model, num_blocks=96, block_size=4, max_num_batched_tokens=64)
     assert engine.runner.decoder is not None
     diffs, kinds = compare_both_paths(engine, same_argmax=not bf16)
@@ -73,16 +78,36 @@ def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, 
     engine.pool.check_idle()
 
 
-def test_projections_are_fused_into_views(tmp_path):
-    """q/k/v and gate/up become one matrix each; the modules' weights are views into it, nothing is copied."""
-    model = tiny_model(tmp_path, "llama", "int8")
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_prepare_fuses_projections_into_views(tmp_path, weights):
+    """At load, q/k/v and gate/up become one matrix each; the modules' weights are views into it, nothing is copied
+    and the state dict is unchanged (the fused matrices are not submodules)."""
+    model = tiny_model(tmp_path, "llama", weights)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    Engine(model, num_blocks=8, block_size=4)
+    native_decode.prepare(model)
     attn = model.layers[0].self_attn
-    q, k = attn.q_proj.qweight, attn.k_proj.qweight
+    q, k = (attn.q_proj.qweight, attn.k_proj.qweight) if weights == "int8" else (attn.q_proj.weight, attn.k_proj.weight)
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_the_engine_leaves_a_model_it_is_handed_alone(tmp_path):
+    """No fusing, splitting or LoRA routing written into the modules: the trainer runs its probe on the model it
+    trains, and the fine-tuner's model keeps its own structure."""
+    from trainfer.model import lora
+
+    model = tiny_model(tmp_path, "llama", "float32")
+    lora.apply_lora(model, lora.LoRAConfig(r=4, targets=("q_proj", "v_proj")), "a")
+    structure = [(n, type(m)) for n, m in model.named_modules()]
+    storage = {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()}
+    attrs = {n: set(vars(m)) for n, m in model.named_modules()}
+    engine = Engine(model, num_blocks=32, block_size=4)
+    engine.run([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapters=["a", None])
+    assert [(n, type(m)) for n, m in model.named_modules()] == structure
+    assert {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()} == storage
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs
+    assert lora.ROUTING.get() is None  # the routing lived for the forward only
 
 
 def test_without_the_build_the_module_path_runs(tmp_path, monkeypatch):

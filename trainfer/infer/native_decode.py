@@ -2,13 +2,18 @@
 
 Why: at batch 1 the module path spends more time dispatching ~25 PyTorch ops per layer than streaming the
 weights from memory (docs/LOG.md). The runner uses this step whenever every sequence in the batch decodes one
-token; prefill chunks and mixed batches take the module path. Both read the same weight tensors: q/k/v and
-gate/up are fused into one matrix each at load, and the modules' weights become views into those matrices.
+token; prefill chunks and mixed batches take the module path. Both read the same weight tensors.
+
+`prepare` (called by `LLM.load` on the model it loaded, never by the engine on a model it is handed) fuses q/k/v
+and gate/up into one matrix each, the modules' weights becoming views into those matrices, and splits fp32
+Linears for small batches. `build_decoder` reads a prepared model's fused matrices, or stacks the separate ones
+of a model that was not prepared (the same math; for int4 ~7% slower, docs/LOG.md), and changes nothing.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer.model.transformer import Transformer
@@ -17,6 +22,39 @@ from trainfer.quant.ggml import GGMLEmbedding, GGMLLinear, kernel_kind
 from trainfer.quant.native import extension
 
 MAX_ROWS = 16  # beyond this many sequences, dequantize + GEMM (the module path) is faster than the fused tiles
+
+
+class SplitLinear(nn.Module):
+    """A Linear whose small-batch matmuls run as `parts` row blocks in one bmm.
+
+    Measured on the 2-core dev machine: PyTorch runs a (1..8, K) x (K, N) fp32 matmul on one thread, while a
+    bmm over two (N/2, K) halves uses both: 1.3-1.7x faster for every SmolLM2 projection and the LM head
+    (docs/LOG.md). Same Parameters as the wrapped Linear, so weights (and tying) are shared, not copied.
+    """
+
+    def __init__(self, linear: nn.Linear, parts: int, max_rows: int = 16) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.parts, self.max_rows = parts, max_rows
+        self.out_features, self.in_features = linear.weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        n, k = self.weight.shape
+        flat = x.reshape(1, rows, k).expand(self.parts, rows, k)
+        y = torch.bmm(flat, self.weight.view(self.parts, n // self.parts, k).transpose(1, 2))  # (P, rows, N/P)
+        y = y.transpose(0, 1).reshape(*x.shape[:-1], n)
+        return y if self.bias is None else y + self.bias
+
+
+def split_linears(model: nn.Module, parts: int) -> None:
+    """Swap every Linear whose rows divide evenly for a SplitLinear (in place; inference only)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.shape[0] % parts == 0:
+                setattr(module, name, SplitLinear(child, parts))
 
 
 def _cat(parts: list[Tensor | None]) -> Tensor | None:
@@ -49,17 +87,37 @@ def fuse(parent: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return fused
 
 
+FUSED = {("q_proj", "k_proj", "v_proj"): "fused_qkv", ("gate_proj", "up_proj"): "fused_gate_up"}
+
+
+def prepare(model: Transformer) -> Transformer:
+    """Fuse each layer's q/k/v and gate/up where they share a trainer-made format (kept as `fused_qkv` and
+    `fused_gate_up` beside them), and split fp32 Linears for small batches when there are threads to split for.
+    In place: for a model its loader owns, before adapters are added (an adapter wraps the prepared modules)."""
+    for block in model.layers:
+        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
+            fused = fuse(parent, names)
+            if fused is not None:
+                object.__setattr__(parent, FUSED[names], fused)  # not a submodule: no second copy in state_dict
+    parts = torch.get_num_threads()
+    # bf16 small-batch matmuls have their own GEMV path, which the split did not beat (docs/LOG.md).
+    weight = model.embed_tokens.weight
+    if weight.device.type == "cpu" and parts > 1 and weight.dtype == torch.float32:
+        split_linears(model, parts)
+    return model
+
+
 def fused_or_stacked(ext, parent: nn.Module, names: tuple[str, ...]):
-    """The kernel's one matrix for projections on the same input: fused (fuse()) where they share a trainer-made
-    format, else a stack of the matrices as they are (GGUF tensors stay views into the file, whatever their mix of
-    formats: Q4_K_M keeps some v projections in Q6_K); None if a projection has no kernel format."""
+    """The kernel's one matrix for projections on the same input: the fused one `prepare` made, else a stack of
+    the matrices as they are (GGUF tensors stay views into the file, whatever their mix of formats: Q4_K_M keeps
+    some v projections in Q6_K); None if a projection has no kernel format."""
+    fused = parent.__dict__.get(FUSED[names])
+    if fused is not None:
+        return lin(ext, fused)
     mods = [getattr(parent, n) for n in names]
-    if any(isinstance(m, GGMLLinear) for m in mods):
-        if not all(isinstance(m, (GGMLLinear, QLinear)) or type(m) is nn.Linear for m in mods):
-            return None
-        return ext.stack([lin(ext, m) for m in mods])
-    fused = fuse(parent, names)
-    return None if fused is None else lin(ext, fused)
+    if not all(isinstance(m, (GGMLLinear, QLinear, SplitLinear)) or type(m) is nn.Linear for m in mods):
+        return None
+    return ext.stack([lin(ext, m) for m in mods])
 
 
 def lin(ext, module: nn.Module):
@@ -69,7 +127,7 @@ def lin(ext, module: nn.Module):
         return ext.Lin(kernel_kind(module.qtype), module.blocks, None, None, bias)
     if isinstance(module, QLinear):
         return ext.Lin(KINDS[module.kind], module.qweight, module.scales, module.mins, module.bias)
-    bias = None if module.bias is None else module.bias.detach()
+    bias = None if module.bias is None else module.bias.detach()  # nn.Linear or its SplitLinear: one weight
     return ext.Lin(0, module.weight.detach(), None, None, bias)
 
 

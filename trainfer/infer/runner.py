@@ -6,15 +6,17 @@ all decoding sequences in one batched call, each prompt chunk on its own (docs/e
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from trainfer.infer import native_decode
 from trainfer.infer.kv_cache import BlockPool
 from trainfer.infer.sequence import Sequence
+from trainfer.model import lora
 from trainfer.model.transformer import Transformer
 from trainfer.quant.blocks import bf16_products
 
@@ -84,54 +86,16 @@ class PagedAttention:
         return out.unsqueeze(0)
 
 
-class SplitLinear(nn.Module):
-    """A Linear whose small-batch matmuls run as `parts` row blocks in one bmm.
-
-    Measured on the 2-core dev machine: PyTorch runs a (1..8, K) x (K, N) fp32 matmul on one thread, while a
-    bmm over two (N/2, K) halves uses both: 1.3-1.7x faster for every SmolLM2 projection and the LM head
-    (docs/LOG.md). Same Parameters as the wrapped Linear, so weights (and tying) are shared, not copied.
-    """
-
-    def __init__(self, linear: nn.Linear, parts: int, max_rows: int = 16) -> None:
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.parts, self.max_rows = parts, max_rows
-        self.out_features, self.in_features = linear.weight.shape
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > self.max_rows:
-            return F.linear(x, self.weight, self.bias)
-        n, k = self.weight.shape
-        flat = x.reshape(1, rows, k).expand(self.parts, rows, k)
-        y = torch.bmm(flat, self.weight.view(self.parts, n // self.parts, k).transpose(1, 2))  # (P, rows, N/P)
-        y = y.transpose(0, 1).reshape(*x.shape[:-1], n)
-        return y if self.bias is None else y + self.bias
-
-
-def split_linears(model: nn.Module, parts: int) -> None:
-    """Swap every Linear whose rows divide evenly for a SplitLinear (in place; inference only)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.shape[0] % parts == 0:
-                setattr(module, name, SplitLinear(child, parts))
-
-
 class ModelRunner:
     """Owns the forward over a flattened batch: slot mapping, attention over the paged pool, the native decode
-    step and LoRA routing per row. It changes the model it is handed (fuses projections for the native decoder,
-    sets `routing` on LoRA modules), so callers give it a model of its own."""
+    step and the LoRA routing of each forward (passed with the call, model/lora.routed). It never changes the
+    model it is handed: a loader that owns its model prepares it beforehand (native_decode.prepare)."""
 
     def __init__(self, model: Transformer, pool: BlockPool) -> None:
         self.model, self.pool = model, pool
-        self._lora: list[nn.Module] | None = None  # found on first use: adapters are added after the runner
         self.device = model.embed_tokens.weight.device
-        self.decoder = native_decode.build_decoder(model)  # before the split: it fuses projections in place
+        self.decoder = native_decode.build_decoder(model)
         self._rope: tuple[Tensor, Tensor] | None = None  # cos / sin rows by position, for the native step
-        parts = torch.get_num_threads()
-        # bf16 small-batch matmuls have their own GEMV path, which the split did not beat (docs/LOG.md).
-        if self.device.type == "cpu" and parts > 1 and model.embed_tokens.weight.dtype == torch.float32:
-            split_linears(model, parts)
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> Tensor:
@@ -202,34 +166,25 @@ class ModelRunner:
         )
         ids = torch.tensor([tokens], device=self.device)
         pos = torch.tensor([positions], device=self.device)
-        self._route(batch)
-        hidden = self.model.hidden_states(ids, pos, ctx)[0, sample_rows]  # (R, dim)
+        with lora.routed(self._routing(batch)) if self.adapters else contextlib.nullcontext():
+            hidden = self.model.hidden_states(ids, pos, ctx)[0, sample_rows]  # (R, dim)
         return self.model.lm_head(hidden).float()
 
     @property
     def adapters(self) -> set[str]:
-        """Names of the LoRA adapters loaded on the model (model/lora.py's LoRALinear modules)."""
-        return {name for m in self._lora_modules() for name in m.lora_A}
+        """Names of the LoRA adapters loaded on the model (model/lora.py's LoRALinear modules), read each time:
+        adapters may be added after the engine is built."""
+        return {name for m in lora.lora_modules(self.model).values() for name in m.lora_A}
 
-    def _lora_modules(self) -> list[nn.Module]:
-        if self._lora is None:
-            self._lora = [m for m in self.model.modules() if hasattr(m, "lora_A") and hasattr(m, "routing")]
-        return self._lora
-
-    def _route(self, batch: list[tuple[Sequence, int]]) -> None:
-        """Tell every LoRA module which flattened rows run with which adapter (the rest: the base alone)."""
-        modules = self._lora_modules()
-        if not modules:
-            return
+    def _routing(self, batch: list[tuple[Sequence, int]]) -> dict[str, Tensor]:
+        """Which flattened rows run with which adapter (the rest: the base alone)."""
         rows: dict[str, list[int]] = {}
         row = 0
         for seq, n in batch:
             if seq.adapter is not None:
                 rows.setdefault(seq.adapter, []).extend(range(row, row + n))
             row += n
-        routing = {name: torch.tensor(r, device=self.device) for name, r in rows.items()}
-        for m in modules:
-            m.routing = routing
+        return {name: torch.tensor(r, device=self.device) for name, r in rows.items()}
 
     def _native_decode(self, seqs: list[Sequence], sample_rows: list[int]) -> Tensor:
         """One token for each sequence through the native Decoder (native_decode.py), same pool, same math.

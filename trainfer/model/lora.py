@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,21 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+# Serving: per adapter, the flattened rows of this forward that run with it (the rest run the base alone). Set
+# by the engine's runner for the length of one forward (`routed`), so it travels with the call and no module is
+# changed; None outside the engine: each layer's `active` adapter applies to every row.
+ROUTING: ContextVar[dict[str, Tensor] | None] = ContextVar("lora_routing", default=None)
+
+
+@contextlib.contextmanager
+def routed(routing: dict[str, Tensor]):
+    token = ROUTING.set(routing)
+    try:
+        yield
+    finally:
+        ROUTING.reset(token)
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear plus one or more named low-rank updates; `active` picks the one in use (None: the base)."""
 
@@ -64,9 +80,6 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active: str | None = None
-        # Serving: flattened row indices per adapter for this forward (set by the engine's runner); rows not
-        # listed run the base alone. None outside the engine: `active` applies to every row.
-        self.routing: dict[str, Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -96,8 +109,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        if self.routing is not None:
-            return self._routed(x, y) if self.routing else y
+        routing = ROUTING.get()
+        if routing is not None:
+            return self._routed(x, y, routing) if routing else y
         name = self.active
         if name is None:
             return y
@@ -106,9 +120,9 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A[name], self.lora_B[name]
         return y + (h.to(a.dtype) @ a.t() @ b.t()).to(y.dtype) * self.scaling[name]
 
-    def _routed(self, x: Tensor, y: Tensor) -> Tensor:
+    def _routed(self, x: Tensor, y: Tensor, routing: dict[str, Tensor]) -> Tensor:
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        for name, rows in self.routing.items():
+        for name, rows in routing.items():
             a, b = self.lora_A[name], self.lora_B[name]
             flat_y = flat_y.index_add(0, rows, (flat_x[rows].to(a.dtype) @ a.t() @ b.t()).to(y.dtype),
                                       alpha=self.scaling[name])  # fmt: skip

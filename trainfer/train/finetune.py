@@ -270,7 +270,7 @@ class FineTuner(Trainer):
         start = tokenizer.backend.token_to_id("<|endoftext|>")
         start = start if start is not None else tokenizer.bos_token_id or tokenizer.eos_token_id or 0
         n = max(4, 2 * self.general_rows_for(len(self.train_rows)))
-        model = build_model(self.base_cfg, self.base_state)  # its own modules: the engine fuses them in place
+        model = build_model(self.base_cfg, self.base_state)  # the fp32 base as loaded, not the (LoRA, int8) one trained
         engine = Engine(model, max_num_seqs=n, kv_cache_gb=0.5)
         params = SamplingParams(max_tokens=cfg.seq_len, temperature=1.0, top_p=0.95, seed=cfg.seed, ignore_eos=True)
         got = engine.run([[start]] * n, [dataclasses.replace(params, seed=cfg.seed + i) for i in range(n)])

@@ -11,7 +11,6 @@ and optimizer state are all it takes to continue exactly. Design: docs/training.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -326,12 +325,15 @@ class Trainer:
         return out
 
     def probe(self) -> dict[str, float]:
-        """The memorization probe on a frozen copy: the engine fuses and splits the weights it runs in place."""
-        frozen = copy.deepcopy(self.raw).eval().requires_grad_(False)
+        """The memorization probe on the model being trained, in eval mode (the engine leaves its modules alone)."""
+        was_training = self.raw.training
+        self.raw.eval()
         try:
-            p = memorization_probe(frozen, self.train_data, self.val_data, self.cfg.probe_passages)
+            p = memorization_probe(self.raw, self.train_data, self.val_data, self.cfg.probe_passages)
         except TrainferError:
             return {}  # a split too short for the probe's passages: nothing to log
+        finally:
+            self.raw.train(was_training)
         return {
             "probe_train_exact": p.train_exact,
             "probe_val_exact": p.val_exact,
