@@ -189,6 +189,46 @@ def measure_transformers(hf, vocab: int, runs: int, new_tokens: int, concurrency
 PEERS = {"float32": ("F32",), "bfloat16": ("F16",), "int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1"), "auto": ("Q4_1",)}
 
 
+def transformers_model(model: str):
+    from transformers import AutoModelForCausalLM
+
+    p = resolve(model)
+    kw = {"gguf_file": p.name} if p.is_file() else {}
+    return AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=torch.float32, **kw)
+
+
+def vs_transformers(hf_model, dtype: str, llm: LLM, r: dict, runs: int, new_tokens: int, concurrency) -> tuple:
+    """transformers on the same model and (float) dtype: its figures into `r`, and the report's row."""
+    hf = hf_model.eval().to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # int8: vs fp32
+    peer = measure_transformers(hf, llm.model.cfg.vocab_size, runs, new_tokens, concurrency)
+    r["transformers"] = peer
+    r["decode_vs_transformers"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
+    return (f"transformers {dtype}", f"prefill 512: {peer['prefill_512_tok_s']} tok/s, decode "
+            f"{peer['decode_tok_s']} tok/s -> trainfer decode is {r['decode_vs_transformers']}x")  # fmt: skip
+
+
+def vs_llama_bench(result: dict, dtypes, binary: Path, ggufs: dict[str, Path], threads: int, bandwidth: float) -> list:
+    """llama-bench on each GGUF (its figures and roofline share into `result`), then each trainfer dtype's ratio
+    to its peer formats; the report's rows."""
+    rows = []
+    lc = {name: llama_bench(binary, path, threads) for name, path in ggufs.items()}
+    result["llama.cpp"] = lc
+    for name, v in lc.items():
+        v["roofline_tok_s"] = round(bandwidth * 1e9 / ggufs[name].stat().st_size, 1)  # the file ~ weights
+        v["fraction_of_roofline"] = round(v["decode_tok_s"] / v["roofline_tok_s"], 4)
+        rows.append((f"llama.cpp {name}", f"prefill 512: {v['prefill_512_tok_s']} tok/s, decode {v['decode_tok_s']} "
+                     f"tok/s ({100 * v['fraction_of_roofline']:.0f}% of roofline)"))  # fmt: skip
+    for dtype in dtypes:
+        for name in PEERS.get(dtype, ()):
+            if name in lc and dtype in result:
+                r, v = result[dtype], lc[name]
+                ratio = {k: round(r[k] / v[k], 2) for k in ("decode_tok_s", "prefill_512_tok_s")}
+                r[f"vs_llama_cpp_{name}"] = ratio
+                line = f"decode {ratio['decode_tok_s']}x, prefill 512 {ratio['prefill_512_tok_s']}x"
+                rows.append((f"trainfer {dtype} / llama.cpp {name}", line))
+    return rows
+
+
 def bench_decode(
     model: str = "smollm2-135m-instruct",
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
@@ -221,61 +261,20 @@ def bench_decode(
             ("", f"TTFT, 1,000-token prefix: cold {r['prefix_cold_ttft_ms']} ms, warm {r['prefix_warm_ttft_ms']} ms"),
         ]
         if peers:
-            from transformers import AutoModelForCausalLM
-
             if hf_model is None:
-                p = resolve(model)
-                kw = {"gguf_file": p.name} if p.is_file() else {}
-                hf_model = AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=torch.float32, **kw)
-            hf = hf_model.eval().to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # int8: vs fp32
-            peer = measure_transformers(hf, llm.model.cfg.vocab_size, runs, new_tokens, concurrency)
-            r["transformers"] = peer
-            r["decode_vs_transformers"] = round(r["decode_tok_s"] / peer["decode_tok_s"], 2)
-            rows.append(
-                (
-                    f"transformers {dtype}",
-                    f"prefill 512: {peer['prefill_512_tok_s']} tok/s, decode {peer['decode_tok_s']} tok/s "
-                    f"-> trainfer decode is {r['decode_vs_transformers']}x",
-                )
-            )
+                hf_model = transformers_model(model)
+            rows.append(vs_transformers(hf_model, dtype, llm, r, runs, new_tokens, concurrency))
         for name in PEERS.get(dtype, ()) if llama_bench_binary and llama_ggufs else ():
             if name in llama_ggufs:
                 pair = paired_decode(llm, llama_bench_binary, llama_ggufs[name], threads, new_tokens, max(runs, 5))
                 r[f"paired_vs_llama_cpp_{name}"] = pair
-                rows.append(
-                    (
-                        f"alternated with llama.cpp {name}",
-                        f"decode {pair['decode_tok_s']} vs {pair['llama_cpp_decode_tok_s']} tok/s, per-round ratio "
-                        f"median {pair['ratio_median']}x ({pair['ratio_min']}-{pair['ratio_max']}, "
-                        f"{pair['rounds']} rounds)",
-                    )
-                )
+                rows.append((f"alternated with llama.cpp {name}",
+                             f"decode {pair['decode_tok_s']} vs {pair['llama_cpp_decode_tok_s']} tok/s, per-round "
+                             f"ratio median {pair['ratio_median']}x ({pair['ratio_min']}-{pair['ratio_max']}, "
+                             f"{pair['rounds']} rounds)"))  # fmt: skip
         result[dtype] = r
     if llama_bench_binary and llama_ggufs:
-        lc = {name: llama_bench(llama_bench_binary, path, threads) for name, path in llama_ggufs.items()}
-        result["llama.cpp"] = lc
-        for name, v in lc.items():
-            v["roofline_tok_s"] = round(bandwidth * 1e9 / llama_ggufs[name].stat().st_size, 1)  # the file ~ weights
-            v["fraction_of_roofline"] = round(v["decode_tok_s"] / v["roofline_tok_s"], 4)
-            rows.append(
-                (
-                    f"llama.cpp {name}",
-                    f"prefill 512: {v['prefill_512_tok_s']} tok/s, decode {v['decode_tok_s']} tok/s "
-                    f"({100 * v['fraction_of_roofline']:.0f}% of roofline)",
-                )
-            )
-        for dtype in dtypes:
-            for name in PEERS.get(dtype, ()):
-                if name in lc and dtype in result:
-                    r, v = result[dtype], lc[name]
-                    ratio = {k: round(r[k] / v[k], 2) for k in ("decode_tok_s", "prefill_512_tok_s")}
-                    result[dtype][f"vs_llama_cpp_{name}"] = ratio
-                    rows.append(
-                        (
-                            f"trainfer {dtype} / llama.cpp {name}",
-                            f"decode {ratio['decode_tok_s']}x, prefill 512 {ratio['prefill_512_tok_s']}x",
-                        )
-                    )
+        rows += vs_llama_bench(result, dtypes, llama_bench_binary, llama_ggufs, threads, bandwidth)
     width = max(len(k) for k, _ in rows)
     print(f"\n== trainfer bench decode: {model} ==")
     for k, v in rows:

@@ -182,37 +182,53 @@ def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consi
         a = extract(out.text)
         return Result(a, strategy, [out.text], [a], compute=compute)
     if strategy in ("self-consistency", "adaptive"):
-        outs: list[Sample] = []
-        while len(outs) < n:
-            k = n - len(outs) if strategy == "self-consistency" else min(wave, n - len(outs))
-            outs += yield from draw(prompt, k, temperature, None if seed is None else seed + len(outs))
-            if strategy == "adaptive":
-                counts = Counter(a for a in (extract(o.text) for o in outs) if a is not None).most_common(2)
-                if counts:
-                    lead = counts[0][1] - (counts[1][1] if len(counts) > 1 else 0)
-                    if lead > n - len(outs) or (len(outs) >= 2 * wave and counts[0][1] / len(outs) >= threshold):
-                        break  # the leader cannot be overtaken, or holds the threshold share
-        answers = [extract(o.text) for o in outs]
-        best, votes = vote(answers, [o.logprob for o in outs])
-        return Result(best, strategy, [o.text for o in outs], answers, votes, compute=compute)
+        return (yield from _voting(draw, prompt, extract, strategy, n, wave, threshold, temperature, seed, compute))
     if strategy == "best-of-n":
-        outs = yield from draw(prompt, n, temperature, seed)
-        answers = [extract(o.text) for o in outs]
-        if scorer == "verifier":
-            scores = [1.0 if a is not None and verifier(o.text) else 0.0 for o, a in zip(outs, answers, strict=True)]
-        elif scorer == "judge":  # one one-token draw per distinct answer; the question's prefix comes cached
-            judged = {}
-            for a in dict.fromkeys(a for a in answers if a is not None):
-                ask = JUDGE.format(question=asked, answer=a)
-                (j,) = yield from draw(encode(messages[:-1] + [{"role": "user", "content": ask}]), 1, 0.0, seed, 1,
-                                       JUDGE_TOP)  # fmt: skip
-                judged[a] = yes_share(tokenizer, j.first_top)
-            scores = [judged.get(a, -1.0) for a in answers]
-        else:  # mean token logprob: the model's own confidence in each whole sample
-            scores = [o.logprob / max(1, o.tokens) for o in outs]
-        i = max(range(len(outs)), key=lambda j: scores[j])
-        return Result(answers[i], strategy, [o.text for o in outs], answers, scores=scores, compute=compute)
-    # self-correction: answer -> critique -> revise, until the critique finds nothing or the answer holds
+        judge = (tokenizer, encode, messages, asked)
+        return (yield from _best_of_n(draw, prompt, extract, scorer, verifier, judge, n, temperature, seed, compute))
+    return (yield from _self_correction(draw, encode, prompt, messages, extract, rounds, seed, compute))
+
+
+def _voting(draw, prompt, extract, strategy, n, wave, threshold, temperature, seed, compute) -> Generator:
+    """Self-consistency (n samples, one draw) or adaptive (waves until the leader cannot be overtaken), then a vote."""
+    outs: list[Sample] = []
+    while len(outs) < n:
+        k = n - len(outs) if strategy == "self-consistency" else min(wave, n - len(outs))
+        outs += yield from draw(prompt, k, temperature, None if seed is None else seed + len(outs))
+        if strategy == "adaptive":
+            counts = Counter(a for a in (extract(o.text) for o in outs) if a is not None).most_common(2)
+            if counts:
+                lead = counts[0][1] - (counts[1][1] if len(counts) > 1 else 0)
+                if lead > n - len(outs) or (len(outs) >= 2 * wave and counts[0][1] / len(outs) >= threshold):
+                    break  # the leader cannot be overtaken, or holds the threshold share
+    answers = [extract(o.text) for o in outs]
+    best, votes = vote(answers, [o.logprob for o in outs])
+    return Result(best, strategy, [o.text for o in outs], answers, votes, compute=compute)
+
+
+def _best_of_n(draw, prompt, extract, scorer, verifier, judge, n, temperature, seed, compute) -> Generator:
+    """n samples scored by the verifier, the model as judge, or their mean token logprob; the best one wins."""
+    outs = yield from draw(prompt, n, temperature, seed)
+    answers = [extract(o.text) for o in outs]
+    if scorer == "verifier":
+        scores = [1.0 if a is not None and verifier(o.text) else 0.0 for o, a in zip(outs, answers, strict=True)]
+    elif scorer == "judge":  # one one-token draw per distinct answer; the question's prefix comes cached
+        tokenizer, encode, messages, asked = judge
+        judged = {}
+        for a in dict.fromkeys(a for a in answers if a is not None):
+            ask = JUDGE.format(question=asked, answer=a)
+            (j,) = yield from draw(encode(messages[:-1] + [{"role": "user", "content": ask}]), 1, 0.0, seed, 1,
+                                   JUDGE_TOP)  # fmt: skip
+            judged[a] = yes_share(tokenizer, j.first_top)
+        scores = [judged.get(a, -1.0) for a in answers]
+    else:  # mean token logprob: the model's own confidence in each whole sample
+        scores = [o.logprob / max(1, o.tokens) for o in outs]
+    i = max(range(len(outs)), key=lambda j: scores[j])
+    return Result(answers[i], "best-of-n", [o.text for o in outs], answers, scores=scores, compute=compute)
+
+
+def _self_correction(draw, encode, prompt, messages, extract, rounds, seed, compute) -> Generator:
+    """Answer -> critique -> revise, until the critique finds nothing or the answer holds."""
     (first,) = yield from draw(prompt, 1, 0.0, seed)
     texts, answers = [first.text], [extract(first.text)]
     task = messages[-1]["content"]
@@ -227,7 +243,7 @@ def plan(tokenizer, cfg, question: str | list[dict], strategy: str = "self-consi
         answers.append(extract(rev.text))
         if answers[-1] == answers[-2]:
             break
-    return Result(answers[-1], strategy, texts, answers, compute=compute)
+    return Result(answers[-1], "self-correction", texts, answers, compute=compute)
 
 
 def yes_share(tokenizer, top: list[tuple[int, float]]) -> float:
