@@ -22,8 +22,12 @@ from trainfer.infer import native_decode
 from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
 from trainfer.infer.text import TextOutput
+from trainfer.io import peft
+from trainfer.io.loader import check_memory, load, resolve
 from trainfer.io.tokenizer import Tokenizer
+from trainfer.model import lora
 from trainfer.model.transformer import Transformer
+from trainfer.quant.blocks import weights_kind
 
 Messages = list[dict[str, Any]]
 
@@ -45,9 +49,9 @@ class Completion:
 
 
 class LLM:
-    """Owns a model, its tokenizer and one `Engine` over them: the Python API's calls (generate, chat, stream,
-    reason) each queue their prompts on that engine and read their own sequences back. Not thread-safe: one
-    caller at a time (the server drives the same engine through `AsyncEngine`)."""
+    """Owns a model, its tokenizer and one `Engine` over them: the Python API's calls (generate, chat, stream;
+    trainfer.reason drives it too) each queue their prompts on that engine and read their own sequences back.
+    Not thread-safe: one caller at a time (the server drives the same engine through `AsyncEngine`)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", **engine_args: Any) -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -75,8 +79,6 @@ class LLM:
         engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
         max_model_len.
         """
-        from trainfer.io.loader import check_memory, load
-
         if engine_args.get("num_blocks") is None:
             check_memory(name_or_path, dtype, int(engine_args.get("kv_cache_gb", 1.0) * (1 << 30)))
         model, tokenizer = load(name_or_path, dtype, device)
@@ -85,10 +87,6 @@ class LLM:
         native_decode.prepare(model)  # this model is ours: fused and split once, before its engine and adapters
         llm = cls(model, tokenizer, str(name_or_path), **engine_args)
         if adapters:
-            from trainfer.io import peft
-            from trainfer.io.loader import resolve
-            from trainfer.model import lora
-
             for name, path in adapters.items():
                 peft.load_adapter(llm.model, resolve(path), name)  # wraps the prepared modules
             lora.set_adapter(llm.model, None)
@@ -162,6 +160,4 @@ class LLM:
     @property
     def weights(self) -> str:
         """What the weights are stored as: int8, int4, or the float dtype's name."""
-        from trainfer.quant.blocks import weights_kind
-
         return weights_kind(self.model) or str(self.dtype).removeprefix("torch.")

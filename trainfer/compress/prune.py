@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainfer.data.sources import load_corpus
 from trainfer.errors import TrainferError, new_directory
 from trainfer.io.hf import save_hf
 from trainfer.io.loader import build_model, load_checkpoint
@@ -92,7 +93,6 @@ def calibration(
     tokenizer: Tokenizer, source: str, n_windows: int = 16, seq_len: int = 256, seed: int = 0
 ) -> Calibration:
     """Seeded windows of a corpus (a corpus name such as `shakespeare`, a file, a directory or a glob)."""
-    from trainfer.data.sources import load_corpus
 
     docs = load_corpus([source])
     ids = np.concatenate([np.asarray(tokenizer.encode(d.text), dtype=np.int64) for d in docs])

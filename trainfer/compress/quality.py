@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from trainfer.data.prepare import split_documents
 from trainfer.data.sources import load_corpus
 from trainfer.errors import TrainferError
+from trainfer.llm import LLM
+from trainfer.quant.blocks import bf16_products
+from trainfer.quant.native import extension
 
 CORPORA = {"shakespeare (held-out plays)": "shakespeare", "human-eval (Python)": "human-eval"}
 
@@ -97,7 +100,6 @@ def quality_report(
     prompt_len: int = 32,
     tokens: int = 32,
 ) -> list[Row]:
-    from trainfer.llm import LLM
 
     if positions < 2 or window < 1 or n_prompts < 1 or prompt_len < 1 or tokens < 1:
         raise TrainferError("positions, window, prompts and tokens must be positive (positions at least 2)")
@@ -151,8 +153,6 @@ def format_report(model: str, rows: list[Row]) -> str:
             f"{100 * r.top1_agreement:>11.1f}% {100 * r.greedy_identical:>11.0f}% {100 * r.greedy_prefix:>13.0f}% "
             f"{r.positions:>10}"
         )
-    from trainfer.quant.blocks import bf16_products
-    from trainfer.quant.native import extension
 
     ext = extension()
     if ext is not None and ext.bf16_gemm and bf16_products():

@@ -22,10 +22,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainfer.compress.quality import held_out_ids, score
 from trainfer.cost.estimate import project
 from trainfer.cost.hardware import PriceTable
+from trainfer.data.sources import load_corpus
 from trainfer.errors import TrainferError
-from trainfer.train import evaluate
+from trainfer.io.loader import load
+from trainfer.train import chat_data, evaluate
+from trainfer.train.evaluate import evaluate_chat
 
 SERVE_BELOW, FINETUNE_BELOW = 1.15, 2.0
 
@@ -53,7 +57,6 @@ def choose(ratio: float) -> str:
 
 def bits_per_byte(model, ids: list[int], n_bytes: int, window: int) -> float:
     """The mean next-token loss over the text (compress/quality.score's windows), in bits per byte of it."""
-    from trainfer.compress.quality import score
 
     nll, _ = score(model, ids, window)
     return evaluate.bits_per_byte(nll, n_bytes / (len(ids) - 1))
@@ -78,7 +81,6 @@ def training_tokens_per_s(model, ids: list[int], seq_len: int = 256) -> float:
 
 def advise(model_name: str, data: list[str], table: PriceTable, hardware: str = "cpu-2vcpu", epochs: int = 3,
            max_tokens: int = 8192, window: int = 512, mfu: float = 0.4) -> Advice:  # fmt: skip
-    from trainfer.data.sources import load_corpus
 
     model, tok = load_model(model_name)
     text = "\n\n".join(d.text for d in load_corpus(data))
@@ -98,7 +100,6 @@ def advise(model_name: str, data: list[str], table: PriceTable, hardware: str = 
 
 
 def load_model(model_name: str):
-    from trainfer.io.loader import load
 
     model, tok = load(model_name, "float32")
     if tok is None:
@@ -108,7 +109,6 @@ def load_model(model_name: str):
 
 def text_gap(model, tok, ids: list[int], max_tokens: int, window: int) -> tuple[float, float, int]:
     """Bits per byte of the model on the user's tokens and on as many held-out Shakespeare tokens."""
-    from trainfer.compress.quality import held_out_ids
 
     scored = ids[:max_tokens]
     ref = held_out_ids(tok, "shakespeare", min(max_tokens, len(scored)))
@@ -151,8 +151,6 @@ def advise_chat(model_name: str, eval_data: str, table: PriceTable, train_data: 
     base model's greedy answers are checked against the references. At least `target` of them right: serve it.
     Else the language gap decides: the reference answers read like text the model knows (ratio <= 2.0):
     fine-tune, costed on `train_data` (or the eval set when none is given); a wider gap: pretrain."""
-    from trainfer.train import chat_data
-    from trainfer.train.evaluate import evaluate_chat
 
     if not 0 < target <= 1:
         raise TrainferError(f"--target must be in (0, 1], got {target}")

@@ -9,6 +9,7 @@ from typing import Any
 from trainfer.cost import estimate as est
 from trainfer.cost.hardware import PriceTable
 from trainfer.errors import TrainferError
+from trainfer.io.loader import load_checkpoint, resolve
 
 
 def show(title: str, columns: list[str], rows: list[list[Any]], notes: list[str], data: dict, as_json: bool) -> None:
@@ -146,7 +147,6 @@ def decode(model: str, hardware: list[str], table, batches: list[int], weight_by
            calibrate: Path | None, as_json: bool) -> None:  # fmt: skip
     """Projected $ per 1M output tokens of a model's decode on price-table rows (and, with --calibrate, the same
     projection for the machine a `bench serve` report was measured on next to what it measured)."""
-    from trainfer.io.loader import load_checkpoint, resolve
 
     cfg, _, _ = load_checkpoint(resolve(model), "float32")
     weight_bytes = cfg.n_params * weight_bytes_per_param

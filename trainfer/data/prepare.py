@@ -21,6 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from trainfer.data.sources import Document, load_corpus
 from trainfer.errors import TrainferError, new_directory
+from trainfer.io.loader import load_checkpoint
 from trainfer.io.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"
@@ -144,8 +145,6 @@ def prepare(
     elif tokenizer == "char":
         tok = train_char(docs)  # every character needs an id, validation's too
     else:
-        from trainfer.io.loader import load_checkpoint
-
         loaded = load_checkpoint(tokenizer)[2]
         if loaded is None or loaded.eos_token_id is None:
             raise TrainferError(f"{tokenizer} has no tokenizer with an end-of-text token to reuse")

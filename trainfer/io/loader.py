@@ -17,7 +17,7 @@ import torch
 
 from trainfer import registry
 from trainfer.errors import TrainferError, new_directory
-from trainfer.io import peft
+from trainfer.io import gguf, peft
 from trainfer.io.gguf import load_gguf, load_gguf_model
 from trainfer.io.hf import load_state_dict, read_config, save_hf
 from trainfer.io.quantized import is_quantized, load_quantized
@@ -198,7 +198,6 @@ def available_memory() -> int | None:
 
 def weight_bytes(name_or_path: str | os.PathLike[str], dtype: str = "auto") -> int:
     """Memory a model's weights take once loaded as `dtype`, from its header or config (nothing is loaded)."""
-    from trainfer.io import gguf
 
     path = resolve(name_or_path)
     if path.is_file():

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trainfer.errors import TrainferError
+from trainfer.reason.strategies import reason
 from trainfer.train.config import parse_value
 
 
@@ -185,7 +186,6 @@ def evaluate(llm, task: str, strategies: list[str], budgets: list[int], count: i
              problems: list[Problem] | None = None) -> list[BudgetRow]:  # fmt: skip
     """Each strategy at each budget (n samples; greedy and cot ignore it) on the same `count` problems.
     best-of-n scores by `scorer`: logprob, verifier (the task's program; add-pad has one) or judge."""
-    from trainfer.reason.strategies import reason
 
     problems = problems or make(task, count, seed, digits)
     fmt = task_format(task)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from trainfer.errors import TrainferError
-from trainfer.model.config import PRESETS, ModelConfig
+from trainfer.model.config import PRESETS, ModelConfig, _swiglu_hidden
 
 # What a preset sets besides the model shape: a token budget and learning rate that suit the size.
 RUN_PRESETS: dict[str, dict[str, Any]] = {
@@ -127,8 +127,6 @@ class TrainConfig:
         except ValueError as e:
             raise TrainferError(f"invalid model shape: {e}") from None
         if self.model.get("dim") and "hidden_dim" not in self.model:
-            from trainfer.model.config import _swiglu_hidden
-
             cfg = cfg.replace(hidden_dim=_swiglu_hidden(cfg.dim))
         return cfg
 

@@ -18,11 +18,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainfer.data.prepare import read_shard
 from trainfer.errors import TrainferError
+from trainfer.infer.engine import Engine
 from trainfer.infer.sampling import SamplingParams
 from trainfer.infer.sampling import sample as sample_token
+from trainfer.io.loader import load
 from trainfer.io.tokenizer import Tokenizer
+from trainfer.llm import LLM
 from trainfer.model.transformer import Transformer
+from trainfer.train import chat_data
 
 
 def windows(data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device | str = "cpu"):
@@ -81,8 +86,6 @@ def bytes_per_token(data_dir: Path, split: str, tokenizer: Tokenizer) -> float:
     tokens = meta[f"{split}_tokens"]
     n_bytes = meta.get(f"{split}_bytes")
     if n_bytes is None:  # directories from before meta.json recorded it: decode the split once
-        from trainfer.data.prepare import read_shard
-
         n_bytes = len(tokenizer.decode(read_shard(data_dir, split).tolist(), skip_special_tokens=True).encode())
     return n_bytes / max(1, tokens)
 
@@ -172,7 +175,6 @@ def memorization_probe(
     seed: int = 0,
 ) -> ProbeResult:
     """Greedy continuations of training vs held-out passages, decoded together on the inference engine."""
-    from trainfer.infer.engine import Engine
 
     length = prefix_tokens + continuation_tokens
     groups = [_passages(train, passages, length, seed), _passages(val, passages, length, seed + 1)]
@@ -229,8 +231,6 @@ def evaluate_model(
     dtype: str = "float32",
 ) -> EvalReport:
     """Loss, perplexity and bits per byte on both splits, plus the memorization probe (passages=0: skip)."""
-    from trainfer.data.prepare import read_shard
-    from trainfer.io.loader import load
 
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").exists():
@@ -315,8 +315,6 @@ def evaluate_chat(
 ) -> ChatEvalReport:
     """Assistant-token loss on held-out conversations, and with `exact` the greedy answer to each one's last
     user turn checked against its reference (or the line's "expected" text): base vs tuned on the same set."""
-    from trainfer.llm import LLM
-    from trainfer.train import chat_data
 
     llm = LLM.load(model_path, dtype)
     records = chat_data.read_jsonl(data)

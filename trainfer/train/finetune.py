@@ -23,14 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainfer.data.prepare import read_shard
 from trainfer.errors import TrainferError
+from trainfer.infer.engine import Engine
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io import peft
+from trainfer.io.hf import load_state_dict, read_config
+from trainfer.io.loader import build_model, load_checkpoint, resolve
+from trainfer.io.tokenizer import Tokenizer
 from trainfer.model import lora
 from trainfer.model.transformer import Transformer
+from trainfer.quant.blocks import quantize_model
+from trainfer.registry import ALIASES
 from trainfer.train import chat_data
 from trainfer.train.config import TrainConfig, load_config
-from trainfer.train.evaluate import decode_without_cache
+from trainfer.train.evaluate import bits_per_byte, decode_without_cache
 from trainfer.train.trainer import Trainer, TrainResult
 
 AUTO_LR = {True: 1e-3, False: 5e-5}  # LoRA, full: see docs/finetune.md for how these were chosen
@@ -159,9 +166,6 @@ class FineTuner(Trainer):
     cfg: FineTuneConfig
 
     def _load_data(self) -> None:
-        from trainfer.io.hf import read_config
-        from trainfer.io.loader import load_checkpoint, resolve
-        from trainfer.registry import ALIASES
 
         cfg = self.cfg
         if not cfg.base_model:
@@ -239,8 +243,6 @@ class FineTuner(Trainer):
         cfg = self.cfg
         if not cfg.general_share:
             return None
-        from trainfer.data.prepare import read_shard
-        from trainfer.io.tokenizer import Tokenizer
 
         if cfg.general_data == "self":
             return self._own_samples(tokenizer)
@@ -263,8 +265,6 @@ class FineTuner(Trainer):
         path = self.out / "replay-tokens.npy"
         if path.exists():
             return np.load(path)
-        from trainfer.infer.engine import Engine
-        from trainfer.io.loader import build_model
 
         cfg = self.cfg
         start = tokenizer.backend.token_to_id("<|endoftext|>")
@@ -293,8 +293,6 @@ class FineTuner(Trainer):
         return len(self.train_rows) + self.general_rows
 
     def _make_model(self) -> Transformer:
-        from trainfer.io.hf import load_state_dict
-        from trainfer.io.loader import build_model
 
         cfg = self.cfg
         resumed_full = self.resume_from is not None and not cfg.lora
@@ -302,8 +300,6 @@ class FineTuner(Trainer):
         model = build_model(self.base_cfg, state).train()
         del self.base_state  # the model holds the weights now
         if cfg.base_dtype != "float32":
-            from trainfer.quant.blocks import quantize_model
-
             quantize_model(model, cfg.base_dtype)  # a tied embedding becomes a new module: hook it after this
         if cfg.neftune_alpha:
             model.embed_tokens.register_forward_hook(functools.partial(neftune_noise, cfg.neftune_alpha))
@@ -383,7 +379,6 @@ class FineTuner(Trainer):
         return loss
 
     def evaluate(self) -> dict[str, Any]:
-        from trainfer.train.evaluate import bits_per_byte
 
         out: dict[str, Any] = {"step": self.step, "train_eval_loss": self._rows_loss(self.train_rows)}
         if self.val_rows is not None:

@@ -17,6 +17,7 @@ import torch
 
 from trainfer.errors import TrainferError
 from trainfer.model.config import ModelConfig
+from trainfer.registry import home
 
 SOURCES = ("stated", "cached", "measured")
 PEAK_ENV = "TRAINFER_PEAK_FLOPS"  # a stated peak for every run on this machine (FLOP/s per process)
@@ -132,7 +133,6 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def peak_cache_path() -> Path:
-    from trainfer.registry import home
 
     return home() / "peak_flops.json"
 
