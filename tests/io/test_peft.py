@@ -7,22 +7,11 @@ import json
 import pytest
 import torch
 
+from tests.model.test_lora import TOKENS, perturbed
 from trainfer.errors import TrainferError
 from trainfer.io import peft as peft_format
 from trainfer.io.loader import export_hf, load_model
 from trainfer.model import lora
-
-TOKENS = torch.tensor([[5, 17, 99, 3, 42, 7, 7, 130, 64, 1]])
-
-
-def perturbed(model, cfg: lora.LoRAConfig, seed: int = 1):
-    """LoRA applied, with B made non-zero (as after training) so the update matters."""
-    lora.apply_lora(model, cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora.lora_modules(model).values():
-            m.lora_B["default"].copy_(torch.randn(m.lora_B["default"].shape, generator=gen) * 0.05)
-    return model.eval()
 
 
 def test_peft_loads_our_adapter_and_we_load_peft_s(chat_model, tmp_path):
