@@ -121,7 +121,8 @@ def test_the_defaults_scale_the_schedule_to_the_data(chat_model, tmp_path):
     """No settings: rows as long as the longest conversation, enough epochs for MIN_STEPS steps (at most
     MAX_AUTO_EPOCHS), nothing held out
     of a small set, 10% of a larger one; a run too short to learn is said so before it starts."""
-    from trainfer.train.finetune import MAX_AUTO_EPOCHS, MIN_STEPS, SHORT_RUN, FineTuner
+    from trainfer.train.finetune import FineTuner
+    from trainfer.train.finetune_config import MAX_AUTO_EPOCHS, MIN_STEPS, SHORT_RUN
 
     def plan(data: Path, out: str, **values) -> FineTuner:
         cfg = load_finetune_config(None, [], base_model=str(chat_model), data=str(data), out_dir=str(tmp_path / out),

@@ -313,14 +313,7 @@ def prune(
     seed: int = 0,
 ) -> PruneReport:
     """Prune `model` and write the result to `out` (a new directory)."""
-    if method not in METHODS:
-        raise TrainferError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    metric = metric or {"depth": "influence", "width": "activation", "sparsity": "wanda"}[method]
-    allowed = {"depth": DEPTH_METRICS, "width": ("activation",), "sparsity": SPARSITY_METRICS}[method]
-    if metric not in allowed:
-        raise TrainferError(f"{method} pruning measures importance by {', '.join(allowed)}; got {metric!r}")
-    if not 0 < ratio < 1:
-        raise TrainferError(f"--ratio must be between 0 and 1 (a share of the block parameters), got {ratio}")
+    metric = _check_method(method, metric, ratio)
     out = new_directory(out)
     cfg, state, tok = load_checkpoint(model, torch.float32)
     if tok is None:
@@ -333,27 +326,11 @@ def prune(
     )  # fmt: skip
     report.scores["calibration_loss_before"] = calibration_loss(net, cal)
     if method == "depth":
-        drop_n = depth_plan(cfg, ratio)
-        scores = block_influence(net, cal) if metric == "influence" else loss_without_each_block(net, cal)
-        drop = sorted(np.argsort(scores)[:drop_n].tolist())
-        report.scores["per_block"] = [round(s, 6) for s in scores]
-        report.removed["blocks"] = drop
-        new_cfg, new_state = drop_blocks(cfg, state, drop)
+        new_cfg, new_state = _prune_depth(cfg, state, net, cal, ratio, metric, report)
     elif method == "width":
-        hidden, kv = width_plan(cfg, ratio, kv_heads)
-        channels, groups = width_importance(net, cal)
-        new_cfg, new_state, kept = narrow(cfg, state, channels, hidden, groups, kv)
-        report.removed["mlp_channels_per_layer"] = f"{cfg.hidden_dim - hidden} of {cfg.hidden_dim}"
-        report.removed["kv_head_groups_per_layer"] = f"{cfg.n_kv_heads - kv} of {cfg.n_kv_heads}"
-        report.scores.update(kept)
+        new_cfg, new_state = _prune_width(cfg, state, net, cal, ratio, kv_heads, report)
     else:
-        zeros = sparsify(net, cal if metric == "wanda" else None, ratio, metric)
-        new_cfg, new_state = cfg, {k: v.detach() for k, v in net.state_dict().items()}
-        report.removed["weights_zeroed"] = f"{zeros['zeroed']:,} of {zeros['of']:,} block weights"
-        report.notes.append(
-            "stored dense: the directory is as large as before, and dense kernels run it no faster; "
-            "the zeros pay only with a sparse format or kernel, which trainfer does not have"
-        )
+        new_cfg, new_state = _prune_sparsity(cfg, net, cal, ratio, metric, report)
     pruned = build_model(new_cfg, new_state).eval()
     report.scores["calibration_loss_after"] = calibration_loss(pruned, cal)
     if method != "sparsity":
@@ -363,3 +340,60 @@ def prune(
     tok.save(out)
     (out / "prune.json").write_text(json.dumps({"model": str(model), **asdict(report)}, indent=2))
     return report
+
+
+def _check_method(method: str, metric: str | None, ratio: float) -> str:
+    """The metric to use (the method's default when none is named); refused before a model is loaded, so a
+    typo costs nothing."""
+    if method not in METHODS:
+        raise TrainferError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    metric = metric or {"depth": "influence", "width": "activation", "sparsity": "wanda"}[method]
+    allowed = {"depth": DEPTH_METRICS, "width": ("activation",), "sparsity": SPARSITY_METRICS}[method]
+    if metric not in allowed:
+        raise TrainferError(f"{method} pruning measures importance by {', '.join(allowed)}; got {metric!r}")
+    if not 0 < ratio < 1:
+        raise TrainferError(f"--ratio must be between 0 and 1 (a share of the block parameters), got {ratio}")
+    return metric
+
+
+def _prune_depth(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], net: Transformer, cal: Calibration, ratio: float, metric: str,
+    report: PruneReport,
+) -> tuple[ModelConfig, dict]:  # fmt: skip
+    """Drop the least important blocks; every block's score goes in the report, so a user can see how close the
+    call was."""
+    drop_n = depth_plan(cfg, ratio)
+    scores = block_influence(net, cal) if metric == "influence" else loss_without_each_block(net, cal)
+    drop = sorted(np.argsort(scores)[:drop_n].tolist())
+    report.scores["per_block"] = [round(s, 6) for s in scores]
+    report.removed["blocks"] = drop
+    return drop_blocks(cfg, state, drop)
+
+
+def _prune_width(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], net: Transformer, cal: Calibration, ratio: float,
+    kv_heads: int | None, report: PruneReport,
+) -> tuple[ModelConfig, dict]:  # fmt: skip
+    """Narrow every MLP and drop KV head groups: the shape is planned from the ratio first, so the scores only
+    choose which channels and groups stay."""
+    hidden, kv = width_plan(cfg, ratio, kv_heads)
+    channels, groups = width_importance(net, cal)
+    new_cfg, new_state, kept = narrow(cfg, state, channels, hidden, groups, kv)
+    report.removed["mlp_channels_per_layer"] = f"{cfg.hidden_dim - hidden} of {cfg.hidden_dim}"
+    report.removed["kv_head_groups_per_layer"] = f"{cfg.n_kv_heads - kv} of {cfg.n_kv_heads}"
+    report.scores.update(kept)
+    return new_cfg, new_state
+
+
+def _prune_sparsity(
+    cfg: ModelConfig, net: Transformer, cal: Calibration, ratio: float, metric: str, report: PruneReport
+) -> tuple[ModelConfig, dict]:
+    """Zero weights in place; the report notes that nothing got smaller or faster, since a user reading "25%
+    pruned" would expect both."""
+    zeros = sparsify(net, cal if metric == "wanda" else None, ratio, metric)
+    report.removed["weights_zeroed"] = f"{zeros['zeroed']:,} of {zeros['of']:,} block weights"
+    report.notes.append(
+        "stored dense: the directory is as large as before, and dense kernels run it no faster; "
+        "the zeros pay only with a sparse format or kernel, which trainfer does not have"
+    )
+    return cfg, {k: v.detach() for k, v in net.state_dict().items()}

@@ -140,51 +140,68 @@ def prepare(
         train_docs, val_docs = split_contiguous(docs, val_fraction)
     else:
         train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    if tokenizer == "bpe":
-        tok = train_bpe(train_docs, vocab_size)  # learned on training text only
-    elif tokenizer == "char":
-        tok = train_char(docs)  # every character needs an id, validation's too
-    else:
-        loaded = load_checkpoint(tokenizer)[2]
-        if loaded is None or loaded.eos_token_id is None:
-            raise TrainferError(f"{tokenizer} has no tokenizer with an end-of-text token to reuse")
-        tok = loaded
+    tok = _tokenizer_for(tokenizer, docs, train_docs, vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"tokenizer": tokenizer, "seed": seed, "val_fraction": val_fraction, "split": split}
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".prepare-"))
     try:
-        train_ids, val_ids = encode_documents(train_docs, tok), encode_documents(val_docs, tok)
-        train_ids.tofile(tmp / "train.bin")
-        val_ids.tofile(tmp / "val.bin")
-        tok.save(tmp)
-        train_bytes = sum(len(d.text.encode()) for d in train_docs)
-        val_bytes = sum(len(d.text.encode()) for d in val_docs)  # the split cuts at characters: sums add up
-        stats = PrepareStats(
-            len(docs),
-            len(train_docs),
-            len(val_docs),
-            int(train_ids.size),
-            int(val_ids.size),
-            train_bytes + val_bytes,
-            tok.vocab_size,
-        )
-        meta = {
-            **stats.__dict__,
-            "dtype": str(train_ids.dtype),
-            "tokenizer": tokenizer,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "split": split,
-            "val_names": [d.name for d in val_docs],
-            "train_bytes": train_bytes,
-            "val_bytes": val_bytes,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        stats = _write_shards(tmp, tok, len(docs), train_docs, val_docs, settings)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return stats
+
+
+def _tokenizer_for(tokenizer: str, docs: list[Document], train_docs: list[Document], vocab_size: int) -> Tokenizer:
+    """bpe and char train a new one; any other name is a model whose tokenizer is reused, so the shards can
+    fine-tune or evaluate that model (it needs an end-of-text token: documents are separated by it)."""
+    if tokenizer == "bpe":
+        return train_bpe(train_docs, vocab_size)  # learned on training text only
+    if tokenizer == "char":
+        return train_char(docs)  # every character needs an id, validation's too
+    loaded = load_checkpoint(tokenizer)[2]
+    if loaded is None or loaded.eos_token_id is None:
+        raise TrainferError(f"{tokenizer} has no tokenizer with an end-of-text token to reuse")
+    return loaded
+
+
+def _write_shards(
+    tmp: Path,
+    tok: Tokenizer,
+    n_docs: int,
+    train_docs: list[Document],
+    val_docs: list[Document],
+    settings: dict[str, object],
+) -> PrepareStats:
+    """train.bin, val.bin, the tokenizer and meta.json into tmp; meta.json records the settings and the
+    validation documents' names, so a later run can tell what the shards hold without re-reading the text."""
+    train_ids, val_ids = encode_documents(train_docs, tok), encode_documents(val_docs, tok)
+    train_ids.tofile(tmp / "train.bin")
+    val_ids.tofile(tmp / "val.bin")
+    tok.save(tmp)
+    train_bytes = sum(len(d.text.encode()) for d in train_docs)
+    val_bytes = sum(len(d.text.encode()) for d in val_docs)  # the split cuts at characters: sums add up
+    stats = PrepareStats(
+        n_docs,
+        len(train_docs),
+        len(val_docs),
+        int(train_ids.size),
+        int(val_ids.size),
+        train_bytes + val_bytes,
+        tok.vocab_size,
+    )
+    meta = {
+        **stats.__dict__,
+        "dtype": str(train_ids.dtype),
+        **settings,
+        "val_names": [d.name for d in val_docs],
+        "train_bytes": train_bytes,
+        "val_bytes": val_bytes,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return stats
 
 

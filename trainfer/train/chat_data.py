@@ -279,3 +279,10 @@ def masked_loss_sum(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[T
     logits = raw.lm_head(h[sel])  # (n, V)
     loss = F.cross_entropy(logits.float(), batch["targets"][sel], reduction="sum")
     return loss, int(sel.sum())
+
+
+def bytes_per_target(packed: Packed, tokenizer: Tokenizer) -> float:
+    """Text bytes per trained (assistant) token: what turns a chat loss into bits per byte."""
+    ids = packed.targets[packed.loss].tolist()
+    # text bytes only: an end-of-turn token is markup the model emits, not bytes of the answer
+    return max(1, len(tokenizer.decode(ids, skip_special_tokens=True).encode())) / max(1, len(ids))

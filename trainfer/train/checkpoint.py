@@ -5,7 +5,8 @@
 
 A checkpoint is written to a hidden temp directory, every file fsynced, then renamed into place: a
 directory named step-* is always complete, so a kill at any moment leaves the previous one loadable.
-Reading a run directory (which checkpoints are complete, the best one) is io/run_dir.py's. See docs/training.md.
+Gathering a run's optimizer and RNG state for one, and putting them back on resume, are here too. Reading a run
+directory (which checkpoints are complete, the best one) is io/run_dir.py's. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from trainfer.errors import TrainferError
-from trainfer.io.run_dir import best_checkpoint, checkpoints_dir, list_checkpoints
+from trainfer.io.run_dir import best_checkpoint, checkpoints_dir, list_checkpoints, read_state
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.config import ModelConfig
+from trainfer.train.config import TrainConfig
 
 
 def _fsync_tree(path: Path) -> None:
@@ -100,6 +108,58 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise TrainferError(f"{ckpt} has no trainer.pt: it is a model, not a resumable checkpoint") from None
     except Exception as e:
         raise TrainferError(f"cannot read {ckpt}/trainer.pt (corrupt or truncated?): {e}") from None
+
+
+def gather_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, offload: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full (unsharded) model and optimizer state; every rank must call it, since under FSDP it is a gather."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a resumed run needs to draw what an unbroken run would have (dropout, samples)."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    windows_per_step: int,
+) -> dict[str, Any]:
+    """Put checkpoint `path`'s optimizer and RNG state back and return its state.json; refused when this run's
+    seed, seq_len or global batch differs, because the data order would change and it would not continue."""
+    state = read_state(path)
+    saved = state["config"]
+    changed = [k for k in ("seed", "seq_len") if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        k = changed[0]
+        raise TrainferError(
+            f"{path} was trained with {k}={saved.get(k)!r}, this run asks for {getattr(cfg, k)!r}: "
+            "the data order would change; resume with the same value"
+        )
+    trainer_state = load_trainer_state(path)
+    opts = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=opts)
+    for i, group in enumerate(optimizer.param_groups):  # this run's settings (lr is set per step)
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+    torch.set_rng_state(trainer_state["rng"]["torch"])
+    if "cuda" in trainer_state["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], device)
+    if state["cursor"] != state["step"] * windows_per_step:
+        raise TrainferError(
+            f"{path} was written with a different global batch ({state['cursor'] // max(1, state['step'])} windows "
+            f"per step, now {windows_per_step}); resume with the same batch_size x grad_accum x processes"
+        )
+    return state
 
 
 def describe_shape(cfg: ModelConfig) -> str:

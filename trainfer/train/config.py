@@ -193,6 +193,20 @@ def load_config(
 
     Unknown keys are errors that name the closest valid key.
     """
+    settings = _gather_settings(path, overrides, base, values)
+    cls = cls or TrainConfig
+    run, model = _sort_keys(settings, cls)
+    merged = _typed_run_settings(run, cls)
+    if model and not cls.shapes_model:
+        raise TrainferError("model.* settings shape a model trained from scratch; a fine-tune keeps its base's shape")
+    return cls(**merged, model=model)
+
+
+def _gather_settings(
+    path: str | Path | None, overrides: list[str], base: dict[str, Any] | None, values: dict[str, Any]
+) -> dict[str, Any]:
+    """Every source flattened to dotted keys and layered, later wins, so that a file and `--set model.dim=...`
+    can override one key of a nested table without restating the rest."""
     settings: dict[str, Any] = _flatten(base or {})
     if path is not None:
         try:
@@ -207,8 +221,12 @@ def load_config(
         if not sep:
             raise TrainferError(f"--set expects key=value, got {item!r}")
         settings[key.strip()] = parse_value(text.strip())
+    return settings
 
-    cls = cls or TrainConfig
+
+def _sort_keys(settings: dict[str, Any], cls: type[TrainConfig]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run settings, model.* settings without the prefix): a typo is caught here, by name, rather than
+    silently training with a default."""
     run_keys = [f.name for f in dataclasses.fields(cls) if f.name != "model"]
     # vocab size and special token ids come from the data's tokenizer; arch is what the model is
     fixed = ("vocab_size", "arch", "bos_token_id", "eos_token_id")
@@ -226,24 +244,33 @@ def load_config(
             run[key] = value
         else:
             raise TrainferError(f"unknown config key {key!r}{_closest(key, run_keys)}")
+    return run, model
+
+
+def _typed_run_settings(run: dict[str, Any], cls: type[TrainConfig]) -> dict[str, Any]:
+    """The preset's run defaults under the settings given, each checked against its field's type: TOML and
+    `--set` cannot say which type a key wants, so a wrong one is named here instead of failing mid-run."""
     preset = run.get("preset", cls.preset)
     if preset not in RUN_PRESETS:
         raise TrainferError(f"unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}")
     presets = RUN_PRESETS[preset] if cls is TrainConfig else {}  # a fine-tune's shape is its base model's
     merged = {**presets, **run}  # a resumed run's base already holds every key
     for key, value in merged.items():
-        default = getattr(cls, key, None)
-        if isinstance(default, str) and not isinstance(value, str):
-            raise TrainferError(f"{key} must be text, got {value!r}")
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise TrainferError(f"{key} must be true or false, got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TrainferError(f"{key} must be a number, got {value!r}")
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                if not value.is_integer():
-                    raise TrainferError(f"{key} must be a whole number, got {value!r}")
-                merged[key] = int(value)
-    if model and not cls.shapes_model:
-        raise TrainferError("model.* settings shape a model trained from scratch; a fine-tune keeps its base's shape")
-    return cls(**merged, model=model)
+        merged[key] = _typed_value(key, value, getattr(cls, key, None))
+    return merged
+
+
+def _typed_value(key: str, value: Any, default: Any) -> Any:
+    """value if it has the type of the field's default (a whole-number float becomes an int), else a clear error."""
+    if isinstance(default, str) and not isinstance(value, str):
+        raise TrainferError(f"{key} must be text, got {value!r}")
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise TrainferError(f"{key} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TrainferError(f"{key} must be a number, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if not value.is_integer():
+                raise TrainferError(f"{key} must be a whole number, got {value!r}")
+            return int(value)
+    return value

@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,20 @@ def evaluate_loss(
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     """Tokenizer-independent: nats per token -> bits per byte of text."""
     return loss_nats / math.log(2) / bytes_per_token
+
+
+def loss_record(step: int, train_loss: float, val_loss: float | None, bytes_per_token: float | None) -> dict[str, Any]:
+    """An evaluation's metrics.jsonl fields: the held-out loss also as perplexity, as bits per byte (comparable
+    across tokenizers) and as its gap over the training loss (overfitting shows there first)."""
+    out: dict[str, Any] = {"step": step, "train_eval_loss": train_loss}
+    if val_loss is not None:
+        out.update(
+            val_loss=val_loss,
+            val_ppl=math.exp(min(val_loss, 50)),
+            val_bpb=bits_per_byte(val_loss, bytes_per_token),
+            gap=val_loss - train_loss,
+        )
+    return out
 
 
 def bytes_per_token(data_dir: Path, split: str, tokenizer: Tokenizer) -> float:
@@ -191,6 +206,25 @@ def memorization_probe(
         results.append((exact / len(group), token / len(group)))
     (te, tt), (ve, vt) = results
     return ProbeResult(te, ve, tt, vt, len(groups[0]), prefix_tokens, continuation_tokens)
+
+
+def probe_fields(model: Transformer, train: np.ndarray, val: np.ndarray, passages: int) -> dict[str, float]:
+    """The probe on a model being trained, as metrics.jsonl fields: run in eval mode (the engine leaves its
+    modules alone), then put back; a split too short for the passages logs nothing rather than ending the run."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = memorization_probe(model, train, val, passages)
+    except TrainferError:
+        return {}
+    finally:
+        model.train(was_training)
+    return {
+        "probe_train_exact": p.train_exact,
+        "probe_val_exact": p.val_exact,
+        "probe_train_match": p.train_token_match,
+        "probe_val_match": p.val_token_match,
+    }
 
 
 @dataclass

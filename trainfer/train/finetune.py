@@ -11,16 +11,16 @@ of (seed, cursor), so a resumed fine-tune continues bit for bit. Design: docs/fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainfer.data.prepare import read_shard
@@ -36,133 +36,26 @@ from trainfer.model.transformer import Transformer
 from trainfer.quant.blocks import quantize_model
 from trainfer.registry import ALIASES
 from trainfer.train import chat_data
-from trainfer.train.config import TrainConfig, load_config
-from trainfer.train.evaluate import bits_per_byte, decode_without_cache
+from trainfer.train.config import load_config
+from trainfer.train.distributed import agree, shutdown
+from trainfer.train.evaluate import decode_without_cache, loss_record
+from trainfer.train.finetune_config import (
+    AUTO_LR,
+    MAX_AUTO_EPOCHS,
+    MIN_STEPS,
+    SHORT_RUN,
+    SMALL_DATA,
+    FineTuneConfig,
+    auto_seq_len,
+)
+from trainfer.train.finetune_loss import MaskedLM, neftune_noise
 from trainfer.train.trainer import Trainer, TrainResult
-
-AUTO_LR = {True: 1e-3, False: 5e-5}  # LoRA, full: see docs/finetune.md for how these were chosen
-# The automatic schedule (docs/finetune.md has the measurements): rows as long as the longest conversation, so that
-# small data still makes many rows; enough epochs for MIN_STEPS optimizer steps; and no held-out split below
-# SMALL_DATA conversations, where every one is needed to learn from. A run under SHORT_RUN steps learns next to
-# nothing (measured: 2 and 5 steps on a 48-line FAQ answered none of its new phrasings) and says so first.
-MIN_STEPS = 64
-MAX_AUTO_EPOCHS = 20
-SMALL_DATA = 200
-SHORT_RUN = 30
-MAX_AUTO_SEQ_LEN = 512
-
-
-@dataclass
-class FineTuneConfig(TrainConfig):
-    shapes_model: ClassVar[bool] = False
-    base_model: str = ""  # the model to adapt: an alias, a .gguf, a Hugging Face directory or a run
-    val_data: str = ""  # held-out conversations (JSONL); empty: hold out val_fraction of data
-    val_fraction: float = -1.0  # -1: 0.1 from SMALL_DATA conversations up, none below (every one trains)
-    epochs: float = 0.0  # used when max_steps is 0; 0: at least 3, more on small data until MIN_STEPS steps
-    max_steps: int = 0
-    lr: float = 0.0  # 0: 1e-3 with LoRA, 5e-5 full
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "all"  # all | attention | mlp | a comma-separated list of q_proj, ..., down_proj
-    rslora: bool = False
-    # LoRA only: hold the frozen base in int8 (Q8_0 blocks) or int4 (Q4_1) instead of fp32, QLoRA-style: ~4x / ~7x
-    # less memory for the base, products on the native kernels, gradients to the adapters through dequantized
-    # weights. The adapter is saved as usual and applies to the float base (docs/finetune.md).
-    base_dtype: str = "float32"
-    # General text replayed as a share of each epoch's rows, so tuning does not erase what the base knew: a
-    # `trainfer prepare` directory in the base's tokenizer, or "self": the base model's own samples
-    general_data: str = ""
-    general_share: float = 0.0
-    # > 0: the general rows are scored by KL(base || tuned) over the whole vocabulary at every position (times
-    # this weight) instead of cross-entropy on their tokens: the tuned model is pulled toward the base's whole
-    # distribution, not one sampled token. The base is the same model with its adapter off (LoRA) or a frozen
-    # copy (full fine-tuning).
-    general_kl: float = 0.0
-    # > 0: NEFTune (Jain et al. 2023): uniform noise of +-alpha / sqrt(seq_len * dim) on the input embeddings of
-    # training forwards only (not evaluation, not the KL anchor's base); 5 is the paper's usual value
-    neftune_alpha: float = 0.0
-    seq_len: int = 0  # 0: the longest training conversation rounded up to 64 tokens (at most MAX_AUTO_SEQ_LEN)
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    ckpt_every: int = 100
-    sample_tokens: int = 32
-
-    def checks(self) -> dict[str, bool]:
-        targets_ok = self.lora_r < 1 or self.lora_alpha <= 0 or bool(self.lora_config())  # raises naming a bad one
-        return {
-            **super().checks(),
-            "lora_targets": targets_ok,
-            "seq_len": self.seq_len == 0 or self.seq_len > 1,
-            "max_steps": self.max_steps >= 0,
-            "lr": self.lr >= 0,
-            "epochs": self.epochs >= 0,
-            "val_fraction": self.val_fraction == -1 or 0 <= self.val_fraction < 1,
-            "general_share": 0 <= self.general_share < 1,
-            "neftune_alpha": self.neftune_alpha >= 0,
-            "general_kl": self.general_kl >= 0 and (self.general_kl == 0 or self.general_share > 0),
-            "base_dtype": self.base_dtype == "float32" or self.lora,
-            "lora_r": self.lora_r >= 1,
-            "lora_alpha": self.lora_alpha > 0,
-            "lora_dropout": 0 <= self.lora_dropout < 1,
-            # the probe continues passages of token shards; a chat fine-tune's measure is its held-out answers
-            "probe_passages": self.probe_passages == 0,
-        }
-
-    def choices(self) -> dict[str, tuple[str, ...]]:
-        return {**super().choices(), "base_dtype": ("float32", "int8", "int4")}
-
-    def lora_config(self) -> lora.LoRAConfig:
-        return lora.LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, self.rslora)
-
-
-def auto_seq_len(examples: list[chat_data.Example], context: int) -> int:
-    """Rows as long as the longest conversation (rounded up to 64): a small set still makes many rows, so many
-    steps; packing it into long rows left a 48-line FAQ 2-5 optimizer steps in all."""
-    longest = max(len(e.tokens) - 1 for e in examples)
-    return min(context, MAX_AUTO_SEQ_LEN, max(64, -(-longest // 64) * 64))
-
-
-def neftune_noise(alpha: float, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-    """Embedding forward hook: noisy embeddings in training forwards with gradients; the base's no-grad
-    forward for the KL anchor and every evaluation see the clean ones."""
-    if not (module.training and torch.is_grad_enabled()):
-        return out
-    bound = alpha / math.sqrt(out.shape[-2] * out.shape[-1])
-    return out + torch.empty_like(out).uniform_(-bound, bound)
-
-
-class MaskedLM(nn.Module):
-    """The step's forward as a module (what DDP wraps): summed loss over assistant targets and their count.
-    With `kl_weight`, positions marked `anchor` (general rows) score KL(base || model) instead, the base's
-    logits coming from `base_logits(batch)` without gradients."""
-
-    def __init__(self, model: Transformer, kl_weight: float = 0.0, base_logits=None) -> None:
-        super().__init__()
-        self.model = model
-        self.kl_weight, self.base_logits = kl_weight, base_logits
-
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        anchor = batch.get("anchor")
-        if not self.kl_weight or anchor is None or not bool(anchor.any()):
-            return chat_data.masked_loss_sum(self.model, batch)
-        raw = getattr(self.model, "module", self.model)
-        h = raw.hidden_states(batch["inputs"], batch["positions"], chat_data.PackedAttention(batch["docs"]))
-        plain = batch["loss"] & ~anchor
-        loss = F.cross_entropy(raw.lm_head(h[plain]).float(), batch["targets"][plain], reduction="sum")
-        with torch.no_grad():
-            base = self.base_logits(batch)[anchor].float().log_softmax(-1)
-        tuned = raw.lm_head(h[anchor]).float().log_softmax(-1)
-        kl = (base.exp() * (base - tuned)).sum()
-        return loss + self.kl_weight * kl, int(batch["loss"].sum())
 
 
 class FineTuner(Trainer):
+    """The pretraining loop with a fine-tune's data (packed conversations, replayed general text), weights (the
+    base's, LoRA or full), objective (finetune_loss.py) and checkpoints (a PEFT adapter or a full model)."""
+
     cfg: FineTuneConfig
 
     def _load_data(self) -> None:
@@ -214,7 +107,7 @@ class FineTuner(Trainer):
             cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch))
         if self.dist.main and self.resume_from is None:
             print(self.plan(), flush=True)
-        self.val_bytes_per_token = _bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
+        self.val_bytes_per_token = chat_data.bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
         # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
         self.flops_per_token = self.base_cfg.training_flops_per_token(cfg.seq_len) * (4 / 6 if cfg.lora else 1)
 
@@ -317,8 +210,6 @@ class FineTuner(Trainer):
         if not hasattr(self, "_loss_module"):
             base = None
             if self.cfg.general_kl and not self.cfg.lora:  # full fine-tuning: the base is a frozen copy
-                import copy
-
                 self._frozen = copy.deepcopy(self.raw).eval().requires_grad_(False)
             if self.cfg.general_kl:
                 base = self.base_logits
@@ -379,17 +270,9 @@ class FineTuner(Trainer):
         return loss
 
     def evaluate(self) -> dict[str, Any]:
-
-        out: dict[str, Any] = {"step": self.step, "train_eval_loss": self._rows_loss(self.train_rows)}
-        if self.val_rows is not None:
-            val = self._rows_loss(self.val_rows)
-            out.update(
-                val_loss=val,
-                val_ppl=math.exp(min(val, 50)),
-                val_bpb=bits_per_byte(val, self.val_bytes_per_token),
-                gap=val - out["train_eval_loss"],
-            )
-        return out
+        train_loss = self._rows_loss(self.train_rows)
+        val = self._rows_loss(self.val_rows) if self.val_rows is not None else None
+        return loss_record(self.step, train_loss, val, self.val_bytes_per_token)
 
     def sample_text(self) -> str:
         """The greedy answer to the first held-out (else training) conversation, without a KV cache."""
@@ -417,12 +300,6 @@ class FineTuner(Trainer):
         peft.save_adapter(directory, self.raw, self.cfg.lora_config(), self.cfg.base_model)
 
 
-def _bytes_per_target(packed: chat_data.Packed, tokenizer) -> float:
-    ids = packed.targets[packed.loss].tolist()
-    # text bytes only: an end-of-turn token is markup the model emits, not bytes of the answer
-    return max(1, len(tokenizer.decode(ids, skip_special_tokens=True).encode())) / max(1, len(ids))
-
-
 @dataclass
 class FineTuneResult:
     train: TrainResult
@@ -436,11 +313,10 @@ class FineTuneResult:
 
 def finetune(cfg: FineTuneConfig, resume: bool = False) -> FineTuneResult:
     """Fine-tune (or continue), evaluating the base first so the report card says what tuning changed."""
-    import torch.distributed as dist
-
     try:
         tuner = FineTuner(cfg, resume)
-        before = tuner._agree(tuner.evaluate()) if not resume and tuner.val_rows is not None else None
+        fresh = not resume and tuner.val_rows is not None
+        before = agree(tuner.evaluate(), tuner.dist, tuner.device) if fresh else None
         result = tuner.train()
         info = lora.describe(tuner.raw)
         out = FineTuneResult(result, tuner.examples, tuner.train_rows.truncated, info["trainable"], info["total"],
@@ -450,8 +326,7 @@ def finetune(cfg: FineTuneConfig, resume: bool = False) -> FineTuneResult:
             (tuner.out / "report.md").write_text(out.card + "\n")
         return out
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
 
 def report_card(tuner: FineTuner, r: FineTuneResult) -> str:

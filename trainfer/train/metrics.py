@@ -222,6 +222,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict) and "step" in r]
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the lines up to `step`: what an interrupted run logged after its last checkpoint is logged again by
+    the resumed run. A torn last line is dropped too; the file is replaced atomically."""
+    if path.exists():
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+
+
 def plot_metrics(metrics: Path, out: Path) -> None:
     """Training loss (per logged step) and train/val evaluation losses against tokens seen."""
     import matplotlib

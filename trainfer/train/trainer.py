@@ -13,22 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from tqdm import tqdm
 
 from trainfer.data.prepare import read_shard
 from trainfer.errors import TrainferError
@@ -38,38 +28,11 @@ from trainfer.io.tokenizer import Tokenizer
 from trainfer.model.transformer import Transformer
 from trainfer.train import checkpoint as ckpt
 from trainfer.train.config import TrainConfig
-from trainfer.train.evaluate import (
-    bits_per_byte,
-    bytes_per_token,
-    evaluate_loss,
-    lm_loss,
-    memorization_probe,
-    sample,
-    windows,
-)
-from trainfer.train.metrics import PeakFlops, cpu_has_bf16, matmul_peak, plot_metrics, read_metrics
+from trainfer.train.distributed import agree, average, barrier, data_parallel, setup_device, shard, shutdown
+from trainfer.train.evaluate import bytes_per_token, evaluate_loss, lm_loss, loss_record, probe_fields, sample, windows
+from trainfer.train.metrics import PeakFlops, drop_metrics_after, matmul_peak, plot_metrics
+from trainfer.train.progress import Progress
 from trainfer.train.schedule import WindowSampler, lr_at
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @dataclass
@@ -105,23 +68,9 @@ class Trainer:
                 "or choose another --out"
             )
         self.resume_from = existing[-1] if resume else None
-        self._setup_device()
+        self.dist, self.device, self.amp_dtype = setup_device(cfg.device, cfg.dtype)
         self._load_data()
         self._build()
-
-    def _setup_device(self) -> None:
-        cfg = self.cfg
-        kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise TrainferError("device cuda was asked for but CUDA is not available")
-        self.dist = init_distributed(kind)
-        self.device = torch.device(kind, self.dist.local_rank) if kind == "cuda" else torch.device("cpu")
-        if kind == "cuda":
-            torch.cuda.set_device(self.device)
-        want_bf16 = cfg.dtype == "bfloat16" or (
-            cfg.dtype == "auto" and (torch.cuda.is_bf16_supported() if kind == "cuda" else cpu_has_bf16())
-        )
-        self.amp_dtype = torch.bfloat16 if want_bf16 else torch.float32
 
     def _load_data(self) -> None:
         """Token shards from `trainfer prepare`, the tokenizer they were made with, and the model shape."""
@@ -174,13 +123,7 @@ class Trainer:
         self.raw = self._make_model()
         self.raw.to(self.device).train()
         if cfg.fsdp:
-            if self.dist.world == 1:
-                raise TrainferError("fsdp needs several processes: launch with torchrun --nproc_per_node N")
-            from torch.distributed.fsdp import fully_shard
-
-            for block in self.raw.layers:
-                fully_shard(block)
-            fully_shard(self.raw)
+            shard(self.raw, self.dist)
         trained = [p for p in self.raw.parameters() if p.requires_grad]  # LoRA freezes the base
         decay = [p for p in trained if p.dim() >= 2]
         no_decay = [p for p in trained if p.dim() < 2]
@@ -192,10 +135,7 @@ class Trainer:
         self.model: torch.nn.Module = self.forward_module()
         self.ddp = None
         if self.dist.world > 1 and not cfg.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.forward_module(), device_ids=ids)
+            self.ddp = data_parallel(self.forward_module(), self.device)
             self.model = self.ddp
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -210,20 +150,11 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
-    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=self.dist.world > 1)
-        return get_model_state_dict(self.raw, options=opts), get_optimizer_state_dict(
-            self.raw, self.optimizer, options=opts
-        )
-
     def save(self, val_loss: float | None) -> Path | None:
         """Every rank joins the gather (FSDP); rank 0 writes."""
-        model_state, optim_state = self._full_state()
+        model_state, optim_state = ckpt.gather_state(self.raw, self.optimizer, offload=self.dist.world > 1)
         path = None
         if self.dist.main:
-            rng = {"torch": torch.get_rng_state()}
-            if self.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.device)
             state = {
                 "cursor": self.step * self.global_windows,
                 "best_val": self.best_val if math.isfinite(self.best_val) else None,
@@ -238,50 +169,18 @@ class Trainer:
                 self.step,
                 lambda d: self.write_model(d, model_state),
                 self.tokenizer,
-                {"optimizer": optim_state, "rng": rng},
+                {"optimizer": optim_state, "rng": ckpt.rng_state(self.device)},
                 state,
             )
             ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
-        if self.dist.world > 1:
-            dist.barrier()
+        barrier(self.dist)
         return path
 
     def _restore(self, path: Path) -> None:
-        state = run_dir.read_state(path)
-        saved = state["config"]
-        changed = [k for k in ("seed", "seq_len") if saved.get(k) != getattr(self.cfg, k)]
-        if changed:
-            k = changed[0]
-            raise TrainferError(
-                f"{path} was trained with {k}={saved.get(k)!r}, this run asks for {getattr(self.cfg, k)!r}: "
-                "the data order would change; resume with the same value"
-            )
-        trainer_state = ckpt.load_trainer_state(path)
-        opts = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.raw, self.optimizer, trainer_state["optimizer"], options=opts)
-        for i, group in enumerate(self.optimizer.param_groups):  # this run's settings (lr is set per step)
-            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
-            group["weight_decay"] = self.cfg.weight_decay if i == 0 else 0.0
-        torch.set_rng_state(trainer_state["rng"]["torch"])
-        if "cuda" in trainer_state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(trainer_state["rng"]["cuda"], self.device)
+        state = ckpt.restore(path, self.raw, self.optimizer, self.cfg, self.device, self.global_windows)
         self.step = state["step"]
         self.best_val = state["best_val"] if state["best_val"] is not None else float("inf")
         self.bad_evals, self.elapsed = state["bad_evals"], state["elapsed_s"]
-        if state["cursor"] != self.step * self.global_windows:
-            raise TrainferError(
-                f"{path} was written with a different global batch ({state['cursor'] // max(1, self.step)} windows "
-                f"per step, now {self.global_windows}); resume with the same batch_size x grad_accum x processes"
-            )
-
-    def _drop_metrics_after_checkpoint(self) -> None:
-        """Lines logged after the checkpoint by the interrupted run are replaced by the resumed run's."""
-        metrics = self.out / "metrics.jsonl"
-        if metrics.exists():
-            kept = [r for r in read_metrics(metrics) if r["step"] <= self.step]  # torn lines are dropped
-            tmp = metrics.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, metrics)
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -294,14 +193,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _agree(self, result: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0's evaluation for every rank: save and stop decisions (collectives) must not diverge."""
-        if self.dist.world == 1:
-            return result
-        box = [result]
-        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
-        return box[0]
-
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.main:
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -310,36 +201,13 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         cfg = self.cfg
         n = cfg.eval_batches * cfg.batch_size
-        train_loss = evaluate_loss(
-            self.raw, self.train_data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast()
-        )
-        out: dict[str, Any] = {"step": self.step, "train_eval_loss": train_loss}
-        if len(self.val_data) > cfg.seq_len:
-            val = evaluate_loss(self.raw, self.val_data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast())
-            out.update(
-                val_loss=val,
-                val_ppl=math.exp(min(val, 50)),
-                val_bpb=bits_per_byte(val, self.val_bytes_per_token),
-                gap=val - train_loss,
-            )
-        return out
 
-    def probe(self) -> dict[str, float]:
-        """The memorization probe on the model being trained, in eval mode (the engine leaves its modules alone)."""
-        was_training = self.raw.training
-        self.raw.eval()
-        try:
-            p = memorization_probe(self.raw, self.train_data, self.val_data, self.cfg.probe_passages)
-        except TrainferError:
-            return {}  # a split too short for the probe's passages: nothing to log
-        finally:
-            self.raw.train(was_training)
-        return {
-            "probe_train_exact": p.train_exact,
-            "probe_val_exact": p.val_exact,
-            "probe_train_match": p.train_token_match,
-            "probe_val_match": p.val_token_match,
-        }
+        def loss(data: np.ndarray) -> float:
+            return evaluate_loss(self.raw, data, cfg.seq_len, cfg.batch_size, n, self.device, self.autocast())
+
+        train_loss = loss(self.train_data)
+        val = loss(self.val_data) if len(self.val_data) > cfg.seq_len else None
+        return loss_record(self.step, train_loss, val, self.val_bytes_per_token)
 
     def forward_module(self) -> torch.nn.Module:
         """What DDP wraps and the step calls: the model itself here, a loss module for fine-tuning."""
@@ -372,37 +240,27 @@ class Trainer:
         cfg = self.cfg
         found, peak = self._begin()
         tokens_per_step = self.global_windows * cfg.seq_len
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=self.step,
-            disable=not (cfg.progress and self.dist.main) or None,
-            unit="step",
-            dynamic_ncols=True,
-        )
-        clock = _Clock(time.perf_counter(), time.perf_counter() - self.elapsed)
+        progress = Progress(cfg.max_steps, self.step, self.elapsed, show=cfg.progress and self.dist.main)
         loss_val, last_eval, stopped = float("nan"), None, False
         while self.step < cfg.max_steps and not stopped:
             lr, loss_sum, grad_norm = self._optimizer_step()
-            clock.steps += 1
-            bar.update(1)
+            progress.step()
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                loss_val = self._log_progress(bar, clock, lr, loss_sum, grad_norm, tokens_per_step, peak)
+                loss_val = self._log_progress(progress, lr, loss_sum, grad_norm, tokens_per_step, peak)
             is_eval = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
             new_best = False
             if is_eval:
-                t0 = time.perf_counter()
-                last_eval, new_best, stopped = self._evaluate_and_report(bar, clock.session_start)
-                clock.t_log += time.perf_counter() - t0  # evaluation time is not training throughput
+                with progress.paused():
+                    last_eval, new_best, stopped = self._evaluate_and_report(progress)
             if self.step % cfg.ckpt_every == 0 or new_best or stopped or self.step == cfg.max_steps:
-                t0 = time.perf_counter()
-                self.elapsed = time.perf_counter() - clock.session_start
-                self.save(last_eval.get("val_loss") if is_eval and last_eval else None)
-                clock.t_log += time.perf_counter() - t0
-        bar.close()
+                with progress.paused():
+                    self.elapsed = progress.elapsed()
+                    self.save(last_eval.get("val_loss") if is_eval and last_eval else None)
+        progress.close()
         self._log({"step": self.step, "event": "end", "early_stop": stopped, "elapsed_s": self.elapsed})
         if self.dist.main:
             plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png")
-        rate = float(np.median(clock.rates)) if clock.rates else 0.0
+        rate = progress.median_rate()
         return TrainResult(
             self.out, self.step, self.step * tokens_per_step, loss_val,
             last_eval.get("val_loss") if last_eval else None, last_eval.get("val_bpb") if last_eval else None,
@@ -416,7 +274,7 @@ class Trainer:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resume_from is not None:
-                self._drop_metrics_after_checkpoint()
+                drop_metrics_after(self.out / "metrics.jsonl", self.step)
         found = matmul_peak(self.device, self.amp_dtype, self.model_cfg, cfg.batch_size * cfg.seq_len, cfg.peak_flops)
         peak = found.flops * world
         if self.dist.main:
@@ -465,21 +323,16 @@ class Trainer:
         return lr, loss_sum, grad_norm
 
     def _log_progress(
-        self, bar, clock: _Clock, lr: float, loss_sum: torch.Tensor, grad_norm, tokens_per_step: int, peak: float
+        self, progress: Progress, lr: float, loss_sum: torch.Tensor, grad_norm, tokens_per_step: int, peak: float
     ) -> float:
         """The training loss (averaged over ranks), throughput and MFU since the last log line; returns the loss."""
-        if self.dist.world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        average(loss_sum, self.dist)
         loss_val = loss_sum.item()
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        now = time.perf_counter()
-        rate = clock.steps * tokens_per_step / (now - clock.t_log)
-        clock.rates.append(rate)
-        clock.t_log, clock.steps = now, 0
-        self.elapsed = now - clock.session_start
+        rate, self.elapsed = progress.lap(tokens_per_step)
         mfu = rate * self.flops_per_token / peak
-        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+        progress.show_loss(loss_val, rate, mfu)
         self._log(
             {
                 "step": self.step,
@@ -494,17 +347,17 @@ class Trainer:
         )
         return loss_val
 
-    def _evaluate_and_report(self, bar, session_start: float) -> tuple[dict[str, Any], bool, bool]:
+    def _evaluate_and_report(self, progress: Progress) -> tuple[dict[str, Any], bool, bool]:
         """Validation (and a sample, the memorization probe), early stopping's count, the eval record and line:
         (the eval, whether it is a new best, whether to stop)."""
         cfg = self.cfg
         new_best = stopped = False
-        last_eval = self._agree(self.evaluate())
+        last_eval = agree(self.evaluate(), self.dist, self.device)
         sample_due = cfg.sample_every == 0 or self.step % cfg.sample_every == 0
         if sample_due and cfg.sample_tokens > 0:
             last_eval["sample"] = self.sample_text()
         if cfg.probe_passages and self.dist.main:
-            last_eval.update(self.probe())
+            last_eval.update(probe_fields(self.raw, self.train_data, self.val_data, cfg.probe_passages))
         val = last_eval.get("val_loss")
         if val is not None:
             if val < self.best_val - cfg.early_stop_min_delta:
@@ -512,36 +365,17 @@ class Trainer:
             else:
                 self.bad_evals += 1
                 stopped = bool(cfg.early_stop_patience) and self.bad_evals >= cfg.early_stop_patience
-        self.elapsed = time.perf_counter() - session_start
+        self.elapsed = progress.elapsed()
         last_eval["elapsed_s"] = self.elapsed
         self._log({**last_eval, "event": "eval"})
         if self.dist.main:
-            msg = f"step {self.step}: train {last_eval['train_eval_loss']:.4f}"
-            if val is not None:
-                msg += (
-                    f" val {val:.4f} (ppl {last_eval['val_ppl']:.1f}, {last_eval['val_bpb']:.3f} bits/byte, "
-                    f"gap {last_eval['gap']:+.4f})"
-                )
-            bar.write(msg + ("  [early stop]" if stopped else ""))
-            if "sample" in last_eval:
-                bar.write("  | " + last_eval["sample"].replace("\n", "\n  | "))
+            progress.show_eval(self.step, last_eval, stopped)
         return last_eval, new_best, stopped
 
 
-@dataclass
-class _Clock:
-    """Throughput bookkeeping of `Trainer.train`: when the last log line was, steps since, this session's start."""
-
-    t_log: float
-    session_start: float
-    steps: int = 0
-    rates: list[float] = field(default_factory=list)
-
-
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Train (or continue) a run; the destroy at the end lets torchrun workers exit cleanly."""
+    """Train (or continue) a run; the shutdown at the end lets torchrun workers exit cleanly."""
     try:
         return Trainer(cfg, resume).train()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
