@@ -30,6 +30,7 @@ from trainfer.model.transformer import Transformer
 from trainfer.quant.blocks import weights_kind
 
 Messages = list[dict[str, Any]]
+WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # what LLM.load's dtype takes
 
 
 @dataclass

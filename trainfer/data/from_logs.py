@@ -116,19 +116,18 @@ def example(record: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any] | 
 
 @dataclass(frozen=True)
 class Filters:
-    """Which logged answers become examples.
-
-    finish_reasons: keep answers that ended so ("length" ones are cut off mid-sentence).
-    min_chars, max_chars: bounds on the answer's length in characters.
-    only_rated_up: keep only answers a client rated "up" (POST /v1/feedback).
-    keep_rated_down: keep answers rated "down" too (dropped by default).
-    """
+    """Which logged answers become examples."""
 
     finish_reasons: tuple[str, ...] = ("stop",)
+    """keep answers that ended so ("length" ones are cut off mid-sentence)"""
     min_chars: int = 1
+    """shortest answer kept, in characters"""
     max_chars: int = 20_000
+    """longest answer kept, in characters"""
     only_rated_up: bool = False
+    """keep only answers a client rated "up" (POST /v1/feedback)"""
     keep_rated_down: bool = False
+    """keep answers rated "down" too (dropped by default)"""
 
     def __post_init__(self) -> None:
         if self.min_chars < 0 or self.max_chars < self.min_chars:

@@ -29,18 +29,24 @@ GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: dividing by them
 
 @dataclass
 class SamplingParams:
-    max_tokens: int | None = 128  # None: until the context is full
-    temperature: float = 1.0  # 0 means greedy; OpenAI's default is 1.0 and so is ours
+    max_tokens: int | None = 128
+    """most tokens to generate (None: until the context is full)"""
+    temperature: float = 1.0
+    """0 = greedy; higher = more random (OpenAI's default is 1.0 and so is ours)"""
     top_p: float = 1.0
-    top_k: int = 0  # 0 means off
+    """nucleus sampling: keep the most likely tokens up to this probability mass"""
+    top_k: int = 0
+    """keep only the k most likely tokens (0 = off)"""
     min_p: float = 0.0  # drop tokens whose probability is below min_p * the top token's
     presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # CTRL/HF: divide positive (multiply negative) logits of seen tokens
     seed: int | None = None
+    """random seed: the same seed gives the same tokens"""
     n: int = 1  # samples per request; they share the prompt's KV blocks
     logprobs: int | None = None  # also return this many top log-probabilities per token (raw model)
     stop: list[str] = field(default_factory=list)
+    """stop when this text appears (repeatable)"""
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     prompt_logprobs: int | None = None  # also score the prompt: logprob of each prompt token and the top k

@@ -207,7 +207,7 @@ def summarize(results: list[RequestResult], wall: float, slo_ttft_s: float, slo_
 def bench_serve(
     base_url: str,
     model: str,
-    concurrency: list[int] | None = None,
+    concurrency: list[int] | tuple[int, ...] = (1, 4, 16),
     request_rate: float | None = None,
     num_prompts: int | None = None,
     input_len: int = 128,
@@ -225,7 +225,7 @@ def bench_serve(
     levels: list[tuple[str, int | None, float | None]] = (
         [(f"rate {request_rate}/s", None, request_rate)]
         if request_rate
-        else [(f"concurrency {c}", c, None) for c in (concurrency or [1, 4, 16])]
+        else [(f"concurrency {c}", c, None) for c in concurrency]
     )
     report: dict[str, Any] = {
         "label": label,

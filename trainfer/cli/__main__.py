@@ -1,0 +1,5 @@
+import sys
+
+from trainfer.cli import main
+
+sys.exit(main())
