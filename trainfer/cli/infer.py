@@ -16,6 +16,7 @@ from trainfer.cli.flags import arg, default_of
 from trainfer.errors import TrainferError
 from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
+from trainfer.infer.speculate import DRAFTS
 from trainfer.llm import LLM, WEIGHTS
 from trainfer.reason import reason
 from trainfer.reason.strategies import SCORERS, STRATEGIES, plan
@@ -43,6 +44,11 @@ class ModelSettings(Threads):
     blocks) or int4 (Q4_1 blocks)"""
     kv_cache_gb: float = default_of(Engine.__init__, "kv_cache_gb")
     """memory for the paged KV cache in GiB"""
+    draft: str | None = arg(None, choices=DRAFTS)
+    """speculative decoding: ngram guesses the next tokens from the text so far (prompt lookup; helps when the
+    answer repeats its input: edits, quotes, extraction); the output stays the same"""
+    num_draft_tokens: int = default_of(Engine.__init__, "num_draft_tokens")
+    """tokens guessed per step with --draft"""
 
 
 @dataclass(kw_only=True)
@@ -68,7 +74,8 @@ class Chat(ModelSettings):
 def load(s: ModelSettings, **engine_args) -> LLM:
     """Load the model with the engine, and say what it took on stderr."""
     start = time.perf_counter()
-    llm = LLM.load(s.model, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb, **engine_args)
+    llm = LLM.load(s.model, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb, draft=s.draft,
+                   num_draft_tokens=s.num_draft_tokens, **engine_args)  # fmt: skip
     pool = llm.engine.pool
     print(
         f"[loaded {s.model} ({llm.model.cfg.n_params / 1e6:.1f}M params, {llm.weights}) in "
@@ -272,8 +279,9 @@ def serve(s: Serve) -> None:
     api_key = s.api_key or os.environ.get("TRAINFER_API_KEY") or None
     model_id = s.served_model_name or s.model
     adapters = _adapters(s.lora, model_id)
-    llm = LLM.load(s.model, dtype=s.dtype, adapters=adapters, kv_cache_gb=s.kv_cache_gb,
-                   max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len)  # fmt: skip
+    llm = LLM.load(s.model, dtype=s.dtype, adapters=adapters, kv_cache_gb=s.kv_cache_gb, draft=s.draft,
+                   num_draft_tokens=s.num_draft_tokens, max_num_seqs=s.max_num_seqs,
+                   max_model_len=s.max_model_len)  # fmt: skip
     cache = None
     if s.cache_url:
         cache = RedisCache(s.cache_url)

@@ -27,6 +27,7 @@ from trainfer.infer.runner import ModelRunner
 from trainfer.infer.sampling import SamplingParams, apply_penalties, batch_logprobs, sample, top_logprobs
 from trainfer.infer.scheduler import Scheduler
 from trainfer.infer.sequence import Sequence, Status, TopLogprobs
+from trainfer.infer.speculate import DRAFTS, MAX_DRAFT_TOKENS, ngram_draft
 from trainfer.model.transformer import Transformer
 
 
@@ -85,6 +86,11 @@ class Engine:
     stop_token_ids: the model's end-of-turn ids (a tokenizer's `stop_token_ids`), unless `ignore_eos`.
     output: turns each sample's ids into text and finds stop strings; None gives events without text.
     max_model_len: a cap on prompt + completion below what the model and the pool allow (serve --max-model-len).
+    draft: "ngram" guesses up to `num_draft_tokens` next tokens from the text so far (infer/speculate.py) for
+    sequences decoding while at most `speculate_max_seqs` do (more streams fill the step's compute already);
+    the model checks the guesses in one forward. Greedy output is the same tokens as without; sampled output
+    keeps its distribution (sampling.sample's rejection rule), though not the same draws for a seed. Three
+    guesses by default: the native step's cost grows slowly up to 4 rows, then jumps (docs/engine.md).
     """
 
     def __init__(
@@ -99,7 +105,16 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
+        draft: str | None = None,
+        num_draft_tokens: int = 3,
+        speculate_max_seqs: int = 2,
     ) -> None:
+        if draft is not None and draft not in DRAFTS:
+            raise TrainferError(f"unknown draft {draft!r}: choose from {', '.join(DRAFTS)}")
+        if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise TrainferError(f"num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens}")
+        self.draft, self.num_draft_tokens, self.speculate_max_seqs = draft, num_draft_tokens, speculate_max_seqs
+        self.draft_tokens = self.accepted_tokens = self.verify_forwards = 0  # speculation's counters
         self.model, self.stop_token_ids, self.output = model, set(stop_token_ids), output
         self.context_limit = max_model_len  # a user's cap below the model's own context (serve --max-model-len)
         dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
@@ -162,6 +177,8 @@ class Engine:
         A failure is contained to its sequence: a sampling error fails that sample; a forward that raises
         is retried one sequence at a time, so only the sequence that cannot run fails.
         """
+        if self.draft is not None:
+            self._propose()
         batch = self.scheduler.schedule()
         events = [self._fail(seq, "the KV cache cannot hold this sequence") for seq in self.scheduler.failed]
         self.scheduler.failed.clear()
@@ -193,21 +210,24 @@ class Engine:
                     prompt_rows.append((seq, len(rows), last - first))
                     rows.extend(range(row + first - start, row + last - start))
             row += n
-            if start + n == seq.num_tokens:  # the chunk reaches the end: sample after it
+            if start + n == seq.num_tokens:  # the chunk reaches the end: sample after it (after each guess)
                 to_sample.append((seq, len(rows)))
-                rows.append(row - 1)
+                rows.extend(range(row - 1 - seq.drafts, row))
         try:
             logits = self.runner.run(batch, rows)
         except Exception as e:
             raise ForwardError(f"{type(e).__name__}: {e}") from e
         for seq, n in batch:
-            self.scheduler.computed(seq, n)
+            self.scheduler.computed(seq, n - seq.drafts)  # guesses count once checked (_verify)
         for seq, at, count in prompt_rows:
             done = len(seq.prompt_logprobs)
             targets = seq.token_ids[done + 1 : done + 1 + count]
             seq.prompt_logprobs += batch_logprobs(logits[at : at + count], targets, seq.params.prompt_logprobs or 0)
         events = []
         for seq, at in to_sample:
+            if seq.drafts:
+                events += self._verify(seq, logits[at : at + seq.drafts + 1])
+                continue
             row_logits = logits[at]
             family = [seq]
             if seq.params.n > 1 and not seq.forked and not seq.output_ids:
@@ -218,6 +238,39 @@ class Engine:
                     events.append(self._sample(s, row_logits))
                 except Exception as e:
                     events.append(self._fail(s, f"{type(e).__name__}: {e}"))
+        return events
+
+    def _propose(self) -> None:
+        """Append guesses to the sequences about to decode, while few enough decode that a wider forward is
+        nearly free (a decode step streams every weight once for one token a sequence)."""
+        decoding = [s for s in self.scheduler.running if s.remaining == 1 and s.output_ids]
+        if len(decoding) > self.speculate_max_seqs:
+            return
+        for seq in decoding:
+            room = min(self.num_draft_tokens, seq.max_tokens - len(seq.output_ids) - 1)  # the model adds one
+            guesses = ngram_draft(seq.token_ids, room) if room > 0 else []
+            seq.token_ids += guesses
+            seq.drafts = len(guesses)
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[TokenEvent]:
+        """The model's tokens after each guess (rows of `logits`): keep guesses while the model agrees, then
+        its own token; the K/V written for the guesses after the first disagreement are overwritten later."""
+        guesses = seq.drop_drafts()
+        self.draft_tokens += len(guesses)
+        self.verify_forwards += 1
+        events = []
+        for i, row in enumerate(logits):
+            guess = guesses[i] if i < len(guesses) else None
+            try:
+                event = self._sample(seq, row, guess)
+            except Exception as e:
+                events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
+                break
+            events.append(event)
+            if guess is None or event.token_id != guess or event.finish_reason:
+                break
+            self.accepted_tokens += 1
+            self.scheduler.computed(seq, 1)  # the guess's K/V, written by this forward, is the right one
         return events
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -233,12 +286,12 @@ class Engine:
         self.scheduler.fork(parent, children)
         return children
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, draft: int | None = None) -> TokenEvent:
         p = seq.params
         processed = logits
         if p.uses_penalties:
             processed = apply_penalties(logits, p, torch.tensor(seq.token_ids), torch.tensor(seq.output_ids))
-        token = sample(processed, p, seq.generator)
+        token = sample(processed, p, seq.generator, draft)
         event = TokenEvent(
             seq.request_id,
             seq.index,
@@ -322,4 +375,9 @@ class Engine:
             "prefix_cache_hit_rate": pool.prefix_hits / pool.prefix_queries if pool.prefix_queries else 0.0,
             "preemptions": self.scheduler.num_preemptions,
             "computed_tokens": self.scheduler.num_computed_tokens,
+            "draft_tokens": self.draft_tokens,
+            "draft_acceptance": self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0,
+            "tokens_per_verify_forward": (
+                (self.accepted_tokens + self.verify_forwards) / self.verify_forwards if self.verify_forwards else 0.0
+            ),
         }

@@ -101,15 +101,22 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]], sample_rows: list[int]) -> Tensor:
         """Forward the batch; return logits (len(sample_rows), vocab) in fp32 for the rows to sample.
 
-        With the native Decoder, decoding sequences (one token each, up to MAX_ROWS of them) take the native
-        step and the rest of the batch (prefill chunks) the module path: a new arrival's prefill does not move
-        every running sequence to the slower path for that step."""
+        With the native Decoder, decoding sequences (one token each, or their last token and its speculative
+        guesses: up to MAX_ROWS rows in all) take the native step and the rest of the batch (prefill chunks) the
+        module path: a new arrival's prefill does not move every running sequence to the slower path for that
+        step. The native step writes every row's K/V before any row attends, so the rows of one sequence's
+        guesses see each other causally, with the same arithmetic as decoding them one by one."""
         # the native step has no LoRA: a sequence with an adapter takes the module path
-        decoding = [i for i, (seq, n) in enumerate(batch) if n == 1 and seq.num_computed > 0 and seq.adapter is None]
-        if self.decoder is None or not decoding or len(decoding) > native_decode.MAX_ROWS:
+        decoding = [
+            i
+            for i, (seq, n) in enumerate(batch)
+            if n == 1 + seq.drafts and seq.num_computed > 0 and seq.adapter is None
+        ]
+        rows = sum(batch[i][1] for i in decoding)
+        if self.decoder is None or not decoding or rows > native_decode.MAX_ROWS:
             return self._module(batch, sample_rows)
         if len(decoding) == len(batch):
-            return self._native_decode([seq for seq, _ in batch], sample_rows)
+            return self._native_decode(batch, sample_rows)
         return self._split(batch, sample_rows, set(decoding))
 
     def _split(self, batch: list[tuple[Sequence, int]], sample_rows: list[int], decoding: set[int]) -> Tensor:
@@ -125,7 +132,7 @@ class ModelRunner:
         native_rows = [where[r][1] for r in sample_rows if where[r][0]]
         parts = {
             False: iter(self._module(rest, module_rows)),  # runs even without rows to sample: it writes K/V
-            True: iter(self._native_decode([batch[i][0] for i in sorted(decoding)], native_rows)),
+            True: iter(self._native_decode([batch[i] for i in sorted(decoding)], native_rows)),
         }
         return torch.stack([next(parts[where[r][0]]) for r in sample_rows])
 
@@ -186,22 +193,27 @@ class ModelRunner:
             row += n
         return {name: torch.tensor(r, device=self.device) for name, r in rows.items()}
 
-    def _native_decode(self, seqs: list[Sequence], sample_rows: list[int]) -> Tensor:
-        """One token for each sequence through the native Decoder (native_decode.py), same pool, same math.
+    def _native_decode(self, items: list[tuple[Sequence, int]], sample_rows: list[int]) -> Tensor:
+        """The next n tokens of each sequence, one row each, through the native Decoder (native_decode.py), same
+        pool, same math.
 
         Everything here is per token, so it is kept to a few tensor constructions: at int8 a step is ~4 ms, and
         building its inputs from small ops took ~0.11 ms (now ~0.07; docs/LOG.md)."""
         b = self.pool.block_size
-        lengths = [s.num_computed + 1 for s in seqs]
-        used = [-(-n // b) for n in lengths]  # blocks holding each sequence's keys
+        seqs = [s for s, n in items for _ in range(n)]  # a sequence's row j holds its token num_computed + j
+        lengths = [s.num_computed + 1 + j for s, n in items for j in range(n)]
+        used = [-(-n // b) for n in lengths]  # blocks holding each row's keys
         nb = max(used)
         tables = torch.tensor([s.block_table[:u] + [0] * (nb - u) for s, u in zip(seqs, used, strict=True)])
         lens = torch.tensor(lengths)
         cos, sin = self._rope_rows(lens - 1)
-        tokens = torch.tensor([s.token_ids[s.num_computed] for s in seqs])
+        tokens = torch.tensor([s.token_ids[n - 1] for s, n in zip(seqs, lengths, strict=True)])
+        # Guesses are checked with the products a lone decode step uses (fp32 up to 4 rows, bf16 beyond where
+        # allowed): bf16 would change the arithmetic, and with it a greedy choice between two near-equal tokens.
+        bf16 = bf16_products() and not any(s.drafts for s, _ in items)
         return self.decoder.step(
             tokens, cos, sin, self.pool.k, self.pool.v, tables, lens, b, torch.tensor(sample_rows, dtype=torch.long),
-            bf16_products(),
+            bf16,
         )  # fmt: skip
 
     def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:

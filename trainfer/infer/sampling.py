@@ -134,8 +134,13 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float, 
     return logits
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from a (vocab,) row of (already penalized) logits."""
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, draft: int | None = None) -> int:
+    """One token id from a (vocab,) row of (already penalized) logits.
+
+    draft: a token guessed for this position (speculative decoding, infer/speculate.py). Greedy keeps the argmax
+    (the draft is accepted exactly when it is the argmax). Sampling applies the rejection rule for a guess made
+    with certainty: accept the draft with probability p(draft), otherwise draw from p with the draft removed,
+    renormalized; either way the token is distributed as p (Leviathan et al. 2023, with q one-hot)."""
     logits = logits.float()
     if params.greedy:  # one pass in the common case: argmax lands on a NaN if there is one, then look closer
         # numpy's argmax over a 49k vocabulary: ~3 us against torch's ~35 us (its reduction machinery), per token
@@ -151,6 +156,12 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     logits = torch.nan_to_num(logits, nan=float("-inf")).clamp(-big, big)
     logits = logits - logits.max()
     probs = filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
+    if draft is not None:
+        if float(torch.rand((), generator=generator)) < float(probs[draft]):
+            return draft
+        probs[draft] = 0.0
+        if not float(probs.sum()) > 0:  # p(draft) was 1 up to rounding, and the coin said otherwise
+            return draft
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -53,6 +53,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(waiting))
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.drop_drafts()  # a recomputed sequence must not take guesses for its prompt
         self.running.remove(seq)
         self.pool.release_blocks(seq)
         seq.status = Status.WAITING
@@ -65,25 +66,29 @@ class Scheduler:
         elif seq.status == Status.WAITING:
             self.waiting.remove(seq)
         self.pool.release_blocks(seq)
+        seq.drop_drafts()
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     # ---- the step ----
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """[(sequence, tokens to compute)]: decodes first, then prompt chunks under the token budget."""
+        """[(sequence, tokens to compute)]: decodes first (with their speculative guesses, Sequence.drafts,
+        where the pool and the budget have room for them), then prompt chunks under the token budget."""
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
-            if seq.status != Status.RUNNING or seq.remaining != 1:
+            if seq.status != Status.RUNNING or seq.remaining != 1 + seq.drafts:
                 continue
+            if seq.drafts and (seq.remaining > budget or not self.pool.grow(seq, seq.remaining)):
+                seq.drop_drafts()  # guesses only where they fit: no preemption, no token budget spent for them
             while not self.pool.grow(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim)  # the newest goes back to waiting, possibly seq itself
                 if victim is seq:
                     break
             if seq.status == Status.RUNNING:
-                batch.append((seq, 1))
-                budget -= 1
-        prefilling = [s for s in self.running if s.remaining > 1]
+                batch.append((seq, seq.remaining))
+                budget -= seq.remaining
+        prefilling = [s for s in self.running if s.remaining > 1 and not s.drafts]
         for seq in [*prefilling, *self.waiting]:
             if budget <= 0:
                 break

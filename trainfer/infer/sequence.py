@@ -42,6 +42,16 @@ class Sequence:
     adapter: str | None = None  # the LoRA adapter this sequence runs with (None: the base model)
     # With params.prompt_logprobs: (logprob, top) of prompt tokens 1.., filled as the prompt is computed.
     prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)
+    drafts: int = 0  # speculative decoding: the last `drafts` token_ids are guesses, not yet checked
+
+    def drop_drafts(self) -> list[int]:
+        """Take the unchecked guesses off the end (preempted, cut short by the step's budget, or verified)."""
+        if not self.drafts:
+            return []
+        guesses = self.token_ids[-self.drafts :]
+        del self.token_ids[-self.drafts :]
+        self.drafts = 0
+        return guesses
 
     def __post_init__(self) -> None:
         assert 0 < self.prompt_len <= len(self.token_ids)

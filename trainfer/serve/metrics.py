@@ -45,6 +45,12 @@ class Metrics:
         self.prefix_hit_rate = Gauge(
             "trainfer_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache", registry=r
         )
+        self.draft_acceptance = Gauge(
+            "trainfer_spec_decode_draft_acceptance_rate", "Speculative guesses the model kept (--draft)", registry=r
+        )
+        self.tokens_per_verify = Gauge(
+            "trainfer_spec_decode_tokens_per_forward", "Tokens per forward that checked guesses (--draft)", registry=r
+        )
         self.cache_hits = Counter(
             "trainfer_response_cache_hits", "Responses served from the response cache", registry=r
         )
@@ -62,6 +68,8 @@ class Metrics:
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
         self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
+        self.draft_acceptance.set(stats["draft_acceptance"])
+        self.tokens_per_verify.set(stats["tokens_per_verify_forward"])
 
     def observe_sequence(self, token_times: list[float], start: float) -> None:
         """Latencies of one generated sample from the times its tokens were emitted."""
