@@ -39,6 +39,7 @@ COMMANDS: dict[str, Any] = {
     "train": (train.Train, train.train),
     "quickstart": (train.Quickstart, train.quickstart),
     "finetune": (train.Finetune, train.finetune),
+    "dpo": (train.Dpo, train.dpo),
     "merge": (model.Merge, model.merge),
     "prune": (model.Prune, model.prune),
     "distill": (train.Distill, train.distill),

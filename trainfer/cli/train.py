@@ -19,6 +19,8 @@ from trainfer.llm import WEIGHTS
 from trainfer.model.config import PRESETS
 from trainfer.quickstart import quickstart as quickstart_run
 from trainfer.train.config import load_config
+from trainfer.train.dpo import dpo as dpo_run
+from trainfer.train.dpo import load_dpo_config
 from trainfer.train.evaluate import evaluate_chat, evaluate_model
 from trainfer.train.finetune import finetune as finetune_run
 from trainfer.train.finetune import load_finetune_config
@@ -135,11 +137,29 @@ class Finetune(RunSettings):
 
 
 def finetune(s: Finetune) -> None:
+    _tune(s, load_finetune_config, finetune_run)
+
+
+@dataclass(kw_only=True)
+class Dpo(Finetune):
+    """preference-tune a model on pairs of answers, one preferred (DPO; full or LoRA; resumable)"""
+
+    data: str | None = None
+    """JSONL of {'prompt', 'chosen', 'rejected'} lines (prompt as text or messages)"""
+    val: str | None = None
+    """held-out pairs (default: hold out val_fraction of --data)"""
+
+
+def dpo(s: Dpo) -> None:
+    _tune(s, load_dpo_config, dpo_run)
+
+
+def _tune(s: Finetune, load, run) -> None:
     values: dict[str, Any] = {"base_model": s.model, "data": s.data, "val_data": s.val, "out_dir": s.out}
     if s.lora:
         values["lora"] = True
-    cfg = load_finetune_config(s.config, s.set, base=s.resumed(s.out), seed=s.seed, **values)
-    result = finetune_run(cfg, resume=s.resume)
+    cfg = load(s.config, s.set, base=s.resumed(s.out), seed=s.seed, **values)
+    result = run(cfg, resume=s.resume)
     if result.card is not None:
         print(result.card)
 

@@ -46,8 +46,9 @@ class Example:
         return sum(self.loss[1:])
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(file:line, record) for every non-blank line; a malformed line is an error naming it and why."""
+def read_jsonl(path: str | Path, check=None) -> list[tuple[str, dict[str, Any]]]:
+    """(file:line, record) for every non-blank line; a malformed line is an error naming it and why.
+    check(record, where) raises on a record of the wrong shape (default: an example, `check_record`)."""
     path = Path(path)
     if not path.is_file():
         raise TrainferError(f"no such data file: {path}")
@@ -63,7 +64,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TrainferError(f"{where}: not valid JSON ({e})") from None
-            check_record(record, where)
+            (check or check_record)(record, where)
             out.append((where, record))
     if not out:
         raise TrainferError(f"{path} holds no examples")

@@ -82,6 +82,20 @@ class FineTuner(Trainer):
         if resumed_full and read_config(self.resume_from).to_dict() != self.base_cfg.to_dict():
             raise TrainferError(f"{self.resume_from} holds another model than {cfg.base_model}")
         self.tokenizer, self.model_cfg = tokenizer, self.base_cfg
+        self._rows_from(tokenizer)
+        self.general = self._general_text(tokenizer)
+        if not cfg.lr:
+            cfg.lr = AUTO_LR[cfg.lora]
+        self.schedule()
+        if self.dist.main and self.resume_from is None:
+            print(self.plan(), flush=True)
+        self.val_bytes_per_token = chat_data.bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
+        # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
+        self.flops_per_token = self.base_cfg.training_flops_per_token(cfg.seq_len) * (4 / 6 if cfg.lora else 1)
+
+    def _rows_from(self, tokenizer) -> None:
+        """The training and held-out rows: conversations packed several to a row."""
+        cfg = self.cfg
         train = chat_data.load_examples(cfg.data, tokenizer)
         if cfg.val_data:
             val = chat_data.load_examples(cfg.val_data, tokenizer)
@@ -97,19 +111,15 @@ class FineTuner(Trainer):
         self.train_rows = chat_data.pack(train, cfg.seq_len, pad, seed=cfg.seed)
         self.val_rows = chat_data.pack(val, cfg.seq_len, pad, seed=None) if val else None
         self.examples = (len(train), len(val))
-        self.general = self._general_text(tokenizer)
-        if not cfg.lr:
-            cfg.lr = AUTO_LR[cfg.lora]
+
+    def schedule(self) -> None:
+        """max_steps from epochs, and epochs from the data's size, where they are left at 0."""
+        cfg = self.cfg
         if not cfg.max_steps:
             per_epoch = self.epoch_rows / self.global_windows
             if not cfg.epochs:
                 cfg.epochs = float(min(MAX_AUTO_EPOCHS, max(3, math.ceil(MIN_STEPS / per_epoch))))
             cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch))
-        if self.dist.main and self.resume_from is None:
-            print(self.plan(), flush=True)
-        self.val_bytes_per_token = chat_data.bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
-        # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
-        self.flops_per_token = self.base_cfg.training_flops_per_token(cfg.seq_len) * (4 / 6 if cfg.lora else 1)
 
     def plan(self) -> str:
         """What the run will do, said before it starts: the split, the rows, the steps, and whether that is enough."""

@@ -53,11 +53,14 @@ class Progress:
     def show_eval(self, step: int, ev: dict[str, Any], stopped: bool) -> None:
         """One line of losses above the bar (the sample, if any, indented below it)."""
         msg = f"step {step}: train {ev['train_eval_loss']:.4f}"
-        if ev.get("val_loss") is not None:
+        if "val_ppl" in ev:  # a language-model loss
             msg += (
                 f" val {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}, {ev['val_bpb']:.3f} bits/byte, "
                 f"gap {ev['gap']:+.4f})"
             )
+        elif "val_reward_accuracy" in ev:  # a preference loss (dpo.py)
+            accuracy, margin = ev["val_reward_accuracy"], ev["val_margin"]
+            msg += f" val {ev['val_loss']:.4f} (reward accuracy {accuracy:.1%}, margin {margin:+.3f})"
         self.bar.write(msg + ("  [early stop]" if stopped else ""))
         if "sample" in ev:
             self.bar.write("  | " + ev["sample"].replace("\n", "\n  | "))
