@@ -37,7 +37,7 @@ import llama_cpp  # noqa: E402
 
 from trainfer import registry  # noqa: E402
 from trainfer.io.loader import load_checkpoint  # noqa: E402
-from trainfer.rounds import alternate, describe, environment, ratio  # noqa: E402
+from trainfer.rounds import alternate, checkout, describe, environment, ratio  # noqa: E402
 from trainfer.serve.loadgen import bench_serve, plot  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -63,11 +63,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
     raise RuntimeError(f"{url} not healthy after {timeout} s")
 
 
-def run_server(cmd: list[str], label: str, args: argparse.Namespace, tokenizer, env: dict | None = None) -> dict:
+def run_server(cmd: list[str], label: str, args: argparse.Namespace, tokenizer, env: dict | None = None,
+               cwd: str | None = None) -> dict:  # fmt: skip
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([*args.pin, *cmd, "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+                            stderr=subprocess.DEVNULL, env=env, cwd=cwd)  # fmt: skip
     try:
         wait_healthy(url, proc)
         warm = {"model": MODEL, "prompt": "warm up", "max_tokens": 4}  # neither server is timed cold
@@ -165,8 +166,8 @@ def main() -> None:
     tokenizer = load_checkpoint(MODEL)[2]
     sides = {}
     if args.baseline_src:
-        env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
-        sides["before"] = partial(run_server, trainfer_cmd(args), "before", args, tokenizer, env)
+        env, cwd = checkout(args.baseline_src)
+        sides["before"] = partial(run_server, trainfer_cmd(args), "before", args, tokenizer, env, cwd)
         sides["after"] = partial(run_server, trainfer_cmd(args), "after", args, tokenizer)
     if not args.no_llama:
         peers = registry.home() / "peers"

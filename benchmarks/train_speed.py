@@ -27,7 +27,7 @@ import torch
 
 from trainfer import registry
 from trainfer.data.prepare import prepare
-from trainfer.rounds import alternate, describe, environment, ratio
+from trainfer.rounds import alternate, checkout, describe, environment, ratio
 
 RATE = re.compile(r"\(([\d,]+) tokens/s")
 
@@ -42,13 +42,13 @@ def shards() -> Path:
 
 def train_once(src: Path | None, data: Path, steps: int) -> float:
     """One `trainfer train` run from checkout `src` (None: this one); its median tokens/s."""
-    env = {**os.environ, "PYTHONPATH": str(src.resolve())} if src else dict(os.environ)
+    env, cwd = checkout(src) if src else (dict(os.environ), None)
     with tempfile.TemporaryDirectory() as tmp:
         sets = [f"max_steps={steps}", f"eval_every={10 * steps}", f"ckpt_every={10 * steps}", "log_every=5",
                 "progress=false", "warmup_steps=5"]  # fmt: skip
         cmd = [sys.executable, "-m", "trainfer.cli", "train", "--data", str(data), "--out", f"{tmp}/run"]
         cmd += [a for s in sets for a in ("--set", s)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=1800)
     found = RATE.search(done.stdout)
     if done.returncode != 0 or not found:
         raise RuntimeError(f"train from {src or 'this checkout'} failed ({done.returncode}): {done.stderr[-2000:]}")

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from trainfer.rounds import Ratio, alternate, describe, environment, ratio
+from trainfer.rounds import Ratio, alternate, checkout, describe, environment, ratio
 
 
 def test_every_side_runs_once_per_round_and_the_first_side_rotates():
@@ -39,3 +39,13 @@ def test_the_environment_names_the_switches_that_change_a_result(monkeypatch):
     assert env["threads"] == 2 and env["cpu"] and len(env["commit"]) >= 7
     line = describe(env)
     assert "TRAINFER_BF16=0" in line and "2 threads" in line
+
+
+def test_checkout_runs_another_copy_or_refuses(tmp_path):
+    (tmp_path / "other" / "trainfer").mkdir(parents=True)
+    (tmp_path / "other" / "trainfer" / "__init__.py").write_text("")
+    env, cwd = checkout(tmp_path / "other")
+    assert cwd == str((tmp_path / "other").resolve()) and env["PYTHONPATH"] == cwd
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="imports trainfer from"):
+        checkout(tmp_path / "empty")  # nothing there: the installed copy would be measured instead

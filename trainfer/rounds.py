@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +106,17 @@ def describe(env: dict) -> str:
         f"{env['cpu']}, {env['cores']} cores, {env['threads']} threads, {' '.join(env['flags'])}; {switches}; "
         f"torch {env['torch']}, commit {env['commit']}, {env['utc']} UTC"
     )
+
+
+def checkout(src: str | Path) -> tuple[dict[str, str], str]:
+    """The environment and working directory under which `python -m trainfer...` imports trainfer from the checkout
+    `src` (a before/after comparison's "before"). PYTHONPATH alone is not enough: `-m` puts the working directory
+    first on sys.path, so a process started in this repository imports this repository's copy whatever PYTHONPATH
+    says; the process must also start in `src`. Checked here: a run that would measure the wrong copy is refused."""
+    src = Path(src).resolve()
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    probe = [sys.executable, "-c", "import trainfer; print(trainfer.__file__)"]  # -c, like -m, puts the cwd first
+    found = subprocess.run(probe, env=env, cwd=src, capture_output=True, text=True, timeout=120).stdout.strip()
+    if not found.startswith(str(src)):
+        raise RuntimeError(f"a process started in {src} imports trainfer from {found or 'nowhere'}, not from {src}")
+    return env, str(src)
