@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from trainfer.errors import TrainferError
@@ -60,6 +59,8 @@ def shard(model: torch.nn.Module, proc: Dist) -> None:
     """FSDP2 in place: each block its own unit (gathered just before it runs), then the rest of the model."""
     if proc.world == 1:
         raise TrainferError("fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    from torch.distributed.fsdp import fully_shard  # ~0.7 s to import: only an FSDP run pays it, not every command
+
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
