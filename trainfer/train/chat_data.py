@@ -21,7 +21,7 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor
 from trainfer.errors import TrainferError
 from trainfer.io.tokenizer import Tokenizer
 
+T = TypeVar("T")
 ROLES = ("system", "user", "assistant")
 MAX_LINE_BYTES = 4 << 20  # one example larger than this is a mistake, not a conversation
 
@@ -152,8 +153,9 @@ def load_examples(path: str | Path, tokenizer: Tokenizer) -> list[Example]:
     return [e for e in examples if e.n_targets]
 
 
-def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded held-out share (at least one example each side when there are two or more)."""
+def split(examples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded held-out share (at least one example each side when there are two or more); of examples, or of
+    anything else held out the same way (dpo.py's pairs)."""
     if not 0 <= fraction < 1:
         raise TrainferError(f"val_fraction must be in [0, 1), got {fraction}")
     n_val = min(len(examples) - 1, max(1 if fraction and len(examples) > 1 else 0, round(len(examples) * fraction)))

@@ -207,7 +207,7 @@ class DPOTrainer(FineTuner):
         else:
             fraction = cfg.val_fraction if cfg.val_fraction != -1 else (0.1 if len(train) >= SMALL_DATA else 0.0)
             cfg.val_fraction = fraction
-            train, val = split_pairs(train, fraction, cfg.seed)
+            train, val = chat_data.split(train, fraction, cfg.seed)
         if not cfg.seq_len:
             longest = max(len(c.tokens) + len(r.tokens) - 2 for c, r in train)
             cfg.seq_len = min(2 * self.base_cfg.max_seq_len, max(64, -(-longest // 64) * 64))
@@ -308,13 +308,6 @@ class DPOTrainer(FineTuner):
             val = self.preferences("val")
             out.update({"val_loss": val.pop("loss")}, **{f"val_{k}": v for k, v in val.items()})
         return out
-
-
-def split_pairs(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
-    """chat_data.split's seeded held-out share, for pairs."""
-    keyed = [chat_data.Example([i], [False], "") for i in range(len(pairs))]
-    train, val = chat_data.split(keyed, fraction, seed)
-    return [pairs[e.tokens[0]] for e in train], [pairs[e.tokens[0]] for e in val]
 
 
 @dataclass
