@@ -77,8 +77,8 @@ class LLM:
         A directory written by `trainfer quantize` loads as it was saved.
         adapters: {name: LoRA adapter directory or LoRA run}, kept unmerged next to the base so one batch mixes
         them (`complete(..., adapter=name)`, the server's `model` field); the base's own path stays native.
-        engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
-        max_model_len, draft ("ngram": speculative decoding), num_draft_tokens.
+        engine_args go to `Engine`: kv_cache_gb, kv_dtype, num_blocks, block_size, max_num_seqs,
+        max_num_batched_tokens, max_model_len, draft ("ngram": speculative decoding), num_draft_tokens.
         """
         if engine_args.get("num_blocks") is None:
             check_memory(name_or_path, dtype, int(engine_args.get("kv_cache_gb", 1.0) * (1 << 30)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import make_hf_model
+from trainfer.errors import TrainferError
 from trainfer.infer import native_decode
 from trainfer.infer.engine import Engine
 from trainfer.infer.sampling import SamplingParams
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(native.extension() is None, reason="native kerne
 
 
 def tiny_model(tmp_path, kind: str, weights: str, **overrides):
-    make_hf_model(kind, vocab_size=256, max_position_embeddings=512, **overrides).save_pretrained(tmp_path)
+    make_hf_model(kind, **{"vocab_size": 256, "max_position_embeddings": 512, **overrides}).save_pretrained(tmp_path)
     model, _ = load_model(tmp_path)
     return model if weights == "float32" else quantize_model(model, weights)
 
@@ -76,6 +77,44 @@ def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, 
     split = weights == "int4" and native.extension().split_input(2, 1, 64)
     assert len(diffs) >= 8 and max(diffs) < (1e-2 if bf16 else 1e-4 if split else 1e-5), max(diffs)
     engine.pool.check_idle()
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("hidden", [64, 96], ids=["hd16", "hd24"])
+def test_long_rows_split_along_positions_equal_the_module_path(tmp_path, kv_dtype, hidden):
+    """Rows past 1,000 keys: the native step cuts each row's attention into parts of at most 304 positions
+    (kernels.cpp attention_parts: whatever the thread count) and merges them; the module path attends in one piece
+    (SDPA). Same cache in fp32 or fp16, same logits up to summation order; head size 24 leaves a tail past whole
+    registers."""
+    model = tiny_model(tmp_path, "llama", "float32", hidden_size=hidden, max_position_embeddings=2048)
+    engine = Engine(model, num_blocks=800, block_size=4, kv_dtype=kv_dtype, max_num_batched_tokens=2048)
+    assert engine.pool.k.dtype == {"fp32": torch.float32, "fp16": torch.float16}[kv_dtype]
+    diffs, kinds = compare_both_paths(engine)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (1200, 1500)]
+    engine.run(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert "all decode" in kinds and len(diffs) >= 4 and max(diffs) < 1e-5, diffs
+
+
+def test_an_fp16_cache_holds_twice_the_tokens_at_a_rounding_cost(tmp_path):
+    """Same kv_cache_gb, twice the blocks; the logits of a 600-token row stay within fp16's rounding of K/V."""
+    model = tiny_model(tmp_path, "llama", "float32", max_position_embeddings=1024)
+    engines = {d: Engine(model, kv_cache_gb=2**-8, block_size=4, kv_dtype=d) for d in ("fp32", "fp16")}
+    assert engines["fp16"].pool.num_blocks == 2 * engines["fp32"].pool.num_blocks
+    assert engines["fp16"].pool.nbytes == engines["fp32"].pool.nbytes
+    prompt = torch.randint(3, 256, (600,), generator=torch.Generator().manual_seed(1)).tolist()
+    logits: dict[str, list[torch.Tensor]] = {d: [] for d in engines}
+    for d, engine in engines.items():
+        run = engine.runner.run
+        engine.runner.run = lambda batch, rows, run=run, out=logits[d]: out.append(run(batch, rows)) or out[-1]
+        engine.run([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    pairs = [(a, b) for a, b in zip(logits["fp32"], logits["fp16"], strict=True) if a.numel()]
+    assert len(pairs) == 4  # the prompt's last chunk, then 3 decode steps
+    for a, b in pairs:
+        err = float((a - b).abs().max() / a.abs().max())
+        assert 0 < err < 1e-2, err
+    with pytest.raises(TrainferError, match="kv_dtype"):
+        Engine(model, num_blocks=8, kv_dtype="int3")
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])

@@ -15,6 +15,7 @@ from typing import Literal
 from trainfer.cli.flags import arg, default_of
 from trainfer.errors import TrainferError
 from trainfer.infer.engine import Engine, TokenEvent
+from trainfer.infer.kv_cache import KV_DTYPES
 from trainfer.infer.sampling import SamplingParams
 from trainfer.infer.speculate import DRAFTS
 from trainfer.llm import LLM, WEIGHTS
@@ -44,6 +45,9 @@ class ModelSettings(Threads):
     blocks) or int4 (Q4_1 blocks)"""
     kv_cache_gb: float = default_of(Engine.__init__, "kv_cache_gb")
     """memory for the paged KV cache in GiB"""
+    kv_dtype: str = arg(default_of(Engine.__init__, "kv_dtype"), choices=KV_DTYPES)
+    """the KV cache's element type: auto (the model's activations', fp32 for GGUF and quantized weights) or fp16
+    (twice the tokens per GiB and half the cache read per token at depth, for rounding K/V to fp16)"""
     draft: str | None = arg(None, choices=DRAFTS)
     """speculative decoding: ngram guesses the next tokens from the text so far (prompt lookup; helps when the
     answer repeats its input: edits, quotes, extraction); the output stays the same"""
@@ -74,7 +78,7 @@ class Chat(ModelSettings):
 def load(s: ModelSettings, **engine_args) -> LLM:
     """Load the model with the engine, and say what it took on stderr."""
     start = time.perf_counter()
-    llm = LLM.load(s.model, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb, draft=s.draft,
+    llm = LLM.load(s.model, dtype=s.dtype, kv_cache_gb=s.kv_cache_gb, kv_dtype=s.kv_dtype, draft=s.draft,
                    num_draft_tokens=s.num_draft_tokens, **engine_args)  # fmt: skip
     pool = llm.engine.pool
     print(
@@ -279,8 +283,8 @@ def serve(s: Serve) -> None:
     api_key = s.api_key or os.environ.get("TRAINFER_API_KEY") or None
     model_id = s.served_model_name or s.model
     adapters = _adapters(s.lora, model_id)
-    llm = LLM.load(s.model, dtype=s.dtype, adapters=adapters, kv_cache_gb=s.kv_cache_gb, draft=s.draft,
-                   num_draft_tokens=s.num_draft_tokens, max_num_seqs=s.max_num_seqs,
+    llm = LLM.load(s.model, dtype=s.dtype, adapters=adapters, kv_cache_gb=s.kv_cache_gb, kv_dtype=s.kv_dtype,
+                   draft=s.draft, num_draft_tokens=s.num_draft_tokens, max_num_seqs=s.max_num_seqs,
                    max_model_len=s.max_model_len)  # fmt: skip
     cache = None
     if s.cache_url:

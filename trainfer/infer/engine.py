@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from trainfer.errors import TrainferError
-from trainfer.infer.kv_cache import BlockPool, bytes_per_block
+from trainfer.infer.kv_cache import BlockPool, bytes_per_block, kv_cache_dtype
 from trainfer.infer.runner import ModelRunner
 from trainfer.infer.sampling import SamplingParams, apply_penalties, batch_logprobs, sample, top_logprobs
 from trainfer.infer.scheduler import Scheduler
@@ -86,6 +86,7 @@ class Engine:
     stop_token_ids: the model's end-of-turn ids (a tokenizer's `stop_token_ids`), unless `ignore_eos`.
     output: turns each sample's ids into text and finds stop strings; None gives events without text.
     max_model_len: a cap on prompt + completion below what the model and the pool allow (serve --max-model-len).
+    kv_dtype: the KV cache's element type (kv_cache.KV_DTYPES); "auto" is the model's activations' type.
     draft: "ngram" guesses up to `num_draft_tokens` next tokens from the text so far (infer/speculate.py) for
     sequences decoding while at most `speculate_max_seqs` do (more streams fill the step's compute already);
     the model checks the guesses in one forward. Greedy output is the same tokens as without; sampled output
@@ -105,6 +106,7 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
+        kv_dtype: str = "auto",
         draft: str | None = None,
         num_draft_tokens: int = 3,
         speculate_max_seqs: int = 2,
@@ -117,7 +119,8 @@ class Engine:
         self.draft_tokens = self.accepted_tokens = self.verify_forwards = 0  # speculation's counters
         self.model, self.stop_token_ids, self.output = model, set(stop_token_ids), output
         self.context_limit = max_model_len  # a user's cap below the model's own context (serve --max-model-len)
-        dtype, device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        device = model.embed_tokens.weight.device
+        dtype = kv_cache_dtype(kv_dtype, model.embed_tokens.weight.dtype)
         if num_blocks is None:
             num_blocks = int(kv_cache_gb * (1 << 30)) // bytes_per_block(model.cfg, block_size, dtype)
         self.pool = BlockPool(model.cfg, num_blocks, block_size, dtype, device)

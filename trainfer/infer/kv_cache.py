@@ -42,6 +42,18 @@ def root_hash(seq: Sequence) -> bytes | None:
     return None if seq.adapter is None else hashlib.sha256(b"adapter\0" + seq.adapter.encode()).digest()
 
 
+KV_DTYPES = ("auto", "fp32", "fp16")
+
+
+def kv_cache_dtype(name: str, activations: torch.dtype) -> torch.dtype:
+    """The pool's element type for a --kv-dtype: "auto" keeps the model's activations' type; fp16 halves the
+    cache (twice the tokens in the same --kv-cache-gb, half the memory read per decode step at depth) for a
+    rounding of K/V to 11 significant bits, measured in BENCHMARKS.md (Long context)."""
+    if name not in KV_DTYPES:
+        raise TrainferError(f"unknown kv_dtype {name!r}: choose from {', '.join(KV_DTYPES)}")
+    return {"auto": activations, "fp32": torch.float32, "fp16": torch.float16}[name]
+
+
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 

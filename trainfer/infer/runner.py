@@ -54,29 +54,30 @@ class PagedAttention:
         self.decode_mask = decode_mask  # (D, 1, 1, nb * block_size) True where a real key
         self.chunks = chunks
 
-    def _gather(self, pool: Tensor, blocks: Tensor) -> Tensor:
-        """Keys or values of whole blocks, (..., nb) -> (..., nb * block_size, KV, hd): block-sized copies."""
+    def _gather(self, pool: Tensor, blocks: Tensor, dtype: torch.dtype) -> Tensor:
+        """Keys or values of whole blocks, (..., nb) -> (..., nb * block_size, KV, hd) in `dtype` (the queries'):
+        block-sized copies."""
         b = self.pool.block_size
         paged = pool.view(-1, b, *pool.shape[1:])  # (num_blocks, b, KV, hd)
-        out = paged.index_select(0, blocks.reshape(-1))  # (N * nb, b, KV, hd)
+        out = paged.index_select(0, blocks.reshape(-1)).to(dtype)  # (N * nb, b, KV, hd)
         return out.view(*blocks.shape[:-1], blocks.shape[-1] * b, *pool.shape[1:])
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kp, vp = self.pool.k[layer], self.pool.v[layer]  # (slots, KV, hd)
-        kp.index_copy_(0, self.write_slots, k[0])
-        vp.index_copy_(0, self.write_slots, v[0])
+        kp.index_copy_(0, self.write_slots, k[0].to(kp.dtype))  # a pool in fp16 (kv_dtype) rounds here
+        vp.index_copy_(0, self.write_slots, v[0].to(vp.dtype))
         q = q[0]  # (T, H, hd)
         out = torch.empty_like(q)
         if self.decode_rows.numel():
             qd = q[self.decode_rows].unsqueeze(2)  # (D, H, 1, hd)
-            kd = self._gather(kp, self.decode_blocks).transpose(1, 2)  # (D, KV, S, hd)
-            vd = self._gather(vp, self.decode_blocks).transpose(1, 2)
+            kd = self._gather(kp, self.decode_blocks, q.dtype).transpose(1, 2)  # (D, KV, S, hd)
+            vd = self._gather(vp, self.decode_blocks, q.dtype).transpose(1, 2)
             y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, enable_gqa=True)
             out[self.decode_rows] = y.squeeze(2)
         for c in self.chunks:
             qc = q[c.rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
-            kc = self._gather(kp, c.blocks)[: c.end].transpose(0, 1).unsqueeze(0)  # (1, KV, end, hd)
-            vc = self._gather(vp, c.blocks)[: c.end].transpose(0, 1).unsqueeze(0)
+            kc = self._gather(kp, c.blocks, q.dtype)[: c.end].transpose(0, 1).unsqueeze(0)  # (1, KV, end, hd)
+            vc = self._gather(vp, c.blocks, q.dtype)[: c.end].transpose(0, 1).unsqueeze(0)
             n, end = qc.shape[2], c.end
             mask = None
             if c.start > 0:  # query i sees keys up to start + i

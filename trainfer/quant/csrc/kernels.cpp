@@ -1512,28 +1512,116 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// One query head (of KV head g) attends over positions [0, len) of one sequence's paged cache; block by block, so
-// a position's slot needs no division.
-void attend_head(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t len, int64_t bs,
-                 int64_t g, int64_t KV, int64_t hd, float scale, float* scores, float* out) {
-  float mx = -INFINITY;
-  for (int64_t p0 = 0, j = 0; p0 < len; p0 += bs, ++j) {
-    const float* k = kp + (table[j] * bs * KV + g) * hd;
-    for (int64_t p = p0; p < std::min(len, p0 + bs); ++p, k += KV * hd) mx = std::max(mx, scores[p] = dot(q, k, hd) * scale);
+// The K/V pool holds fp32 or fp16 (Engine's kv_dtype): a register of W elements of either, as floats.
+inline V kv_load(const float* p) { return vload(p); }
+inline V kv_load(const at::Half* p) {
+#ifdef __AVX512F__
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+}
+inline float kv_float(float x) { return x; }
+inline float kv_float(at::Half x) { return static_cast<float>(x); }
+// fp32 -> the pool's type, rounded to nearest even as torch's .to(torch.float16) does (the module path's write).
+template <typename T>
+inline void kv_store(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// sum_i a[i] * b[i] over hd elements (whole registers, then the tail) with b from the pool.
+template <typename T>
+inline float kv_dot(const float* a, const T* b, int64_t hd) {
+  V acc = vzero();
+  int64_t i = 0;
+  for (; i + W <= hd; i += W) acc = vfma(vload(a + i), kv_load(b + i), acc);
+  float s = vsum(acc);
+  for (; i < hd; ++i) s += a[i] * kv_float(b[i]);
+  return s;
+}
+
+// Attention of one decode row is split into parts along its positions [p0, p1) (flash-decoding): one sequence at
+// 32k tokens keeps every core busy. A part takes all heads of its positions, so it streams whole rows of the pool
+// (slot, KV, hd) front to back, and each key and value is read once for the G query heads that share it. A part
+// leaves, per query head, its running max m, its sum of exp(score - m) and its unnormalized sum of weighted values;
+// `combine` merges a head's parts exactly (softmax is shift-invariant).
+struct Part {
+  int64_t d, p0, p1;
+};
+
+// Positions per part: at least kMinSpan, and about 8 parts per thread in all, so that a step with few long rows is
+// shared evenly; a multiple of the block size, so a part walks whole blocks.
+constexpr int64_t kMinSpan = 256;
+
+std::vector<Part> attention_parts(const int64_t* len, int64_t D, int64_t bs, int64_t threads) {
+  int64_t total = 0;
+  for (int64_t d = 0; d < D; ++d) total += len[d];
+  int64_t span = std::max(kMinSpan, (total + 8 * threads - 1) / (8 * threads));
+  span = (span + bs - 1) / bs * bs;
+  std::vector<Part> parts;
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t p0 = 0; p0 < len[d]; p0 += span) parts.push_back({d, p0, std::min(len[d], p0 + span)});
+  return parts;
+}
+
+// One part: q holds the H query heads (H * hd floats), head h attending KV head h / G; scores has room for
+// H * (p1 - p0); out receives, per head, [m, sum, values (hd)].
+template <typename T>
+void attend_part(const float* q, const T* kp, const T* vp, const int64_t* table, const Part& pt, int64_t bs,
+                 int64_t H, int64_t KV, int64_t hd, float scale, float* scores, float* out) {
+  const int64_t n = pt.p1 - pt.p0, G = H / KV, row = KV * hd;
+  for (int64_t b0 = pt.p0; b0 < pt.p1; b0 += bs) {  // whole blocks: a part starts on a block boundary
+    const T* k = kp + table[b0 / bs] * bs * row;
+    for (int64_t j = b0 - pt.p0; j < std::min(pt.p1, b0 + bs) - pt.p0; ++j, k += row)
+      for (int64_t h = 0; h < H; ++h) scores[h * n + j] = kv_dot(q + h * hd, k + (h / G) * hd, hd) * scale;
   }
-  float total = 0.0f;
-  vmap(scores, scores, len, [&](V v, int64_t) { return vexp(v - vset(mx)); });
-  for (int64_t p = 0; p < len; ++p) total += scores[p];
-  const float inv = 1.0f / total;
-  std::fill(out, out + hd, 0.0f);
-  for (int64_t p0 = 0, j = 0; p0 < len; p0 += bs, ++j) {
-    const float* v = vp + (table[j] * bs * KV + g) * hd;
-    for (int64_t p = p0; p < std::min(len, p0 + bs); ++p, v += KV * hd) {
-      const float wgt = scores[p] * inv;
-#pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) out[i] += wgt * v[i];
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = scores + h * n;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+    vmap(s, s, n, [&](V v, int64_t) { return vexp(v - vset(mx)); });
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) total += s[j];
+    float* o = out + h * (2 + hd);
+    o[0] = mx;
+    o[1] = total;
+    std::fill(o + 2, o + 2 + hd, 0.0f);
+  }
+  for (int64_t b0 = pt.p0; b0 < pt.p1; b0 += bs) {
+    const T* v = vp + table[b0 / bs] * bs * row;
+    for (int64_t j = b0 - pt.p0; j < std::min(pt.p1, b0 + bs) - pt.p0; ++j, v += row) {
+      for (int64_t g = 0; g < KV; ++g) {
+        const T* vg = v + g * hd;
+        int64_t c = 0;
+        for (; c + W <= hd; c += W) {
+          const V vv = kv_load(vg + c);
+          for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+            float* o = out + h * (2 + hd) + 2 + c;
+            vstore(o, vfma(vset(scores[h * n + j]), vv, vload(o)));
+          }
+        }
+        for (; c < hd; ++c)
+          for (int64_t h = g * G; h < (g + 1) * G; ++h) out[h * (2 + hd) + 2 + c] += scores[h * n + j] * kv_float(vg[c]);
+      }
     }
   }
+}
+
+// A query head's parts (first, first + step, ...: `count` of them) merged into its output: sum_c o_c e^(m_c - M) over
+// sum_c s_c e^(m_c - M), M the largest m_c.
+void combine(const float* parts, int64_t first, int64_t step, int64_t count, int64_t hd, float* out) {
+  float mx = -INFINITY;
+  for (int64_t c = 0; c < count; ++c) mx = std::max(mx, parts[(first + c * step) * (2 + hd)]);
+  float total = 0.0f;
+  std::fill(out, out + hd, 0.0f);
+  for (int64_t c = 0; c < count; ++c) {
+    const float* o = parts + (first + c * step) * (2 + hd);
+    const float w = std::exp(o[0] - mx);
+    total += w * o[1];
+    for (int64_t j = 0; j < hd; ++j) out[j] += w * o[2 + j];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t j = 0; j < hd; ++j) out[j] *= inv;
 }
 
 }  // namespace
@@ -1564,17 +1652,29 @@ class Decoder {
 
   // tokens (D,), cos/sin (D, hd), pools (L, slots, KV, hd), tables (D, nb) block ids, lengths (D,) keys including the
   // new token, rows: which sequences' logits to return -> (len(rows), vocab).
+  // The pools hold fp32 or fp16 (Engine's kv_dtype); either way the arithmetic is fp32.
   torch::Tensor step(torch::Tensor tokens, torch::Tensor cos, torch::Tensor sin, torch::Tensor kpool,
                      torch::Tensor vpool, torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows,
                      bool allow_bf16) {
+    TORCH_CHECK(kpool.scalar_type() == torch::kFloat32 || kpool.scalar_type() == torch::kHalf, "pools: fp32 or fp16");
+    if (kpool.scalar_type() == torch::kHalf)
+      return run<at::Half>(tokens, cos, sin, kpool, vpool, tables, lengths, bs, rows, allow_bf16);
+    return run<float>(tokens, cos, sin, kpool, vpool, tables, lengths, bs, rows, allow_bf16);
+  }
+
+ private:
+  template <typename T>
+  torch::Tensor run(torch::Tensor tokens, torch::Tensor cos, torch::Tensor sin, torch::Tensor kpool,
+                    torch::Tensor vpool, torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows,
+                    bool allow_bf16) {
     const bool bf16 = allow_bf16 && kBf16;
     const int64_t D = tokens.numel(), nb = tables.size(1), R = rows.numel();
     check(tokens, torch::kInt64, {D}, "tokens");
     check(cos, torch::kFloat32, {D, hd_}, "cos");
     check(sin, torch::kFloat32, {D, hd_}, "sin");
     TORCH_CHECK(kpool.dim() == 4 && kpool.size(0) == L_ && kpool.size(2) == KV_ && kpool.size(3) == hd_, "pool shape");
-    check(kpool, torch::kFloat32, kpool.sizes().vec(), "k pool");
-    check(vpool, torch::kFloat32, kpool.sizes().vec(), "v pool");
+    check(kpool, kpool.scalar_type(), kpool.sizes().vec(), "k pool");
+    check(vpool, kpool.scalar_type(), kpool.sizes().vec(), "v pool");
     check(tables, torch::kInt64, {D, nb}, "block tables");
     check(lengths, torch::kInt64, {D}, "lengths");
     check(rows, torch::kInt64, {R}, "rows");
@@ -1583,24 +1683,28 @@ class Decoder {
     const int64_t* tab = tables.data_ptr<int64_t>();
     const int64_t* len = lengths.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
-    int64_t maxlen = 0;
     for (int64_t d = 0; d < D; ++d) {
       TORCH_CHECK(tok[d] >= 0 && tok[d] < embed_.N, "token id out of range");
       TORCH_CHECK(len[d] >= 1 && len[d] <= nb * bs, "length beyond the block table");
       for (int64_t j = 0; j < (len[d] + bs - 1) / bs; ++j)
         TORCH_CHECK(tab[d * nb + j] >= 0 && (tab[d * nb + j] + 1) * bs <= S, "block id out of range");
-      maxlen = std::max(maxlen, len[d]);
     }
     TORCH_CHECK(R <= D, "more rows than sequences");
     for (int64_t i = 0; i < R; ++i) TORCH_CHECK(row[i] >= 0 && row[i] < D, "row out of range");
 
-    const int64_t G = H_ / KV_, nqkv = (H_ + 2 * KV_) * hd_;
+    const int64_t nqkv = (H_ + 2 * KV_) * hd_;
+    const std::vector<Part> parts = attention_parts(len, D, bs, at::get_num_threads());
+    int64_t span = 0;
+    for (const Part& pt : parts) span = std::max(span, pt.p1 - pt.p0);
     std::vector<float> x(D * dim_), h(D * std::max(dim_, H_ * hd_)), qkv(D * nqkv), att(D * H_ * hd_),
-        gu(D * 2 * hidden_), act(D * hidden_);
+        gu(D * 2 * hidden_), act(D * hidden_), partial(parts.size() * H_ * (2 + hd_));
+    std::vector<int64_t> first(D + 1, 0);  // parts of row d: [first[d], first[d + 1]), in position order
+    for (const Part& pt : parts) ++first[pt.d + 1];
+    for (int64_t d = 0; d < D; ++d) first[d + 1] += first[d];
     auto logits = torch::empty({R, head_.N}, torch::kFloat32);
     float* out = logits.data_ptr<float>();
-    float* kp0 = kpool.data_ptr<float>();
-    float* vp0 = vpool.data_ptr<float>();
+    T* kp0 = reinterpret_cast<T*>(kpool.data_ptr());
+    T* vp0 = reinterpret_cast<T*>(vpool.data_ptr());
     const float* cs = cos.data_ptr<float>();
     const float* sn = sin.data_ptr<float>();
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
@@ -1608,12 +1712,12 @@ class Decoder {
 
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      std::vector<float> scores(maxlen);
+      std::vector<float> scores(H_ * span);
 #pragma omp for
       for (int64_t d = 0; d < D; ++d) dequant_row(embed_, tok[d], x.data() + d * dim_);
       for (int64_t l = 0; l < L_; ++l) {
         const Lin* lin = &lins_[4 * l];
-        float *kp = kp0 + l * per_layer, *vp = vp0 + l * per_layer;
+        T *kp = kp0 + l * per_layer, *vp = vp0 + l * per_layer;
 #pragma omp for
         for (int64_t d = 0; d < D; ++d)
           rmsnorm(x.data() + d * dim_, norms_[2 * l].data_ptr<float>(), eps_, dim_, h.data() + d * dim_);
@@ -1627,14 +1731,20 @@ class Decoder {
           }
           for (int64_t j = 0; j < H_ + KV_; ++j) rope(r + j * hd_, cs + d * hd_, sn + d * hd_, hd_);
           const int64_t p = len[d] - 1, slot = tab[d * nb + p / bs] * bs + p % bs;
-          std::copy(r + H_ * hd_, r + (H_ + KV_) * hd_, kp + slot * KV_ * hd_);
-          std::copy(r + (H_ + KV_) * hd_, r + nqkv, vp + slot * KV_ * hd_);
+          kv_store(r + H_ * hd_, kp + slot * KV_ * hd_, KV_ * hd_);
+          kv_store(r + (H_ + KV_) * hd_, vp + slot * KV_ * hd_, KV_ * hd_);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (size_t i = 0; i < parts.size(); ++i) {
+          const Part& pt = parts[i];
+          attend_part(qkv.data() + pt.d * nqkv, kp, vp, tab + pt.d * nb, pt, bs, H_, KV_, hd_, scale, scores.data(),
+                      partial.data() + i * H_ * (2 + hd_));
         }
 #pragma omp for
-        for (int64_t dh = 0; dh < D * H_; ++dh) {
+        for (int64_t dh = 0; dh < D * H_; ++dh) {  // part i's head h is entry i * H + h of `partial`
           const int64_t d = dh / H_, head = dh % H_;
-          attend_head(qkv.data() + d * nqkv + head * hd_, kp, vp, tab + d * nb, len[d], bs, head / G, KV_, hd_, scale,
-                      scores.data(), att.data() + d * H_ * hd_ + head * hd_);
+          combine(partial.data(), first[d] * H_ + head, H_, first[d + 1] - first[d], hd_,
+                  att.data() + d * H_ * hd_ + head * hd_);
         }
         linear_team(lin[1], att.data(), D, x.data(), bf16, true);
 #pragma omp for
@@ -1668,7 +1778,6 @@ class Decoder {
     return logits;
   }
 
- private:
   std::vector<Lin> lins_;
   std::vector<torch::Tensor> norms_, qk_norms_;
   Lin embed_, head_;
