@@ -85,6 +85,9 @@ def test_f32_export_gives_the_source_logits(tmp_path, kind, overrides):
         ({"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 256}, False),  # one: other parameters, the same frequencies
         ({"rope_type": "linear", "factor": 2.0}, True),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, True),  # Qwen2.5's setting
+        ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+          "beta_slow": 2.0}, True),
     ],
 )  # fmt: skip
 def test_rope_scaling_survives(tmp_path, scaling, same_parameters):

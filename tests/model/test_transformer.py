@@ -29,6 +29,25 @@ CASES = {
             },
         },
     ),
+    # YaRN past the original context (16 positions of 40): the frequencies and the scale on cos / sin
+    "qwen2-yarn": (
+        "qwen2",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+    ),
+    "llama-yarn-mscale": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 0.707,
+                "mscale_all_dim": 1.0,
+                "beta_fast": 16,
+                "beta_slow": 2,
+            }
+        },
+    ),  # fmt: skip
     "head-dim-32": ("llama", {"head_dim": 32}),
     "qwen3-qk-norm": ("qwen3", {"head_dim": 32}),
     "mistral": ("mistral", {"sliding_window": None}),

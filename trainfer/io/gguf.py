@@ -106,6 +106,12 @@ def config_from_metadata(
     scaling = None
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif meta.get(f"{arch}.rope.scaling.type") == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(get("rope.scaling.factor"))}
+        for key, field in (("original_context_length", "original_max_position_embeddings"),
+                           ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):  # fmt: skip
+            if f"{arch}.rope.scaling.{key}" in meta:
+                scaling[field] = (int if field.startswith("original") else float)(get(f"rope.scaling.{key}"))
     elif rope_factors is not None:
         scaling = llama3_from_factors(rope_theta, head_dim, rope_factors)
     return ModelConfig(

@@ -72,8 +72,8 @@ def _check_supported(cfg: ModelConfig) -> None:
     if cfg.arch not in ("llama", "qwen2"):
         raise TrainferError(f"no GGUF export for architecture {cfg.arch!r}; llama and qwen2 are written")
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise TrainferError(f"no GGUF export for RoPE scaling {kind!r}; default, linear and llama3 are written")
+    if kind not in ("default", "linear", "llama3", "yarn"):
+        raise TrainferError(f"no GGUF export for RoPE scaling {kind!r}; default, linear, llama3 and yarn are written")
 
 
 def _add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
@@ -94,6 +94,16 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
+    elif scaling.get("rope_type", scaling.get("type")) == "yarn":  # as convert_hf_to_gguf.py writes Qwen2.5's
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings") or cfg.max_seq_len))
+        for key, add in (
+            ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", w.add_rope_scaling_yarn_beta_slow),
+        ):
+            if scaling.get(key):
+                add(float(scaling[key]))
 
 
 def _add_vocab(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:

@@ -60,21 +60,24 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
+
+
 def rope_frequencies(cfg: ModelConfig) -> Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama-3 scaling when the config asks for it. Always computed on the
-    CPU: under the loaders' meta device they would be empty (and meta ops import torch._dynamo, ~1 s)."""
+    """Inverse frequencies (head_dim/2,), with the scaling the config asks for (linear, Llama-3's, YaRN's). Always
+    computed on the CPU: under the loaders' meta device they would be empty (and meta ops import torch._dynamo)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     sc = cfg.rope_scaling
     if not sc:
         return inv_freq
-    kind = sc.get("rope_type", sc.get("type", "llama3"))
+    kind = rope_scaling_kind(sc)
     if kind == "default":
         return inv_freq
     if kind == "linear":
         return inv_freq / sc["factor"]
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+    if kind == "yarn":
+        return yarn_frequencies(inv_freq, cfg, sc)
     factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
     old_len = sc["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -84,6 +87,48 @@ def rope_frequencies(cfg: ModelConfig) -> Tensor:
     mid = (1 - smooth) * scaled / factor + smooth * scaled
     in_band = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
     return torch.where(in_band, mid, scaled)
+
+
+def rope_scaling_kind(sc: dict) -> str:
+    kind = sc.get("rope_type", sc.get("type", "llama3"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_SCALINGS)}")
+    return kind
+
+
+def yarn_frequencies(inv_freq: Tensor, cfg: ModelConfig, sc: dict) -> Tensor:
+    """YaRN (Qwen2.5's long-context setting, arXiv 2309.00071): frequencies that turn fewer than beta_slow times
+    over the original context are divided by `factor` (interpolated), those turning more than beta_fast times are
+    kept, a linear ramp over the dimensions between; as transformers computes them."""
+    hd, base, factor = cfg.head_dim, cfg.rope_theta, sc["factor"]
+    old_len = sc.get("original_max_position_embeddings") or cfg.max_seq_len
+    fast, slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns `rotations` times over old_len
+        return hd * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device="cpu") - low) / ((high - low) or 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (frequency kept), 0: interpolate (divided by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's scale on cos and sin (so on attention logits, squared): 0.1 ln(factor) + 1, or the config's own."""
+    sc = cfg.rope_scaling
+    if not sc or rope_scaling_kind(sc) != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = sc["factor"], sc.get("mscale"), sc.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -164,6 +209,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.rope_scale = rope_attention_factor(cfg)
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
         """Fresh weights for training from scratch (GPT-2 style, residual projections scaled down)."""
@@ -186,6 +232,8 @@ class Transformer(nn.Module):
         """cos and sign-folded sin (-sin, sin) (B, T, 1, hd) for positions (B, T), in fp32 then cast."""
         freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # (B, T, hd/2)
         cos, sin = freqs.cos(), freqs.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
         cos = torch.cat((cos, cos), dim=-1).unsqueeze(2)  # (B, T, 1, hd)
         sin = torch.cat((-sin, sin), dim=-1).unsqueeze(2)
         return cos.to(dtype), sin.to(dtype)
