@@ -35,10 +35,13 @@ def compare_both_paths(engine: Engine, same_argmax: bool = True) -> tuple[list[f
         if not any(n == 1 and seq.num_computed > 0 for seq, n in batch):
             return run(batch, rows)
         kinds.add("all decode" if all(n == 1 and seq.num_computed > 0 for seq, n in batch) else "mixed")
-        k, v = runner.pool.k.clone(), runner.pool.v.clone()
+        pool = runner.pool
+        state = [t for t in (pool.k, pool.v, pool.k_scale, pool.v_scale) if t is not None]
+        saved = [t.clone() for t in state]
         with torch.inference_mode():
             want = runner._module(batch, rows)
-        runner.pool.k.copy_(k), runner.pool.v.copy_(v)
+        for t, s in zip(state, saved, strict=True):
+            t.copy_(s)
         got = run(batch, rows)
         diffs.append(float((got - want).abs().max() / want.abs().max()))
         assert torch.equal(got.argmax(-1), want.argmax(-1)) or not same_argmax
@@ -79,16 +82,17 @@ def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, 
     engine.pool.check_idle()
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("hidden", [64, 96], ids=["hd16", "hd24"])
 def test_long_rows_split_along_positions_equal_the_module_path(tmp_path, kv_dtype, hidden):
     """Rows past 1,000 keys: the native step cuts each row's attention into parts of at most 304 positions
     (kernels.cpp attention_parts: whatever the thread count) and merges them; the module path attends in one piece
     (SDPA). Same cache in fp32 or fp16, same logits up to summation order; head size 24 leaves a tail past whole
-    registers."""
+    registers. An int8 cache: both paths write the same bytes and scales (same IEEE operations), so the logits
+    agree as closely."""
     model = tiny_model(tmp_path, "llama", "float32", hidden_size=hidden, max_position_embeddings=2048)
     engine = Engine(model, num_blocks=800, block_size=4, kv_dtype=kv_dtype, max_num_batched_tokens=2048)
-    assert engine.pool.k.dtype == {"fp32": torch.float32, "fp16": torch.float16}[kv_dtype]
+    assert engine.pool.k.dtype == {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[kv_dtype]
     diffs, kinds = compare_both_paths(engine)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (1200, 1500)]
@@ -96,25 +100,42 @@ def test_long_rows_split_along_positions_equal_the_module_path(tmp_path, kv_dtyp
     assert "all decode" in kinds and len(diffs) >= 4 and max(diffs) < 1e-5, diffs
 
 
-def test_an_fp16_cache_holds_twice_the_tokens_at_a_rounding_cost(tmp_path):
-    """Same kv_cache_gb, twice the blocks; the logits of a 600-token row stay within fp16's rounding of K/V."""
+def test_smaller_caches_hold_more_tokens_at_a_rounding_cost(tmp_path):
+    """Same kv_cache_gb: fp16 holds twice the blocks of fp32, int8 (hd 16 + a 4-byte scale per head) 3.2x; the
+    logits of a 600-token row stay within each one's rounding of K/V (int8's coarser than fp16's)."""
     model = tiny_model(tmp_path, "llama", "float32", max_position_embeddings=1024)
-    engines = {d: Engine(model, kv_cache_gb=2**-8, block_size=4, kv_dtype=d) for d in ("fp32", "fp16")}
-    assert engines["fp16"].pool.num_blocks == 2 * engines["fp32"].pool.num_blocks
-    assert engines["fp16"].pool.nbytes == engines["fp32"].pool.nbytes
+    kinds = ("fp32", "fp16", "int8")
+    engines = {d: Engine(model, kv_cache_gb=2**-8, block_size=4, kv_dtype=d) for d in kinds}
+    blocks = {d: e.pool.num_blocks for d, e in engines.items()}
+    assert blocks["fp16"] == 2 * blocks["fp32"] and blocks["int8"] == int(blocks["fp32"] * 64 / 20), blocks
+    assert all(e.pool.nbytes <= 2**30 * 2**-8 for e in engines.values())
     prompt = torch.randint(3, 256, (600,), generator=torch.Generator().manual_seed(1)).tolist()
     logits: dict[str, list[torch.Tensor]] = {d: [] for d in engines}
     for d, engine in engines.items():
         run = engine.runner.run
         engine.runner.run = lambda batch, rows, run=run, out=logits[d]: out.append(run(batch, rows)) or out[-1]
         engine.run([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    pairs = [(a, b) for a, b in zip(logits["fp32"], logits["fp16"], strict=True) if a.numel()]
-    assert len(pairs) == 4  # the prompt's last chunk, then 3 decode steps
-    for a, b in pairs:
-        err = float((a - b).abs().max() / a.abs().max())
-        assert 0 < err < 1e-2, err
+    errs = {}
+    for d in ("fp16", "int8"):
+        pairs = [(a, b) for a, b in zip(logits["fp32"], logits[d], strict=True) if a.numel()]
+        assert len(pairs) == 4  # the prompt's last chunk, then 3 decode steps
+        errs[d] = max(float((a - b).abs().max() / a.abs().max()) for a, b in pairs)
+    assert 0 < errs["fp16"] < errs["int8"] < 5e-2, errs
     with pytest.raises(TrainferError, match="kv_dtype"):
         Engine(model, num_blocks=8, kv_dtype="int3")
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    """quantize_kv / dequantize_kv: each value within half its row's step (max |x| / 127 / 2), zeros stay zeros."""
+    from trainfer.infer.kv_cache import dequantize_kv, quantize_kv
+
+    x = torch.randn(50, 3, 24, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 50)[:, None, None]
+    x[0, 0] = 0
+    q, scale = quantize_kv(x)
+    assert q.dtype == torch.int8 and scale.shape == (50, 3) and int(q.abs().max()) == 127
+    back = dequantize_kv(q, scale, torch.float32)
+    assert torch.all((back - x).abs() <= scale.unsqueeze(-1) / 2 * (1 + 1e-5))
+    assert torch.equal(back[0, 0], torch.zeros(24))
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])
@@ -167,8 +188,8 @@ def test_the_step_checks_what_it_is_given(tmp_path):
 
     def step(**changes):
         a = {**args, **changes}
-        return engine.runner.decoder.step(a["tokens"], cos, sin, pool.k, pool.v, a["tables"], a["lengths"], 4,
-                                          torch.tensor([0]), False)  # fmt: skip
+        return engine.runner.decoder.step(a["tokens"], cos, sin, pool.k, pool.v, None, None, a["tables"],
+                                          a["lengths"], 4, torch.tensor([0]), False)  # fmt: skip
 
     assert step().shape == (1, 256)
     with pytest.raises(RuntimeError, match="block id"):

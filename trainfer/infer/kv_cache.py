@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from trainfer.errors import TrainferError
 from trainfer.infer.sequence import Sequence
@@ -42,20 +43,36 @@ def root_hash(seq: Sequence) -> bytes | None:
     return None if seq.adapter is None else hashlib.sha256(b"adapter\0" + seq.adapter.encode()).digest()
 
 
-KV_DTYPES = ("auto", "fp32", "fp16")
+KV_DTYPES = ("auto", "fp32", "fp16", "int8")
 
 
 def kv_cache_dtype(name: str, activations: torch.dtype) -> torch.dtype:
     """The pool's element type for a --kv-dtype: "auto" keeps the model's activations' type; fp16 halves the
     cache (twice the tokens in the same --kv-cache-gb, half the memory read per decode step at depth) for a
-    rounding of K/V to 11 significant bits, measured in BENCHMARKS.md (Long context)."""
+    rounding of K/V to 11 significant bits; int8 (llama.cpp's q8_0 in spirit) stores each head's K or V of a
+    token as int8 with one fp32 scale, ~3.8x fewer bytes than fp32. Measured in BENCHMARKS.md (Long context)."""
     if name not in KV_DTYPES:
         raise TrainferError(f"unknown kv_dtype {name!r}: choose from {', '.join(KV_DTYPES)}")
-    return {"auto": activations, "fp32": torch.float32, "fp16": torch.float16}[name]
+    return {"auto": activations, "fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[name]
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    """K and V of one block, with an int8 pool's scales (one fp32 per token and KV head)."""
+    per_head = cfg.head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+    return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * per_head
+
+
+def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., hd) floats -> int8 (..., hd) and fp32 scales (...): scale = max |x| / 127, q = x / scale rounded to
+    nearest even; the native step does the same IEEE operations on its rows (kernels.cpp kv_store)."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127.0
+    q = torch.round(x / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).to(torch.int8)
+    return q, scale
+
+
+def dequantize_kv(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (q.to(torch.float32) * scale.unsqueeze(-1)).to(dtype)
 
 
 class BlockPool:
@@ -69,6 +86,11 @@ class BlockPool:
         shape = (cfg.n_layers, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)  # (L, slots, KV, hd)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # an int8 pool's scales, one per (layer, slot, KV head); None otherwise
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, least recently used first; hashed ones stay findable until reused.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -78,7 +100,8 @@ class BlockPool:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        scales = 0 if self.k_scale is None else 2 * self.k_scale.numel() * 4
+        return 2 * self.k.numel() * self.k.element_size() + scales
 
     @property
     def num_free(self) -> int:
@@ -142,8 +165,9 @@ class BlockPool:
     def copy(self, src: int, dst: int) -> None:
         """Copy-on-write for a forked sequence's partial last block."""
         b = self.block_size
-        self.k[:, dst * b : (dst + 1) * b] = self.k[:, src * b : (src + 1) * b]
-        self.v[:, dst * b : (dst + 1) * b] = self.v[:, src * b : (src + 1) * b]
+        for t in (self.k, self.v, self.k_scale, self.v_scale):
+            if t is not None:
+                t[:, dst * b : (dst + 1) * b] = t[:, src * b : (src + 1) * b]
 
     # ---- a sequence's blocks ----
     def blocks_needed(self, seq: Sequence, n: int) -> int:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainfer.infer import native_decode
-from trainfer.infer.kv_cache import BlockPool
+from trainfer.infer.kv_cache import BlockPool, dequantize_kv, quantize_kv
 from trainfer.infer.sequence import Sequence
 from trainfer.model import lora
 from trainfer.model.transformer import Transformer
@@ -54,18 +54,33 @@ class PagedAttention:
         self.decode_mask = decode_mask  # (D, 1, 1, nb * block_size) True where a real key
         self.chunks = chunks
 
-    def _gather(self, pool: Tensor, blocks: Tensor, dtype: torch.dtype) -> Tensor:
-        """Keys or values of whole blocks, (..., nb) -> (..., nb * block_size, KV, hd) in `dtype` (the queries'):
-        block-sized copies."""
+    def _gather(self, pool: tuple[Tensor, Tensor | None], blocks: Tensor, dtype: torch.dtype) -> Tensor:
+        """Keys or values (with an int8 pool's scales) of whole blocks, (..., nb) -> (..., nb * block_size, KV, hd)
+        in `dtype` (the queries'): block-sized copies."""
         b = self.pool.block_size
-        paged = pool.view(-1, b, *pool.shape[1:])  # (num_blocks, b, KV, hd)
-        out = paged.index_select(0, blocks.reshape(-1)).to(dtype)  # (N * nb, b, KV, hd)
-        return out.view(*blocks.shape[:-1], blocks.shape[-1] * b, *pool.shape[1:])
+        values, scales = pool
+        out = values.view(-1, b, *values.shape[1:]).index_select(0, blocks.reshape(-1))  # (N * nb, b, KV, hd)
+        if scales is None:
+            out = out.to(dtype)
+        else:
+            out = dequantize_kv(out, scales.view(-1, b, scales.shape[-1]).index_select(0, blocks.reshape(-1)), dtype)
+        return out.view(*blocks.shape[:-1], blocks.shape[-1] * b, *values.shape[1:])
+
+    def _write(self, values: Tensor, scales: Tensor | None, new: Tensor) -> None:
+        """New K or V rows (T, KV, hd) into their slots, rounded to the pool's type (fp16, or int8 with scales)."""
+        if scales is None:
+            values.index_copy_(0, self.write_slots, new.to(values.dtype))
+            return
+        q, s = quantize_kv(new)
+        values.index_copy_(0, self.write_slots, q)
+        scales.index_copy_(0, self.write_slots, s)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        kp, vp = self.pool.k[layer], self.pool.v[layer]  # (slots, KV, hd)
-        kp.index_copy_(0, self.write_slots, k[0].to(kp.dtype))  # a pool in fp16 (kv_dtype) rounds here
-        vp.index_copy_(0, self.write_slots, v[0].to(vp.dtype))
+        p = self.pool
+        kp = (p.k[layer], None if p.k_scale is None else p.k_scale[layer])  # (slots, KV, hd), (slots, KV)
+        vp = (p.v[layer], None if p.v_scale is None else p.v_scale[layer])
+        self._write(*kp, k[0])
+        self._write(*vp, v[0])
         q = q[0]  # (T, H, hd)
         out = torch.empty_like(q)
         if self.decode_rows.numel():
@@ -213,8 +228,8 @@ class ModelRunner:
         # allowed): bf16 would change the arithmetic, and with it a greedy choice between two near-equal tokens.
         bf16 = bf16_products() and not any(s.drafts for s, _ in items)
         return self.decoder.step(
-            tokens, cos, sin, self.pool.k, self.pool.v, tables, lens, b, torch.tensor(sample_rows, dtype=torch.long),
-            bf16,
+            tokens, cos, sin, self.pool.k, self.pool.v, self.pool.k_scale, self.pool.v_scale, tables, lens, b,
+            torch.tensor(sample_rows, dtype=torch.long), bf16,
         )  # fmt: skip
 
     def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:

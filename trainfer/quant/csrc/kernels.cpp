@@ -1521,12 +1521,23 @@ inline V kv_load(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #endif
 }
+inline V kv_load(const int8_t* p) { return q8_load(p); }
 inline float kv_float(float x) { return x; }
 inline float kv_float(at::Half x) { return static_cast<float>(x); }
-// fp32 -> the pool's type, rounded to nearest even as torch's .to(torch.float16) does (the module path's write).
-template <typename T>
-inline void kv_store(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+inline float kv_float(int8_t x) { return static_cast<float>(x); }
+// One head's K or V (hd floats) -> the pool's type: fp16 rounded to nearest even as torch's .to(torch.float16)
+// does; int8 as runner.quantize_kv does (scale = max |x| / 127, q = x / scale rounded to nearest even), the same
+// IEEE operations, so both paths write the same bytes.
+inline void kv_store(const float* src, float* dst, float*, int64_t hd) { std::copy(src, src + hd, dst); }
+inline void kv_store(const float* src, at::Half* dst, float*, int64_t hd) {
+  for (int64_t i = 0; i < hd; ++i) dst[i] = static_cast<at::Half>(src[i]);
+}
+inline void kv_store(const float* src, int8_t* dst, float* scale, int64_t hd) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < hd; ++i) amax = std::max(amax, std::fabs(src[i]));
+  const float sc = amax / 127.0f, div = amax > 0.0f ? sc : 1.0f;
+  *scale = sc;
+  for (int64_t i = 0; i < hd; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(src[i] / div));
 }
 
 // sum_i a[i] * b[i] over hd elements (whole registers, then the tail) with b from the pool.
@@ -1565,15 +1576,20 @@ std::vector<Part> attention_parts(const int64_t* len, int64_t D, int64_t bs, int
 }
 
 // One part: q holds the H query heads (H * hd floats), head h attending KV head h / G; scores has room for
-// H * (p1 - p0); out receives, per head, [m, sum, values (hd)].
+// H * (p1 - p0); out receives, per head, [m, sum, values (hd)]. ks / vs: an int8 pool's scales (slot, KV), or null.
 template <typename T>
-void attend_part(const float* q, const T* kp, const T* vp, const int64_t* table, const Part& pt, int64_t bs,
-                 int64_t H, int64_t KV, int64_t hd, float scale, float* scores, float* out) {
+void attend_part(const float* q, const T* kp, const T* vp, const float* ks, const float* vs, const int64_t* table,
+                 const Part& pt, int64_t bs, int64_t H, int64_t KV, int64_t hd, float scale, float* scores,
+                 float* out) {
   const int64_t n = pt.p1 - pt.p0, G = H / KV, row = KV * hd;
   for (int64_t b0 = pt.p0; b0 < pt.p1; b0 += bs) {  // whole blocks: a part starts on a block boundary
-    const T* k = kp + table[b0 / bs] * bs * row;
-    for (int64_t j = b0 - pt.p0; j < std::min(pt.p1, b0 + bs) - pt.p0; ++j, k += row)
-      for (int64_t h = 0; h < H; ++h) scores[h * n + j] = kv_dot(q + h * hd, k + (h / G) * hd, hd) * scale;
+    const int64_t s0 = table[b0 / bs] * bs;
+    const T* k = kp + s0 * row;
+    for (int64_t j = b0 - pt.p0; j < std::min(pt.p1, b0 + bs) - pt.p0; ++j, k += row) {
+      const float* sk = ks ? ks + (s0 + j - (b0 - pt.p0)) * KV : nullptr;
+      for (int64_t h = 0; h < H; ++h)
+        scores[h * n + j] = kv_dot(q + h * hd, k + (h / G) * hd, hd) * (sk ? scale * sk[h / G] : scale);
+    }
   }
   for (int64_t h = 0; h < H; ++h) {
     float* s = scores + h * n;
@@ -1588,20 +1604,24 @@ void attend_part(const float* q, const T* kp, const T* vp, const int64_t* table,
     std::fill(o + 2, o + 2 + hd, 0.0f);
   }
   for (int64_t b0 = pt.p0; b0 < pt.p1; b0 += bs) {
-    const T* v = vp + table[b0 / bs] * bs * row;
+    const int64_t s0 = table[b0 / bs] * bs;
+    const T* v = vp + s0 * row;
     for (int64_t j = b0 - pt.p0; j < std::min(pt.p1, b0 + bs) - pt.p0; ++j, v += row) {
+      const float* sv = vs ? vs + (s0 + j - (b0 - pt.p0)) * KV : nullptr;
       for (int64_t g = 0; g < KV; ++g) {
         const T* vg = v + g * hd;
+        const float f = sv ? sv[g] : 1.0f;
         int64_t c = 0;
         for (; c + W <= hd; c += W) {
           const V vv = kv_load(vg + c);
           for (int64_t h = g * G; h < (g + 1) * G; ++h) {
             float* o = out + h * (2 + hd) + 2 + c;
-            vstore(o, vfma(vset(scores[h * n + j]), vv, vload(o)));
+            vstore(o, vfma(vset(scores[h * n + j] * f), vv, vload(o)));
           }
         }
         for (; c < hd; ++c)
-          for (int64_t h = g * G; h < (g + 1) * G; ++h) out[h * (2 + hd) + 2 + c] += scores[h * n + j] * kv_float(vg[c]);
+          for (int64_t h = g * G; h < (g + 1) * G; ++h)
+            out[h * (2 + hd) + 2 + c] += scores[h * n + j] * f * kv_float(vg[c]);
       }
     }
   }
@@ -1652,21 +1672,33 @@ class Decoder {
 
   // tokens (D,), cos/sin (D, hd), pools (L, slots, KV, hd), tables (D, nb) block ids, lengths (D,) keys including the
   // new token, rows: which sequences' logits to return -> (len(rows), vocab).
-  // The pools hold fp32 or fp16 (Engine's kv_dtype); either way the arithmetic is fp32.
+  // The pools hold fp32, fp16 or int8 with a scale per (slot, KV head) in kscale / vscale (Engine's kv_dtype);
+  // either way the arithmetic is fp32.
   torch::Tensor step(torch::Tensor tokens, torch::Tensor cos, torch::Tensor sin, torch::Tensor kpool,
-                     torch::Tensor vpool, torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows,
-                     bool allow_bf16) {
-    TORCH_CHECK(kpool.scalar_type() == torch::kFloat32 || kpool.scalar_type() == torch::kHalf, "pools: fp32 or fp16");
-    if (kpool.scalar_type() == torch::kHalf)
-      return run<at::Half>(tokens, cos, sin, kpool, vpool, tables, lengths, bs, rows, allow_bf16);
-    return run<float>(tokens, cos, sin, kpool, vpool, tables, lengths, bs, rows, allow_bf16);
+                     torch::Tensor vpool, c10::optional<torch::Tensor> kscale, c10::optional<torch::Tensor> vscale,
+                     torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows, bool allow_bf16) {
+    const auto type = kpool.scalar_type();
+    TORCH_CHECK(type == torch::kFloat32 || type == torch::kHalf || type == torch::kInt8, "pools: fp32, fp16 or int8");
+    TORCH_CHECK((type == torch::kInt8) == (kscale.has_value() && vscale.has_value()), "scales: with an int8 pool only");
+    float *ks = nullptr, *vs = nullptr;
+    if (type == torch::kInt8) {
+      const std::vector<int64_t> shape{kpool.size(0), kpool.size(1), kpool.size(2)};
+      check(*kscale, torch::kFloat32, shape, "k scales");
+      check(*vscale, torch::kFloat32, shape, "v scales");
+      ks = kscale->data_ptr<float>();
+      vs = vscale->data_ptr<float>();
+      return run<int8_t>(tokens, cos, sin, kpool, vpool, ks, vs, tables, lengths, bs, rows, allow_bf16);
+    }
+    if (type == torch::kHalf)
+      return run<at::Half>(tokens, cos, sin, kpool, vpool, ks, vs, tables, lengths, bs, rows, allow_bf16);
+    return run<float>(tokens, cos, sin, kpool, vpool, ks, vs, tables, lengths, bs, rows, allow_bf16);
   }
 
  private:
   template <typename T>
   torch::Tensor run(torch::Tensor tokens, torch::Tensor cos, torch::Tensor sin, torch::Tensor kpool,
-                    torch::Tensor vpool, torch::Tensor tables, torch::Tensor lengths, int64_t bs, torch::Tensor rows,
-                    bool allow_bf16) {
+                    torch::Tensor vpool, float* ks0, float* vs0, torch::Tensor tables, torch::Tensor lengths,
+                    int64_t bs, torch::Tensor rows, bool allow_bf16) {
     const bool bf16 = allow_bf16 && kBf16;
     const int64_t D = tokens.numel(), nb = tables.size(1), R = rows.numel();
     check(tokens, torch::kInt64, {D}, "tokens");
@@ -1718,6 +1750,7 @@ class Decoder {
       for (int64_t l = 0; l < L_; ++l) {
         const Lin* lin = &lins_[4 * l];
         T *kp = kp0 + l * per_layer, *vp = vp0 + l * per_layer;
+        float *ks = ks0 ? ks0 + l * S * KV_ : nullptr, *vs = vs0 ? vs0 + l * S * KV_ : nullptr;
 #pragma omp for
         for (int64_t d = 0; d < D; ++d)
           rmsnorm(x.data() + d * dim_, norms_[2 * l].data_ptr<float>(), eps_, dim_, h.data() + d * dim_);
@@ -1731,14 +1764,16 @@ class Decoder {
           }
           for (int64_t j = 0; j < H_ + KV_; ++j) rope(r + j * hd_, cs + d * hd_, sn + d * hd_, hd_);
           const int64_t p = len[d] - 1, slot = tab[d * nb + p / bs] * bs + p % bs;
-          kv_store(r + H_ * hd_, kp + slot * KV_ * hd_, KV_ * hd_);
-          kv_store(r + (H_ + KV_) * hd_, vp + slot * KV_ * hd_, KV_ * hd_);
+          for (int64_t g = 0; g < KV_; ++g) {
+            kv_store(r + (H_ + g) * hd_, kp + (slot * KV_ + g) * hd_, ks ? ks + slot * KV_ + g : nullptr, hd_);
+            kv_store(r + (H_ + KV_ + g) * hd_, vp + (slot * KV_ + g) * hd_, vs ? vs + slot * KV_ + g : nullptr, hd_);
+          }
         }
 #pragma omp for schedule(dynamic, 1)
         for (size_t i = 0; i < parts.size(); ++i) {
           const Part& pt = parts[i];
-          attend_part(qkv.data() + pt.d * nqkv, kp, vp, tab + pt.d * nb, pt, bs, H_, KV_, hd_, scale, scores.data(),
-                      partial.data() + i * H_ * (2 + hd_));
+          attend_part(qkv.data() + pt.d * nqkv, kp, vp, ks, vs, tab + pt.d * nb, pt, bs, H_, KV_, hd_, scale,
+                      scores.data(), partial.data() + i * H_ * (2 + hd_));
         }
 #pragma omp for
         for (int64_t dh = 0; dh < D * H_; ++dh) {  // part i's head h is entry i * H + h of `partial`
