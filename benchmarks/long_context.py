@@ -1,0 +1,132 @@
+"""Long context: decode at depth and prefill of long prompts, trainfer next to llama.cpp (llama-bench), same run.
+
+    .venv/bin/python benchmarks/long_context.py [--depths 4096 8000] [--rounds 3] [--tokens 32] [--dtype int8]
+
+SmolLM2-135M-Instruct (8k context) in int8 against llama.cpp's Q8_0 copy of the same file, one thread per core.
+trainfer's KV cache in fp32 (the default), fp16 and int8 (--kv-dtype); llama.cpp's in f16 (its default) and q8_0,
+flash attention on (q8_0 V needs it).
+
+Decode at depth d: each trainfer engine prefills one random-token prompt of d tokens once, then each round decodes
+the next `tokens` tokens greedily (the depth grows by rounds x tokens, under 2%); llama-bench -d d -n tokens
+re-prefills its depth untimed each round. Prefill of d tokens: each round a fresh random prompt (no prefix-cache hit)
+through the engine's chunked prefill, start to first token; llama-bench -p d. Ratios are trainfer / llama.cpp per
+round (median, min-max): fp16 and fp32 against f16, int8 against q8_0. Prints one line per figure, then JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp  # noqa: E402
+
+from trainfer import LLM, registry  # noqa: E402
+from trainfer.bench import parse_llama_bench  # noqa: E402
+from trainfer.infer.engine import Engine  # noqa: E402
+from trainfer.infer.sampling import SamplingParams  # noqa: E402
+from trainfer.rounds import alternate, describe, environment, ratio  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+KV = ("fp32", "fp16", "int8")
+PEER_KV = ("f16", "q8_0")
+
+
+def random_prompt(n: int, seed: int, vocab: int) -> list[int]:
+    return torch.randint(100, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class Deep:
+    """One engine holding one sequence at depth: prefilled once, then decoded `tokens` at a time."""
+
+    def __init__(self, engine: Engine, prompt: list[int], budget: int) -> None:
+        self.engine = engine
+        engine.add_request("deep", prompt, SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True))
+        while not engine.step():  # the prompt's chunks, until its first token
+            pass
+
+    def decode(self, tokens: int) -> float:
+        start = time.perf_counter()
+        for _ in range(tokens):
+            self.engine.step()
+        return tokens / (time.perf_counter() - start)
+
+
+def prefill(engine: Engine, prompt: list[int]) -> float:
+    """Tokens/s from adding a request to its first token."""
+    start = time.perf_counter()
+    engine.add_request("prefill", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    engine.requests.pop("prefill", None)
+    return len(prompt) / (time.perf_counter() - start)
+
+
+def llama(binary: Path, gguf: Path, threads: int, kv: str, *, depth: int = 0, prompt: int = 0, gen: int = 0) -> float:
+    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-d", str(depth),
+           "-r", "1", "-fa", "1", "-ctk", kv, "-ctv", kv, "-o", "json"]  # fmt: skip
+    rows = parse_llama_bench(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return rows[0]["avg_ts"]
+
+
+def decode_sides(llm: LLM, depth: int, args: argparse.Namespace, binary: Path, gguf: Path, threads: int) -> dict:
+    """Per KV type, an engine holding one sequence at `depth` (0.5 GiB: 11k tokens at fp32), and llama-bench."""
+    vocab, budget = llm.model.cfg.vocab_size, args.rounds * args.tokens + 8
+    deep = {kv: Deep(Engine(llm.model, kv_dtype=kv, kv_cache_gb=0.5), random_prompt(depth, 0, vocab), budget)
+            for kv in KV}  # fmt: skip
+    sides = {kv: (lambda d=deep[kv]: d.decode(args.tokens)) for kv in KV}
+    return sides | {kv: partial(llama, binary, gguf, threads, kv, depth=depth, gen=args.tokens) for kv in PEER_KV}
+
+
+def prefill_sides(llm: LLM, depth: int, binary: Path, gguf: Path, threads: int) -> dict:
+    """Per KV type, an engine that prefills a fresh random prompt each round, and llama-bench -p."""
+    vocab, seeds = llm.model.cfg.vocab_size, iter(range(1, 10_000))
+    engines = {kv: Engine(llm.model, kv_dtype=kv, kv_cache_gb=0.5) for kv in KV}
+    sides = {kv: (lambda e=engines[kv]: prefill(e, random_prompt(depth, next(seeds), vocab))) for kv in KV}
+    return sides | {kv: partial(llama, binary, gguf, threads, kv, prompt=depth) for kv in PEER_KV}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="int8")
+    ap.add_argument("--depths", type=int, nargs="+", default=[4096, 8000])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--no-prefill", action="store_true", help="decode at depth only")
+    args = ap.parse_args()
+    env = environment()
+    print(describe(env), flush=True)
+    threads = torch.get_num_threads()
+    peers = registry.home() / "peers"
+    peers.mkdir(parents=True, exist_ok=True)
+    binary = llama_cpp.build(peers / "llama.cpp") / "llama-bench"
+    gguf = llama_cpp.quantized_copies(binary.parent, peers)["Q8_0"]
+    llm = LLM.load(MODEL, dtype=args.dtype, kv_cache_gb=0.1)
+    result: dict = {"environment": env, "args": vars(args), "threads": threads, "decode": {}, "prefill": {}}
+
+    def report(kind: str, depth: int, runs: dict[str, list[float]]) -> None:
+        row = {name: sorted(v) for name, v in runs.items()}
+        for ours, theirs in (("fp16", "f16"), ("fp32", "f16"), ("int8", "q8_0")):
+            r = ratio(runs[ours], runs[theirs])
+            row[f"{ours}/{theirs}"] = r.as_list()
+            mid = args.rounds // 2
+            print(f"{kind} at {depth}: trainfer {ours} KV {r} llama.cpp {theirs} ({sorted(runs[ours])[mid]:.1f} vs "
+                  f"{sorted(runs[theirs])[mid]:.1f} tokens/s)", flush=True)  # fmt: skip
+        result[kind][str(depth)] = row
+
+    for depth in args.depths:
+        report("decode", depth, alternate(args.rounds, decode_sides(llm, depth, args, binary, gguf, threads)))
+        if not args.no_prefill:
+            report("prefill", depth, alternate(args.rounds, prefill_sides(llm, depth, binary, gguf, threads)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
