@@ -46,6 +46,29 @@ def server(tiny_chat_dir):
     s.stop()
 
 
+def test_kv_gauges_show_what_a_smaller_cache_holds(tmp_path):
+    """/metrics' KV gauges from the engine's pool: the same --kv-cache-gb holds twice the tokens in fp16 and 3.2x in
+    int8 (the tiny model's heads of 16 values, each with a 4-byte scale), within the same bytes."""
+    from prometheus_client import generate_latest
+
+    from tests.conftest import make_hf_model
+    from trainfer.infer.engine import Engine
+    from trainfer.io.loader import load_model
+    from trainfer.serve.metrics import Metrics
+
+    make_hf_model("llama").save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path)
+    seen = {}
+    for kv in ("fp32", "fp16", "int8"):
+        metrics = Metrics()
+        metrics.observe_engine(Engine(model, kv_cache_gb=2**-8, block_size=4, kv_dtype=kv).stats())
+        lines = generate_latest(metrics.registry).decode().splitlines()
+        seen[kv] = {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("trainfer_kv_cache_")}
+    tokens = {kv: v["trainfer_kv_cache_capacity_tokens"] for kv, v in seen.items()}
+    assert tokens["fp16"] == 2 * tokens["fp32"] and tokens["int8"] == pytest.approx(3.2 * tokens["fp32"], rel=1e-3)
+    assert all(0.99 * 2**22 <= v["trainfer_kv_cache_bytes"] <= 2**22 for v in seen.values()), seen
+
+
 def test_vitals_follow_traffic(server):
     t0 = time.time()
     body = {"prompt": "hello", "max_tokens": 100, "temperature": 1, "ignore_eos": True}

@@ -374,6 +374,7 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "kv_cache_usage": pool.usage,
             "kv_cache_blocks": pool.num_blocks,
+            "kv_cache_tokens": pool.num_blocks * pool.block_size,
             "kv_cache_bytes": pool.nbytes,
             "prefix_cache_hit_rate": pool.prefix_hits / pool.prefix_queries if pool.prefix_queries else 0.0,
             "preemptions": self.scheduler.num_preemptions,

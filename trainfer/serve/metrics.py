@@ -42,6 +42,12 @@ class Metrics:
         self.kv_usage = Gauge(
             "trainfer_kv_cache_usage_ratio", "Fraction of KV blocks held by live sequences", registry=r
         )
+        self.kv_capacity = Gauge(
+            "trainfer_kv_cache_capacity_tokens",
+            "Tokens the KV cache holds (blocks x block size; --kv-dtype)",
+            registry=r,
+        )
+        self.kv_bytes = Gauge("trainfer_kv_cache_bytes", "Memory of the KV cache, scales included", registry=r)
         self.prefix_hit_rate = Gauge(
             "trainfer_prefix_cache_hit_rate", "Prompt blocks found in the prefix cache", registry=r
         )
@@ -67,6 +73,8 @@ class Metrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
+        self.kv_capacity.set(stats["kv_cache_tokens"])
+        self.kv_bytes.set(stats["kv_cache_bytes"])
         self.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
         self.draft_acceptance.set(stats["draft_acceptance"])
         self.tokens_per_verify.set(stats["tokens_per_verify_forward"])
