@@ -67,6 +67,7 @@ class LLM:
         dtype: str = "auto",
         device: str = "cpu",
         adapters: dict[str, str | os.PathLike[str]] | None = None,
+        kv_dtype: str = "fp16",
         **engine_args: Any,
     ) -> LLM:
         """An alias (see `trainfer models`), a .gguf file, or a Hugging Face directory with tokenizer.json.
@@ -77,7 +78,10 @@ class LLM:
         A directory written by `trainfer quantize` loads as it was saved.
         adapters: {name: LoRA adapter directory or LoRA run}, kept unmerged next to the base so one batch mixes
         them (`complete(..., adapter=name)`, the server's `model` field); the base's own path stays native.
-        engine_args go to `Engine`: kv_cache_gb, kv_dtype, num_blocks, block_size, max_num_seqs,
+        kv_dtype: the KV cache's type, fp16 here (Engine's own default is the model's exact "auto"): measured
+        within 0.11% of fp32's perplexity on 8,000-token plays, faster at depth, twice the tokens per GiB
+        (BENCHMARKS.md, Long context); "fp32" for results equal to the model's own forward.
+        engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs,
         max_num_batched_tokens, max_model_len, draft ("ngram": speculative decoding), num_draft_tokens.
         """
         if engine_args.get("num_blocks") is None:
@@ -86,7 +90,7 @@ class LLM:
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
         native_decode.prepare(model)  # this model is ours: fused and split once, before its engine and adapters
-        llm = cls(model, tokenizer, str(name_or_path), **engine_args)
+        llm = cls(model, tokenizer, str(name_or_path), kv_dtype=kv_dtype, **engine_args)
         if adapters:
             for name, path in adapters.items():
                 peft.load_adapter(llm.model, resolve(path), name)  # wraps the prepared modules

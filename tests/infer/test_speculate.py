@@ -167,8 +167,9 @@ def test_greedy_on_smollm2_is_the_same_tokens_with_and_without_guesses(smollm2_p
     ids = llm.chat_prompt([{"role": "user", "content": EDIT}])
     params = SamplingParams(max_tokens=64, temperature=0, logprobs=0)
     plain = llm.engine.run([ids], params)[0][0]
+    # the cache type LLM.load gave llm.engine
     spec = Engine(llm.model, stop_token_ids=llm.tokenizer.stop_token_ids, draft="ngram", num_draft_tokens=5,
-                  kv_cache_gb=0.1)  # fmt: skip
+                  kv_cache_gb=0.1, kv_dtype="fp16")  # fmt: skip
     got = spec.run([ids], params)[0][0]
     assert [e.token_id for e in got] == [e.token_id for e in plain]
     # the same arithmetic, not only the same argmax (a near-tie would show a drift only now and then)

@@ -101,7 +101,7 @@ def hf_results(hf_dir, task_manager) -> dict:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    server = ServerProcess(SMOLLM2, "--max-num-seqs", "8", "--dtype", "float32")  # compared with HF in fp32
+    server = ServerProcess(SMOLLM2, "--max-num-seqs", "8", "--dtype", "float32", "--kv-dtype", "fp32")  # vs HF in fp32
     yield server
     server.stop()
 

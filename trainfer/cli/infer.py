@@ -45,10 +45,10 @@ class ModelSettings(Threads):
     blocks) or int4 (Q4_1 blocks)"""
     kv_cache_gb: float = default_of(Engine.__init__, "kv_cache_gb")
     """memory for the paged KV cache in GiB"""
-    kv_dtype: str = arg(default_of(Engine.__init__, "kv_dtype"), choices=KV_DTYPES)
-    """the KV cache's element type: auto (the model's activations', fp32 for GGUF and quantized weights), fp16
-    (twice the tokens per GiB, half the cache read per token at depth) or int8 (a scale per token and head, ~3.8x
-    the tokens of fp32); the cost in quality: BENCHMARKS.md, Long context"""
+    kv_dtype: str = arg(default_of(LLM.load, "kv_dtype"), choices=KV_DTYPES)
+    """the KV cache's element type: fp16 (the default: twice the tokens per GiB of fp32, half the cache read per
+    token at depth), int8 (a scale per token and head, ~3.8x the tokens of fp32), fp32, or auto (the model's
+    activations' type: results equal to its own forward); the cost in quality: BENCHMARKS.md, Long context"""
     draft: str | None = arg(None, choices=DRAFTS)
     """speculative decoding: ngram guesses the next tokens from the text so far (prompt lookup; helps when the
     answer repeats its input: edits, quotes, extraction); the output stays the same"""
