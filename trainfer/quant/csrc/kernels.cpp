@@ -1505,14 +1505,8 @@ void rope(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// The K/V pool holds fp32 or fp16 (Engine's kv_dtype): a register of W elements of either, as floats.
+// The K/V pool holds fp32, fp16 or int8 (Engine's kv_dtype): a register of W elements of any, as floats (int8
+// before its scale).
 inline V kv_load(const float* p) { return vload(p); }
 inline V kv_load(const at::Half* p) {
 #ifdef __AVX512F__
@@ -1583,12 +1577,11 @@ void attend_part(const float* q, const T* kp, const T* vp, const float* ks, cons
                  float* out) {
   const int64_t n = pt.p1 - pt.p0, G = H / KV, row = KV * hd;
   for (int64_t b0 = pt.p0; b0 < pt.p1; b0 += bs) {  // whole blocks: a part starts on a block boundary
-    const int64_t s0 = table[b0 / bs] * bs;
-    const T* k = kp + s0 * row;
-    for (int64_t j = b0 - pt.p0; j < std::min(pt.p1, b0 + bs) - pt.p0; ++j, k += row) {
-      const float* sk = ks ? ks + (s0 + j - (b0 - pt.p0)) * KV : nullptr;
+    for (int64_t p = b0, slot = table[b0 / bs] * bs; p < std::min(pt.p1, b0 + bs); ++p, ++slot) {
+      const T* k = kp + slot * row;
+      const float* sk = ks ? ks + slot * KV : nullptr;
       for (int64_t h = 0; h < H; ++h)
-        scores[h * n + j] = kv_dot(q + h * hd, k + (h / G) * hd, hd) * (sk ? scale * sk[h / G] : scale);
+        scores[h * n + p - pt.p0] = kv_dot(q + h * hd, k + (h / G) * hd, hd) * (sk ? scale * sk[h / G] : scale);
     }
   }
   for (int64_t h = 0; h < H; ++h) {
@@ -1604,10 +1597,10 @@ void attend_part(const float* q, const T* kp, const T* vp, const float* ks, cons
     std::fill(o + 2, o + 2 + hd, 0.0f);
   }
   for (int64_t b0 = pt.p0; b0 < pt.p1; b0 += bs) {
-    const int64_t s0 = table[b0 / bs] * bs;
-    const T* v = vp + s0 * row;
-    for (int64_t j = b0 - pt.p0; j < std::min(pt.p1, b0 + bs) - pt.p0; ++j, v += row) {
-      const float* sv = vs ? vs + (s0 + j - (b0 - pt.p0)) * KV : nullptr;
+    for (int64_t p = b0, slot = table[b0 / bs] * bs; p < std::min(pt.p1, b0 + bs); ++p, ++slot) {
+      const T* v = vp + slot * row;
+      const float* sv = vs ? vs + slot * KV : nullptr;
+      const int64_t j = p - pt.p0;
       for (int64_t g = 0; g < KV; ++g) {
         const T* vg = v + g * hd;
         const float f = sv ? sv[g] : 1.0f;
