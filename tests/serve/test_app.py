@@ -270,6 +270,13 @@ def test_capacity_counts_sequences_and_holds_for_streamed_bursts(long_chat_dir):
             assert running.status_code == 200 and next(lines).startswith("data: ")
             r = httpx.post(server.url + "/v1/completions", json={**LONG, "n": 2}, timeout=10)
             assert r.status_code == 429  # one sequence runs, n=2 needs two more
+            health = httpx.get(server.url + "/health", timeout=10)
+            assert health.status_code == 200 and health.json() == {"status": "ok", "inflight": 1, "capacity": 2}
+            second = threading.Thread(target=post, args=(0,))  # queued behind the running one: now full
+            second.start()
+            assert wait_for(lambda: httpx.get(server.url + "/health", timeout=10).status_code == 503, 5)
+            assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "overloaded"
+        second.join(timeout=60)
         assert wait_for(lambda: idle(server), 5)
     finally:
         server.stop()

@@ -257,6 +257,8 @@ class Serve(Listen, ModelSettings):
     """entries in the in-process response cache; 0 = off"""
     cache_url: str | None = None
     """redis://host:port/db: share the response cache between replicas"""
+    drain_grace: float = 0.0
+    """on SIGTERM, seconds of serving with /health at 503 before closing, for a balancer to notice (deploy/: 3)"""
     drain_timeout: int = 60
     """seconds to finish in-flight requests on SIGTERM"""
     max_body_mb: float = default_of(Server.__init__, "max_body_bytes") / (1 << 20)
@@ -270,15 +272,15 @@ class Serve(Listen, ModelSettings):
 
 
 def serve(s: Serve) -> None:
-    import uvicorn
-
-    from trainfer.serve.app import create_app
+    from trainfer.serve.app import create_app, serve_forever
     from trainfer.serve.cache import RedisCache
     from trainfer.web import is_run_dir
 
     s.check()
     if s.max_model_len is not None and s.max_model_len < 1:
         raise TrainferError(f"--max-model-len must be >= 1, got {s.max_model_len}")
+    if s.drain_grace < 0 or s.drain_timeout < 0:
+        raise TrainferError("--drain-grace and --drain-timeout must be >= 0")
     if s.max_body_mb <= 0:
         raise TrainferError(f"--max-body-mb must be > 0, got {s.max_body_mb}")
     api_key = s.api_key or os.environ.get("TRAINFER_API_KEY") or None
@@ -301,7 +303,7 @@ def serve(s: Serve) -> None:
     runs = run_dirs(s.run) + ([Path(s.model)] if is_run_dir(s.model) else [])
     print(f"[web page: http://{s.host}:{s.port}/]", file=sys.stderr)
     app = create_app(server, runs)
-    uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level, timeout_graceful_shutdown=s.drain_timeout)
+    serve_forever(app, s.host, s.port, s.log_level, s.drain_grace, s.drain_timeout)
 
 
 def _adapters(items: list[str], model_id: str) -> dict[str, str]:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI
 
 from trainfer import web
@@ -48,6 +51,30 @@ def create_app(server: Server, runs: list[Path] | None = None) -> Gate:
         app.add_api_route(path, handler, methods=[method])
     web.add_routes(app, runs or [], {"model": server.model_id, "auth": bool(server.api_key)})
     return Gate(app, server)
+
+
+def serve_forever(app: Gate, host: str, port: int, log_level: str, drain_grace: float, drain_timeout: float) -> None:
+    """Run `app` under uvicorn until SIGINT or SIGTERM. On SIGTERM the server first drains: for `drain_grace`
+    seconds /health answers 503 while requests are still taken (the balancer's checks notice and stop sending),
+    then uvicorn stops listening and gives in-flight requests up to `drain_timeout` seconds to finish."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
+    Draining(config, app.server, drain_grace).run()
+
+
+class Draining(uvicorn.Server):
+    """uvicorn's server with a drain before the shutdown on SIGTERM (SIGINT, or a second SIGTERM, stops at once)."""
+
+    def __init__(self, config: uvicorn.Config, server: Server, grace: float) -> None:
+        super().__init__(config)
+        self.trainfer, self.grace = server, grace
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig != signal.SIGTERM or self.grace <= 0 or self.trainfer.draining:
+            return super().handle_exit(sig, frame)
+        self.trainfer.draining = True
+        timer = threading.Timer(self.grace, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 async def sample_vitals(server: Server) -> None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from trainfer.serve import reasoning
@@ -34,8 +34,14 @@ CACHE_HEADER = "x-trainfer-response-cache"  # hit, miss or off: a streamed answe
 VITALS_INTERVAL_S = 1.0
 
 
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> Response:
+    """For a load balancer's checks: 200 while the server takes work; 503 once it drains (SIGTERM) or when the
+    next request would be refused with a 429, so the balancer stops sending before a client sees a refusal."""
+    server: Server = request.app.state.server
+    a = server.admission
+    status = "draining" if server.draining else "overloaded" if a.inflight >= a.capacity else "ok"
+    body = {"status": status, "inflight": a.inflight, "capacity": a.capacity}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 async def metrics(request: Request) -> Response:

@@ -56,6 +56,7 @@ class Server:
         self.adapters = llm.engine.runner.adapters  # LoRA adapters served by name next to the base
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.draining = False  # set on SIGTERM (app.serve_forever): /health says so while in-flight work finishes
         # A token covers at most this many bytes, so a text longer than max_model_len * this cannot fit:
         # such prompts are refused before they cost any tokenization.
         self.max_token_bytes = max(len(self.tokenizer.decode([i]).encode()) for i in range(self.tokenizer.vocab_size))
