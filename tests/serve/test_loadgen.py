@@ -20,12 +20,12 @@ def test_summary_follows_vllm_definitions():
     assert percentiles([1, 2, 3, 4, 5])["p50"] == 3
 
 
-def test_bench_serve_against_a_live_server(tiny_chat_dir, tmp_path):
-    server = ServerProcess(str(tiny_chat_dir), "--max-num-seqs", "8")
+def test_bench_serve_against_a_live_server(long_chat_dir, tmp_path):
+    server = ServerProcess(str(long_chat_dir), "--max-num-seqs", "8")
     try:
         report = bench_serve(
             server.url,
-            str(tiny_chat_dir),
+            str(long_chat_dir),
             concurrency=[1, 4],
             input_len=16,
             output_len=12,
@@ -33,8 +33,16 @@ def test_bench_serve_against_a_live_server(tiny_chat_dir, tmp_path):
             out_png=tmp_path / "r.png",
             label="tiny",
         )
+        plain = bench_serve(server.url, str(long_chat_dir), concurrency=[2], input_len=16, output_len=12, stream=False)
+        chats = bench_serve(server.url, str(long_chat_dir), conversations=3, turns=3, input_len=10, output_len=8)
     finally:
         server.stop()
+    (lv,) = plain["levels"]
+    assert lv["failed"] == 0 and lv["completed"] == 4 and lv["output_token_throughput"] * lv["wall_s"] == 48
+    (lv,) = chats["levels"]
+    assert lv["completed"] == 9 and lv["failed"] == 0
+    # each turn resends the chat so far: the prompts grow, and from the second turn on the history is cached
+    assert lv["prompt_tokens"] > 9 * 10 and lv["cached_prompt_tokens"] > 0.35 * lv["prompt_tokens"]
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 4]
     for lv in report["levels"]:
         assert lv["failed"] == 0 and lv["completed"] == lv["requests"] >= 4

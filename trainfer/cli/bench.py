@@ -85,11 +85,24 @@ class Serve:
     """write a latency-vs-throughput PNG here"""
     label: str = default_of(bench_serve, "label")
     """the server's name in the report"""
+    stream: bool = default_of(bench_serve, "stream")
+    """stream the answers (--no-stream: plain JSON answers; TTFT then reads as the whole answer's time)"""
+    conversations: int | None = None
+    """instead of levels: this many multi-turn chats at once (each resends its history; prefix-cache hits shown)"""
+    turns: int = default_of(bench_serve, "turns")
+    """turns per chat with --conversations"""
+    affinity: bool = False
+    """each chat sends an x-trainfer-affinity header (deploy/haproxy.cfg keeps a chat on one replica)"""
+    seed: int = default_of(bench_serve, "seed")
+    """the prompts' seed: change it between runs on one server, or its caches answer from the last run"""
 
 
 def serve(s: Serve) -> None:
+    if (s.conversations is not None and s.conversations < 1) or s.turns < 1:
+        raise TrainferError("--conversations and --turns must be >= 1")
     tokenizer = load_checkpoint(s.tokenizer)[2] if s.tokenizer else None
     bench_serve(s.url, s.model, concurrency=s.concurrency, request_rate=s.request_rate, num_prompts=s.num_prompts,
                 input_len=s.input_len, output_len=s.output_len, tokenizer=tokenizer, api_key=s.api_key,
                 time_limit_s=s.time_limit, slo_ttft_ms=s.slo_ttft_ms, slo_tpot_ms=s.slo_tpot_ms, out_json=s.json,
-                out_png=s.plot, label=s.label, dataset=s.dataset)  # fmt: skip
+                out_png=s.plot, label=s.label, dataset=s.dataset, stream=s.stream,
+                conversations=s.conversations, turns=s.turns, affinity=s.affinity, seed=s.seed)  # fmt: skip

@@ -64,6 +64,9 @@ class RequestResult:
     output_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    text: str = ""  # the answer (streamed requests), for a conversation's next turn
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache (usage.prompt_tokens_details)
 
     @property
     def tpot(self) -> float | None:
@@ -106,32 +109,62 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def one_request(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+    """One request, streamed or not as `body` says. A stream that ends without `data: [DONE]` (the server or the
+    balancer went away mid-answer) is a failure, whatever it delivered before."""
+    if not body.get("stream"):
+        return await one_plain_request(http, url, body)
     start = time.perf_counter()
     times: list[float] = []
-    tokens_from_usage = None
+    tokens_from_usage, usage, pieces = None, {}, []
+    done = False
     try:
         async with http.stream("POST", url, json=body) as r:
             if r.status_code != 200:
                 await r.aread()
                 return RequestResult(False, r.status_code, error=r.text[:200])
             async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    done = True
+                if not line.startswith("data: ") or done:
                     continue
                 data = json.loads(line[6:])
                 if data.get("usage"):
-                    tokens_from_usage = data["usage"].get("completion_tokens")
+                    usage = data["usage"]
+                    tokens_from_usage = usage.get("completion_tokens")
                 for choice in data.get("choices") or []:
                     piece = choice.get("text") or (choice.get("delta") or {}).get("content")
                     if piece:
                         times.append(time.perf_counter())
+                        pieces.append(piece)
     except httpx.HTTPError as e:
+        if times:  # the connection broke mid-answer (the replica died, say): the same failure as a short stream
+            return RequestResult(False, 200, error=f"the stream ended without [DONE] ({type(e).__name__}: {e})")
         return RequestResult(False, 0, error=f"{type(e).__name__}: {e}")
     end = time.perf_counter()
+    if not done:
+        return RequestResult(False, 200, error="the stream ended without [DONE]")
     if not times:
         return RequestResult(False, 200, error="no tokens streamed")
     n = tokens_from_usage or len(times)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    return RequestResult(True, 200, times[0] - start, end - start, n, gaps)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return RequestResult(
+        True, 200, times[0] - start, end - start, n, gaps, "", "".join(pieces), usage.get("prompt_tokens", 0), cached
+    )
+
+
+async def one_plain_request(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+    """A non-streamed request: TTFT is not seen by the client, so it reads as the whole answer's time."""
+    start = time.perf_counter()
+    try:
+        r = await http.post(url, json=body)
+    except httpx.HTTPError as e:
+        return RequestResult(False, 0, error=f"{type(e).__name__}: {e}")
+    e2e = time.perf_counter() - start
+    if r.status_code != 200:
+        return RequestResult(False, r.status_code, error=r.text[:200])
+    n = (r.json().get("usage") or {}).get("completion_tokens", 0)
+    return RequestResult(n > 0, 200, e2e, e2e, n, error="" if n else "no tokens in the answer")
 
 
 async def run_level(
@@ -144,6 +177,7 @@ async def run_level(
     api_key: str | None,
     time_limit_s: float,
     seed: int = 0,
+    stream: bool = True,
 ) -> tuple[list[RequestResult], float]:
     """Send every prompt (bounded by concurrency, or at Poisson times for `rate` req/s); (results, wall s)."""
     url = base_url.rstrip("/") + "/v1/completions"
@@ -166,9 +200,10 @@ async def run_level(
                     "max_tokens": output_len,
                     "temperature": 0,
                     "ignore_eos": True,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
+                    "stream": stream,
                 }
+                if stream:
+                    body["stream_options"] = {"include_usage": True}
                 return await one_request(http, url, body)
 
         delays, t = [], 0.0
@@ -183,6 +218,55 @@ async def run_level(
             task.cancel()
         results = [task.result() if task in done else RequestResult(False, error="time limit") for task in tasks]
         return results, time.perf_counter() - start
+
+
+async def run_conversations(
+    base_url: str,
+    model: str,
+    conversations: int,
+    turns: int,
+    input_len: int,
+    output_len: int,
+    api_key: str | None,
+    time_limit_s: float,
+    affinity: bool,
+    seed: int = 0,
+) -> tuple[list[RequestResult], float]:
+    """Multi-turn chats, all at once: each opens with its own system prompt of about `input_len` words and
+    sends its whole history every turn, as chat clients do, so a server's prefix cache can skip all but the
+    newest turn. With `affinity`, each conversation names itself in x-trainfer-affinity (deploy/haproxy.cfg
+    hashes it) so that a balancer keeps it on one replica."""
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    limits = httpx.Limits(max_connections=2, max_keepalive_connections=0)
+
+    async def converse(i: int) -> list[RequestResult]:
+        rng = random.Random(f"{seed}-{i}")
+        system = " ".join(rng.choice(WORDS) for _ in range(input_len))
+        messages = [{"role": "system", "content": f"Conversation {i}. {system}"}]
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if affinity:
+            headers["x-trainfer-affinity"] = f"conversation-{seed}-{i}"
+        results: list[RequestResult] = []
+        async with httpx.AsyncClient(timeout=time_limit_s, headers=headers, limits=limits) as http:
+            for t in range(turns):
+                messages.append({"role": "user", "content": f"Turn {t}: tell me about the {rng.choice(WORDS)}."})
+                body = {
+                    "model": model,
+                    "messages": messages,
+                    "max_tokens": output_len,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                results.append(await one_request(http, url, body))
+                if not results[-1].ok:
+                    break
+                messages.append({"role": "assistant", "content": results[-1].text})
+        return results
+
+    start = time.perf_counter()
+    done = await asyncio.wait_for(asyncio.gather(*(converse(i) for i in range(conversations))), time_limit_s)
+    return [r for rs in done for r in rs], time.perf_counter() - start
 
 
 def summarize(results: list[RequestResult], wall: float, slo_ttft_s: float, slo_tpot_s: float) -> dict[str, Any]:
@@ -201,6 +285,8 @@ def summarize(results: list[RequestResult], wall: float, slo_ttft_s: float, slo_
         "tpot_s": percentiles([r.tpot for r in ok if r.tpot is not None]),
         "itl_s": percentiles([g for r in ok for g in r.itl]),
         "e2e_s": percentiles([r.e2e for r in ok]),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
     }
 
 
@@ -221,9 +307,18 @@ def bench_serve(
     out_png: Path | None = None,
     label: str = "server",
     dataset: Path | None = None,
+    stream: bool = True,
+    conversations: int | None = None,
+    turns: int = 4,
+    affinity: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
+    """Load levels one after another (fixed concurrency or a Poisson rate), or with `conversations`, that many
+    multi-turn chats at once (see run_conversations), whose report adds the prefix-cache hit rate."""
     levels: list[tuple[str, int | None, float | None]] = (
-        [(f"rate {request_rate}/s", None, request_rate)]
+        [(f"{conversations} chats x {turns} turns", conversations, None)]
+        if conversations
+        else [(f"rate {request_rate}/s", None, request_rate)]
         if request_rate
         else [(f"concurrency {c}", c, None) for c in concurrency]
     )
@@ -233,22 +328,38 @@ def bench_serve(
         "model": model,
         "input_len": input_len,
         "output_len": output_len,
+        "stream": stream,
+        "turns": turns if conversations else None,
+        "affinity": affinity,
+        "seed": seed,
         "levels": [],
     }
     for name, c, rate in levels:
-        n = num_prompts or (64 if rate else max(4, 2 * c))  # by default two waves per concurrency level
-        seed = len(report["levels"])
-        prompts = (
-            dataset_prompts(dataset, n, seed=seed) if dataset else synthetic_prompts(n, input_len, tokenizer, seed)
-        )
-        results, wall = asyncio.run(run_level(base_url, model, prompts, output_len, c, rate, api_key, time_limit_s))
+        level_seed = seed + len(report["levels"])  # a new seed, new prompts: no answer cached from a past run
+        if conversations:
+            run = run_conversations(base_url, model, conversations, turns, input_len, output_len, api_key,
+                                    time_limit_s, affinity, level_seed)  # fmt: skip
+        else:
+            n = num_prompts or (64 if rate else max(4, 2 * c))  # by default two waves per concurrency level
+            prompts = (
+                dataset_prompts(dataset, n, seed=level_seed)
+                if dataset
+                else synthetic_prompts(n, input_len, tokenizer, level_seed)
+            )
+            run = run_level(base_url, model, prompts, output_len, c, rate, api_key, time_limit_s, level_seed, stream)
+        results, wall = asyncio.run(run)
         s = summarize(results, wall, slo_ttft_ms / 1000, slo_tpot_ms / 1000)
         s.update({"level": name, "concurrency": c, "request_rate": rate})
         report["levels"].append(s)
         print(
             f"{label:>12} {name:>16}: {s['completed']}/{s['requests']} ok, {s['output_token_throughput']:.1f} tok/s, "
             f"TTFT p50 {1000 * s['ttft_s']['p50']:.0f} ms p99 {1000 * s['ttft_s']['p99']:.0f} ms, "
-            f"TPOT p50 {1000 * s['tpot_s']['p50']:.1f} ms, goodput {s['goodput_rps']:.2f} req/s",
+            f"TPOT p50 {1000 * s['tpot_s']['p50']:.1f} ms, goodput {s['goodput_rps']:.2f} req/s"
+            + (
+                f", prefix cache {s['cached_prompt_tokens']}/{s['prompt_tokens']} prompt tokens"
+                if conversations
+                else ""
+            ),
             flush=True,
         )
     if out_json:
