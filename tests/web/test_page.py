@@ -6,6 +6,7 @@ Screenshots of each view land in build/test-artifacts/web/ (or $TRAINFER_ARTIFAC
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from urllib.parse import urlparse
@@ -69,7 +70,8 @@ def test_chat_streams_token_by_token_and_keeps_the_conversation(page, chat_serve
              if (a) window.sizes.push(a.textContent.length);
            }).observe(document.querySelector('#messages'), {childList: true, subtree: true, characterData: true}); }"""
     )
-    send(page, "Tell me a story.")
+    with page.expect_request("**/v1/chat/completions") as first:
+        send(page, "Tell me a story.")
     page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60_000)
     sizes = page.evaluate("window.sizes")
     growing = sorted({s for s in sizes if s > 0})
@@ -88,9 +90,15 @@ def test_chat_streams_token_by_token_and_keeps_the_conversation(page, chat_serve
     with page.expect_request("**/v1/chat/completions") as req:
         send(page, "And then?")
     assert [m["content"] for m in req.value.post_data_json["messages"]][:2] == [m["content"] for m in messages]
+    # one conversation, one affinity key (a balancer keeps it on the replica holding its KV); a new chat, a new key
+    conversation = first.value.headers["x-trainfer-affinity"]
+    assert re.fullmatch("[0-9a-f]{16}", conversation) and req.value.headers["x-trainfer-affinity"] == conversation
     page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-state='done']", timeout=60_000)
     page.click("#new-chat")
-    send(page, "Tell me a story.")
+    with page.expect_request("**/v1/chat/completions") as req:
+        send(page, "Tell me a story.")
+    renewed = req.value.headers["x-trainfer-affinity"]
+    assert re.fullmatch("[0-9a-f]{16}", renewed) and renewed != conversation
     page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60_000)
     assert "response cache hit" in last_answer(page).locator(".stats").inner_text()
     page.screenshot(path=str(ARTIFACTS / "chat.png"))

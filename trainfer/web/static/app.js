@@ -13,6 +13,7 @@ const state = {
   info: { model: null, auth: false, runs: 0 },
   key: localStorage.getItem("trainfer.key") || "",
   messages: [], // the conversation sent with each request (system prompt added at send time)
+  conversation: newConversationId(), // x-trainfer-affinity: a balancer keeps the conversation on one replica
   busy: null, // the AbortController of the answer in flight
   vitals: [],
   vitalsTimer: null,
@@ -21,6 +22,12 @@ const state = {
 };
 
 const $ = (sel) => document.querySelector(sel);
+
+// Random, so conversations spread over replicas (deploy/haproxy.cfg hashes it) while each stays on the one
+// whose prefix cache holds its earlier turns.
+function newConversationId() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
 
 // An element with attributes and children; strings become text nodes (never parsed as HTML).
 function h(tag, attrs = {}, ...kids) {
@@ -222,7 +229,10 @@ async function answer(attempt) {
   };
   try {
     const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(true), body: JSON.stringify(requestBody()), signal: controller.signal,
+      method: "POST",
+      headers: { ...headers(true), "x-trainfer-affinity": state.conversation },
+      body: JSON.stringify(requestBody()),
+      signal: controller.signal,
     });
     if (!res.ok) throw await failure(res);
     cache = res.headers.get("x-trainfer-response-cache");
@@ -340,6 +350,7 @@ function stop() {
 function newChat() {
   stop();
   state.messages = [];
+  state.conversation = newConversationId();
   $("#messages").replaceChildren();
   $("#input").focus();
 }
