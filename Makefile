@@ -17,11 +17,12 @@ $(KERNEL): trainfer/quant/csrc/kernels.cpp trainfer/quant/csrc/ggml_formats.h $(
 	$(PY) -m trainfer.quant.native || echo "warning: the native int8 kernel did not build; using the PyTorch fallback"
 
 $(STAMP): pyproject.toml
-	@# Debian's redis-server backs the shared response-cache test and Debian's chromium the web page's browser
-	@# tests (Playwright drives /usr/bin/chromium: its own browser download cannot work here). Needs root.
-	command -v redis-server >/dev/null && command -v chromium >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null; } || \
-	  echo "warning: install redis-server and chromium for their tests"
+	@# Debian's redis-server backs the shared response-cache test, Debian's chromium the web page's browser
+	@# tests (Playwright drives /usr/bin/chromium: its own browser download cannot work here), Debian's haproxy
+	@# the deploy/ tests. Needs root.
+	command -v redis-server >/dev/null && command -v chromium >/dev/null && test -x /usr/sbin/haproxy || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium \
+	  haproxy >/dev/null; } || echo "warning: install redis-server, chromium and haproxy for their tests"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
