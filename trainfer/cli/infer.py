@@ -23,6 +23,7 @@ from trainfer.reason import reason
 from trainfer.reason.strategies import SCORERS, STRATEGIES, plan
 from trainfer.reason.tasks import evaluate, plot
 from trainfer.serve.cache import MemoryCache
+from trainfer.serve.route import POLICIES, Router, Upstream
 from trainfer.serve.server import Server
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -269,6 +270,21 @@ class Serve(Listen, ModelSettings):
     """serve a LoRA adapter (PEFT directory or LoRA run) as model NAME next to the base (repeatable)"""
     run: list[str] = arg([], metavar="DIR")
     """a training run to chart on the page (repeatable)"""
+    upstream: str | None = arg(None, metavar="URL")
+    """an OpenAI-compatible server to forward to (the edge/cloud cascade; --route says when)"""
+    upstream_model: str | None = None
+    """the model name sent upstream (default: the upstream's first model)"""
+    upstream_api_key: str | None = None
+    """the upstream's key (or set TRAINFER_UPSTREAM_API_KEY); sent to it only, never logged"""
+    upstream_timeout: float = 30.0
+    """seconds the upstream may take to start answering before the local model answers instead"""
+    route: str = arg("local-first", choices=POLICIES)
+    """with --upstream: local-first (forward unsure answers), load (forward when the queue would break
+    --route-slo-ttft-ms), upstream-first (local only when the upstream fails)"""
+    route_min_logprob: float = default_of(Router.__init__, "min_logprob")
+    """local-first: forward when the local answer's mean token log-probability is below this"""
+    route_slo_ttft_ms: float = default_of(Router.__init__, "slo_ttft_ms")
+    """load: the time-to-first-token objective the local queue must meet"""
 
 
 def serve(s: Serve) -> None:
@@ -286,6 +302,11 @@ def serve(s: Serve) -> None:
     api_key = s.api_key or os.environ.get("TRAINFER_API_KEY") or None
     model_id = s.served_model_name or s.model
     adapters = _adapters(s.lora, model_id)
+    router = None  # checked before the model loads: a bad URL fails in a second
+    if s.upstream:
+        key = s.upstream_api_key or os.environ.get("TRAINFER_UPSTREAM_API_KEY") or None
+        upstream = Upstream(s.upstream, s.upstream_model, key, s.upstream_timeout)
+        router = Router(upstream, s.route, s.route_min_logprob, s.route_slo_ttft_ms)
     llm = LLM.load(s.model, dtype=s.dtype, adapters=adapters, kv_cache_gb=s.kv_cache_gb, kv_dtype=s.kv_dtype,
                    draft=s.draft, num_draft_tokens=s.num_draft_tokens, max_num_seqs=s.max_num_seqs,
                    max_model_len=s.max_model_len)  # fmt: skip
@@ -295,11 +316,13 @@ def serve(s: Serve) -> None:
     elif s.response_cache_size > 0:
         cache = MemoryCache(max_entries=s.response_cache_size)
     max_body = int(s.max_body_mb * (1 << 20))
-    server = Server(llm, model_id, api_key, s.max_queue, cache, max_body, log_requests=s.log_requests)
+    server = Server(llm, model_id, api_key, s.max_queue, cache, max_body, log_requests=s.log_requests, router=router)
     print(f"[serving {server.model_id} on http://{s.host}:{s.port}/v1 (auth {'on' if api_key else 'off'})]",
           file=sys.stderr)  # fmt: skip
     if s.log_requests:
         print(f"[logging prompts and answers in plain text to {s.log_requests}/]", file=sys.stderr)
+    if router is not None:
+        print(f"[routing {s.route} to {router.upstream.url}]", file=sys.stderr)
     runs = run_dirs(s.run) + ([Path(s.model)] if is_run_dir(s.model) else [])
     print(f"[web page: http://{s.host}:{s.port}/]", file=sys.stderr)
     app = create_app(server, runs)

@@ -43,6 +43,8 @@ def create_app(server: Server, runs: list[Path] | None = None) -> Gate:
         server.engine.shutdown()
         if server.request_log is not None:
             await asyncio.to_thread(server.request_log.close)  # what is queued reaches the disk
+        if server.router is not None:
+            await server.router.upstream.aclose()
 
     app = FastAPI(title="trainfer", lifespan=lifespan)
     app.state.server = server

@@ -57,6 +57,15 @@ class Metrics:
         self.tokens_per_verify = Gauge(
             "trainfer_spec_decode_tokens_per_forward", "Tokens per forward that checked guesses (--draft)", registry=r
         )
+        self.routed = Counter(
+            "trainfer_routed_requests",
+            "Generating requests by who answered (local or upstream, --route) and why",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "trainfer_upstream_errors", "Forwards the upstream did not answer (the local model did)", registry=r
+        )
         self.cache_hits = Counter(
             "trainfer_response_cache_hits", "Responses served from the response cache", registry=r
         )

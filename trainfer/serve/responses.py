@@ -66,8 +66,11 @@ class Choice:
         )
 
 
-def usage(prompts: list[Prompt], choices: list[Choice], cached_tokens: int | None = None) -> dict[str, Any]:
-    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` (prompt tokens from the prefix cache) when known."""
+def usage(
+    prompts: list[Prompt], choices: list[Choice], cached_tokens: int | None = None, route: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` (prompt tokens from the prefix cache) when known,
+    and with --upstream, `route`: who answered (serve/route.py)."""
     prompt_tokens = sum(len(p.ids) for p in prompts)
     completion = sum(len(c.token_ids) for c in choices)
     out: dict[str, Any] = {
@@ -77,6 +80,8 @@ def usage(prompts: list[Prompt], choices: list[Choice], cached_tokens: int | Non
     }
     if cached_tokens is not None:
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if route is not None:
+        out["route"] = route
     return out
 
 
@@ -117,13 +122,14 @@ class Format:
         n: int,
         timings: dict[str, Any],
         rid: str | None = None,
+        route: str | None = None,
     ) -> bytes:
         """The whole JSON answer (choice i belongs to prompt i // n); echo adds each prompt in front."""
         echo = echoed(prompts, n)
         out = {
             **self.envelope(rid or self.new_id(), model, chunk=False),
             "choices": [self.choice(tok, i, c, echo[i]) for i, c in enumerate(choices)],
-            "usage": usage(prompts, choices),
+            "usage": usage(prompts, choices, route=route),
             "timings": timings,
         }
         return json.dumps(out).encode()
@@ -132,10 +138,16 @@ class Format:
         return sse({**self.envelope(rid, model, chunk=True), "choices": [choice]})
 
     def usage_chunk(
-        self, rid: str, model: str, prompts: list[Prompt], choices: list[Choice], cached_tokens: int | None = None
+        self,
+        rid: str,
+        model: str,
+        prompts: list[Prompt],
+        choices: list[Choice],
+        cached_tokens: int | None = None,
+        route: str | None = None,
     ) -> str:
-        body = {**self.envelope(rid, model, chunk=True), "choices": [], "usage": usage(prompts, choices, cached_tokens)}
-        return sse(body)
+        used = usage(prompts, choices, cached_tokens, route)
+        return sse({**self.envelope(rid, model, chunk=True), "choices": [], "usage": used})
 
 
 class TextFormat(Format):
@@ -225,6 +237,7 @@ def replay(
     n: int,
     include_usage: bool,
     rid: str | None = None,
+    route: str | None = None,
 ) -> list[str]:
     """A finished (e.g. cached) answer as server-sent events: each choice whole in one chunk, then its end."""
     rid, lines = rid or fmt.new_id(), []
@@ -233,6 +246,6 @@ def replay(
         lines.append(fmt.chunk(rid, model, fmt.delta(i, text, None, fmt.logprobs(tok, c, 0, echo), first=True)))
         lines.append(fmt.chunk(rid, model, fmt.delta(i, "", c.finish_reason, None, first=False)))
     if include_usage:
-        lines.append(fmt.usage_chunk(rid, model, prompts, choices))
+        lines.append(fmt.usage_chunk(rid, model, prompts, choices, route=route))
     lines.append("data: [DONE]\n\n")
     return lines

@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from trainfer.infer.sampling import SamplingParams
 from trainfer.serve import reasoning
 from trainfer.serve.cache import cache_key
+from trainfer.serve.cascade import forward, route_headers
 from trainfer.serve.errors import APIError
 from trainfer.serve.request_log import feedback_record
 from trainfer.serve.responses import CHAT, TEXT, Choice, Format, Prompt, error_body, replay, sse, usage
@@ -64,8 +67,21 @@ async def vitals(request: Request, since: float = 0.0) -> dict[str, Any]:
         "max_num_seqs": server.llm.engine.scheduler.max_num_seqs,
         "inflight": server.admission.inflight,
         "capacity": server.admission.capacity,
+        "route": route_counts(server),
         "history": [p for p in v.samples if p["t"] > since],
     }
+
+
+def route_counts(server: Server) -> dict[str, Any] | None:
+    """With --upstream: the policy and how many requests each side answered, by reason."""
+    if server.router is None:
+        return None
+    counts: dict[str, Any] = {"policy": server.router.policy, "local": {}, "upstream": {}}
+    for metric in server.metrics.routed.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                counts[sample.labels["route"]][sample.labels["reason"]] = int(sample.value)
+    return counts
 
 
 async def models(request: Request) -> dict[str, Any]:
@@ -138,6 +154,7 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         return await reasoning.answer(server, req, request)  # extension: test-time compute
     params, generate = server.sampling(fmt, req, prompts)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    router = server.router if generate and not (isinstance(req, CompletionRequest) and req.echo) else None
     key = None
     control = request.headers.get("cache-control", "")
     if server.cache is not None and req.deterministic and "no-cache" not in control and "no-store" not in control:
@@ -145,12 +162,26 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         hit = await server.cache_get(key)
         if hit is not None:
             server.metrics.cache_hits.inc()
-            return cached_answer(server, fmt, req, prompts, hit, include_usage)
+            return cached_answer(server, fmt, req, prompts, hit, include_usage, router is not None)
         server.metrics.cache_misses.inc()
+    route: tuple[str, str] | None = None  # (who answers, why) under --upstream
+    if router is not None:
+        max_seqs = server.llm.engine.scheduler.max_num_seqs
+        reason = router.forward_first(server.engine.stats(), max_seqs, server.recent_ttfts())
+        if reason is not None:
+            answer = await forward(server, fmt, req, request, reason)
+            if isinstance(answer, Response):
+                return answer
+            route = ("local", "upstream unavailable")
+        elif router.policy == "local-first":
+            return await local_first(server, fmt, req, request, prompts, params, adapter, key, include_usage)
+        else:
+            route = ("local", "within slo")
+        server.metrics.routed.labels(*route).inc()
     run = server.start(fmt, prompts, params, generate, adapter)
-    cache_header = {CACHE_HEADER: "miss" if key else "off"}
+    headers = {CACHE_HEADER: "miss" if key else "off", **route_headers(route)}
     if req.stream:
-        return EventStream(stream(server, fmt, req, run, key, include_usage), run.close, cache_header)
+        return EventStream(stream(server, fmt, req, run, key, include_usage, route), run.close, headers)
     try:
         finished, _ = await unless_disconnected(run.collect(), request.receive)
         if not finished:
@@ -161,13 +192,68 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         raise APIError(500, f"generation failed: {run.error}", kind="server_error")
     if key is not None:
         await remember(server, key, run)
+    return await local_answer(server, fmt, req, run, key, headers, route)
+
+
+async def local_answer(
+    server: Server, fmt: Format, req: SamplingRequest, run: Run, key: str | None, headers: dict, route: tuple | None
+) -> Response:
+    """A finished local run as the JSON answer, logged."""
     timings = {**run_timings(run, key), "cached_prompt_tokens": run.cached_prompt_tokens}
-    rid = fmt.new_id()
-    server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), timings)
+    rid, who = fmt.new_id(), route[0] if route else None
+    server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), timings, who)
     body = await asyncio.to_thread(
-        fmt.body, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, timings, rid
+        fmt.body, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, timings, rid, who
     )
-    return Response(body, headers=cache_header, media_type="application/json")
+    return Response(body, headers=headers, media_type="application/json")
+
+
+async def local_first(
+    server: Server,
+    fmt: Format,
+    req: SamplingRequest,
+    request: Request,
+    prompts: list[Prompt],
+    params: SamplingParams,
+    adapter: str | None,
+    key: str | None,
+    include_usage: bool,
+) -> Response:
+    """`--route local-first`: the whole local answer first, with its token log-probabilities (asked of the
+    engine even when the client did not ask for them); kept if confident, else the upstream's answer. Streamed
+    requests get the kept local answer replayed as events."""
+    router = server.router
+    assert router is not None
+    asked = params.logprobs is not None
+    run = server.start(fmt, prompts, params if asked else replace(params, logprobs=0), True, adapter)
+    try:
+        finished, _ = await unless_disconnected(run.collect(), request.receive)
+        if not finished:
+            return Response(status_code=499)
+    finally:
+        run.close()
+    if run.error:
+        raise APIError(500, f"generation failed: {run.error}", kind="server_error")
+    confident = router.confident([lp for c in run.choices for lp, _ in c.logprobs])
+    if not asked:
+        for c in run.choices:
+            c.logprobs = []
+    route = ("local", "confident")
+    if not confident:
+        answer = await forward(server, fmt, req, request, "low confidence")
+        if isinstance(answer, Response):
+            return answer
+        route = ("local", "upstream unavailable")
+    server.metrics.routed.labels(*route).inc()
+    if key is not None and confident:
+        await remember(server, key, run)  # an unsure answer is not kept for the next identical question
+    headers = {CACHE_HEADER: "miss" if key else "off", **route_headers(route)}
+    if not req.stream:
+        return await local_answer(server, fmt, req, run, key, headers, route)
+    rid = fmt.new_id()
+    server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), run_timings(run, key), "local")
+    lines = replay(fmt, server.tokenizer, server.model_id, run.prompts, run.choices, run.n, include_usage, rid, "local")
+    return EventStream(lines_of(lines), headers=headers)
 
 
 def run_timings(run: Run, key: str | None) -> dict[str, Any]:
@@ -179,7 +265,13 @@ def run_timings(run: Run, key: str | None) -> dict[str, Any]:
 
 
 async def stream(
-    server: Server, fmt: Format, req: SamplingRequest, run: Run, key: str | None, include_usage: bool
+    server: Server,
+    fmt: Format,
+    req: SamplingRequest,
+    run: Run,
+    key: str | None,
+    include_usage: bool,
+    route: tuple[str, str] | None = None,
 ) -> AsyncIterator[str]:
     rid, model, tok = fmt.new_id(), server.model_id, server.tokenizer
     started: set[int] = set()
@@ -203,10 +295,11 @@ async def stream(
     run.close()
     if key is not None:
         await remember(server, key, run)
+    who = route[0] if route else None
     if not run.error:  # a client gone mid-stream never gets here: only finished answers are logged
-        server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), run_timings(run, key))
+        server.log_request(fmt, rid, req, run.choices, usage(run.prompts, run.choices), run_timings(run, key), who)
     if include_usage:
-        yield fmt.usage_chunk(rid, model, run.prompts, run.choices, run.cached_prompt_tokens)
+        yield fmt.usage_chunk(rid, model, run.prompts, run.choices, run.cached_prompt_tokens, who)
     yield "data: [DONE]\n\n"
 
 
@@ -218,18 +311,29 @@ async def remember(server: Server, key: str, run: Run) -> None:
 
 
 def cached_answer(
-    server: Server, fmt: Format, req: SamplingRequest, prompts: list[Prompt], hit: dict[str, Any], include_usage: bool
+    server: Server,
+    fmt: Format,
+    req: SamplingRequest,
+    prompts: list[Prompt],
+    hit: dict[str, Any],
+    include_usage: bool,
+    routed: bool = False,
 ) -> Response:
+    """A response-cache hit; under --upstream it is a local answer (`routed`), marked so."""
     choices = [Choice.from_json(c) for c in hit["choices"]]
     for p, lps in zip(prompts, hit["prompt_logprobs"], strict=True):
         p.logprobs = None if lps is None else [(lp, [tuple(t) for t in top]) for lp, top in lps]
     rid, timings = fmt.new_id(), {"response_cache": "hit"}
-    server.log_request(fmt, rid, req, choices, usage(prompts, choices), timings)
+    route = ("local", "response cache") if routed else None
+    if route:
+        server.metrics.routed.labels(*route).inc()
+    who, headers = route[0] if route else None, {CACHE_HEADER: "hit", **route_headers(route)}
+    server.log_request(fmt, rid, req, choices, usage(prompts, choices), timings, who)
     if req.stream:
-        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, req.n, include_usage, rid)
-        return EventStream(lines_of(lines), headers={CACHE_HEADER: "hit"})
-    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, req.n, timings, rid)
-    return Response(body, headers={CACHE_HEADER: "hit"}, media_type="application/json")
+        lines = replay(fmt, server.tokenizer, server.model_id, prompts, choices, req.n, include_usage, rid, who)
+        return EventStream(lines_of(lines), headers=headers)
+    body = fmt.body(server.tokenizer, server.model_id, prompts, choices, req.n, timings, rid, who)
+    return Response(body, headers=headers, media_type="application/json")
 
 
 # method, path, handler: every route the API answers (the web page adds its own, see web.ROUTES)

@@ -23,6 +23,7 @@ from trainfer.serve.errors import APIError, context_length
 from trainfer.serve.metrics import Metrics
 from trainfer.serve.request_log import DEFAULT_MAX_BYTES, RequestLog, request_record
 from trainfer.serve.responses import Choice, Format, Prompt
+from trainfer.serve.route import Router
 from trainfer.serve.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 log = logging.getLogger("trainfer.serve")
@@ -45,8 +46,10 @@ class Server:
         max_body_bytes: int = 4 << 20,
         log_requests: Path | None = None,
         log_max_bytes: int = DEFAULT_MAX_BYTES,
+        router: Router | None = None,
     ) -> None:
         self.llm, self.model_id, self.api_key, self.cache = llm, model_id, api_key, cache
+        self.router = router  # --upstream: the edge/cloud cascade (route.py)
         self.tokenizer = llm.tokenizer
         self.engine = AsyncEngine(llm.engine)
         self.max_model_len = llm.engine.max_model_len
@@ -177,11 +180,26 @@ class Server:
             )
 
     def log_request(
-        self, fmt: Format, rid: str, req: SamplingRequest, choices: list[Choice], used: dict, timings: dict
+        self,
+        fmt: Format,
+        rid: str,
+        req: SamplingRequest,
+        choices: list[Choice],
+        used: dict,
+        timings: dict,
+        route: str | None = None,
     ) -> None:
-        """Hand a finished answer to the request log, if on (the writer thread does the disk I/O)."""
+        """Hand a finished answer to the request log, if on (the writer thread does the disk I/O). `route` (with
+        --upstream) says who answered: `dataset from-logs --routed` keeps the upstream's answers."""
         if self.request_log is not None:
-            self.request_log.append(request_record(fmt.object, rid, self.model_id, req, choices, used, timings))
+            record = request_record(fmt.object, rid, self.model_id, req, choices, used, timings)
+            if route is not None:
+                record["route"] = route
+            self.request_log.append(record)
+
+    def recent_ttfts(self) -> list[float]:
+        """Times to first token of the sequences finished in the last minute (the vitals window)."""
+        return [ttft for _, ttft, _ in self.metrics.vitals.latencies]
 
 
 class Run:
