@@ -252,7 +252,7 @@ class FromLogs:
     """the JSONL to write (messages / prompt+completion lines)"""
     finish_reason: list[str] = arg(list(Filters.finish_reasons))
     """keep answers that ended so (repeatable)"""
-    filters: Filters = arg(Filters(), only=("min_chars", "max_chars", "only_rated_up", "keep_rated_down"))
+    filters: Filters = arg(Filters(), only=("min_chars", "max_chars", "only_rated_up", "keep_rated_down", "routed"))
     force: bool = False
     """replace --out if it exists"""
 

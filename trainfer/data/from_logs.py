@@ -3,7 +3,9 @@ flywheel's second half. `trainfer dataset from-logs DIR --out FILE.jsonl` runs i
 
 Each logged choice becomes one example: a chat answer as `{"messages": [..., {"role": "assistant", ...}]}`,
 a completion as `{"prompt", "completion"}` (the two line kinds `trainfer finetune --data` reads). Filters in
-order: finish reason, response length, rating (feedback lines joined by response id), exact duplicates.
+order: who answered (`--routed` keeps only a cascade's upstream answers, so the edge model learns what it had
+to forward: distillation from traffic), finish reason, response length, rating (feedback lines joined by
+response id), exact duplicates.
 E-mail addresses and phone numbers are redacted in every message before the duplicate check and the write.
 """
 
@@ -128,12 +130,16 @@ class Filters:
     """keep only answers a client rated "up" (POST /v1/feedback)"""
     keep_rated_down: bool = False
     """keep answers rated "down" too (dropped by default)"""
+    routed: bool = False
+    """keep only the upstream's answers (serve --upstream): what the edge model had to ask the cloud for"""
 
     def __post_init__(self) -> None:
         if self.min_chars < 0 or self.max_chars < self.min_chars:
             raise TrainferError(f"need 0 <= min chars <= max chars, got {self.min_chars} and {self.max_chars}")
 
-    def drop_reason(self, choice: dict[str, Any], rating: str | None) -> str | None:
+    def drop_reason(self, record: dict[str, Any], choice: dict[str, Any], rating: str | None) -> str | None:
+        if self.routed and record.get("route") != "upstream":
+            return "answered locally"
         if choice.get("finish_reason") not in self.finish_reasons:
             return f"finish_reason {choice.get('finish_reason')}"
         if len(choice["text"]) < self.min_chars:
@@ -161,7 +167,7 @@ def dataset_from_logs(log_dir: Path, out: Path, filters: Filters = Filters(), fo
         for choice in record["choices"]:
             report.answers += 1
             rating = ratings.get((record["id"], choice["index"]), ratings.get((record["id"], None)))
-            why = filters.drop_reason(choice, rating)
+            why = filters.drop_reason(record, choice, rating)
             ex = example(record, choice) if why is None else why
             if isinstance(ex, dict):
                 line = json.dumps(ex, ensure_ascii=False)
