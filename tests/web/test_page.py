@@ -14,7 +14,8 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.serve.conftest import ServerProcess
+from tests.conftest import make_tiny_model_dir
+from tests.serve.conftest import CHAT_TEMPLATE, ServerProcess
 from tests.web.conftest import ARTIFACTS, make_bigram_model_dir
 from trainfer.train.metrics import read_metrics
 
@@ -348,3 +349,25 @@ def test_keyboard_narrow_screen_and_themes(browser, chat_server):
 def test_static_files_are_in_the_package(chat_server, path):
     r = httpx.get(chat_server.url + path)
     assert r.status_code == 200 and r.headers["cache-control"] == "no-cache" and len(r.content) > 1000
+
+
+def test_a_cascade_says_who_answered(page, chat_server, tmp_path):
+    """serve --upstream: each answer names its side and why; the vitals show the share forwarded."""
+    model = make_tiny_model_dir(tmp_path / "edge", CHAT_TEMPLATE, context=2048)
+    # a random model is never sure of itself: a bar of 0 forwards every answer to the upstream
+    edge = ServerProcess(
+        str(model), "--upstream", chat_server.url, "--route", "local-first", "--route-min-logprob", "0"
+    )
+    try:
+        open_page(page, edge.url)
+        page.fill("#max_tokens", "8")
+        send(page, "Who answers?")
+        page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60_000)
+        assert last_answer(page).get_attribute("data-route") == "upstream"
+        assert "answered upstream (low confidence)" in last_answer(page).locator(".stats").inner_text()
+        open_page(page, edge.url, "vitals")
+        page.wait_for_selector("[data-vital='route']")
+        card = page.locator("[data-vital='route']").inner_text()
+        assert "100%" in card and "1 of 1, local-first" in card
+    finally:
+        edge.stop()

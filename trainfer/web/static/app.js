@@ -216,10 +216,12 @@ async function answer(attempt) {
   const controller = new AbortController();
   setBusy(controller);
   const started = performance.now();
-  let first = null, last = null, text = "", usage = null, cache = null, testTime = null, pending = false;
+  let first = null, last = null, text = "", usage = null, cache = null, route = null, testTime = null, pending = false;
   let chunks = 0;
   node.append(h("div", { class: "stats" }));
-  const live = () => ({ started, first, last, usage, cache, testTime, chunks, stopped: node.dataset.state === "stopped" });
+  const live = () => ({
+    started, first, last, usage, cache, route, testTime, chunks, stopped: node.dataset.state === "stopped",
+  });
   const paint = () => {
     pending = false;
     body.replaceChildren(renderMarkdown(text));
@@ -236,6 +238,9 @@ async function answer(attempt) {
     });
     if (!res.ok) throw await failure(res);
     cache = res.headers.get("x-trainfer-response-cache");
+    route = res.headers.get("x-trainfer-route") && {
+      who: res.headers.get("x-trainfer-route"), why: res.headers.get("x-trainfer-route-reason"),
+    };
     for await (const data of sseData(res.body)) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
@@ -292,6 +297,10 @@ function stats(s, node) {
     if (cached !== undefined) {
       parts.push(h("span", { class: "cache", text: `prefix cache ${cached}/${s.usage.prompt_tokens} prompt tokens` }));
     }
+  }
+  if (s.route) { // serve --upstream: who answered, and why
+    node.dataset.route = s.route.who;
+    parts.push(h("span", { class: "route", text: `answered ${s.route.who === "upstream" ? "upstream" : "locally"} (${s.route.why})` }));
   }
   if (s.testTime) {
     const c = s.testTime.compute || {};
@@ -462,6 +471,14 @@ async function pollVitals() {
   }
 }
 
+// serve --upstream: the share of answers the upstream gave since the server started, and the policy.
+function routeCard(route, card) {
+  const sum = (o) => Object.values(o).reduce((a, b) => a + b, 0);
+  const up = sum(route.upstream), total = up + sum(route.local);
+  const share = total ? `${((100 * up) / total).toFixed(0)}%` : "-";
+  return card("route", share, `forwarded upstream (${up} of ${total}, ${route.policy})`);
+}
+
 function drawVitals(v) {
   const hist = state.vitals;
   const now = hist.length ? hist[hist.length - 1] : null;
@@ -480,6 +497,7 @@ function drawVitals(v) {
     card("prefix", now ? pct(now.prefix_cache_hit_rate) : "-", "prefix cache hits"),
     card("response", now ? pct(now.response_cache_hit_rate) : "-", "response cache hits"),
     card("finished", now ? String(now.finished) : "-", `answers in the last ${v.window_s} s`),
+    ...(v.route ? [routeCard(v.route, card)] : []),
   );
   const t = now ? now.t : 0;
   const line = (key, label, color, scale = 1) => ({
