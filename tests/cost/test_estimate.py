@@ -238,3 +238,28 @@ def test_cli_decode_projection(tmp_path):
     assert data["points"][1]["output_tok_s"] > data["points"][0]["output_tok_s"]  # batching amortizes the weights
     bad = run_cli("decode", str(model), "--hardware", "tpu-v9")
     assert bad.returncode == 1 and "no hardware 'tpu-v9'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cascade_cost_by_hand(tmp_path):
+    """local-first holds the edge for every answer and the cloud for the share forwarded; all cloud skips the edge."""
+
+    def row(fact, forwarded, e2e):
+        return {"test": {"fact_rate": fact, "forwarded": forwarded, "e2e_mean_s": e2e, "ttft_p50_ms": 1.0}}
+
+    settings = {"all edge": row(0.1, 0, 1.0), "all cloud": row(0.9, 1, 2.0), "local-first -0.5": row(0.8, 0.5, 2.1)}
+    measured, line = est.cascade(settings, edge_price_per_hour=3.6, cloud_price_per_hour=7.2)  # $0.001 and $0.002/s
+    by = {p.label: p for p in measured}
+    assert by["all edge"].dollars_per_1000 == pytest.approx(1000 * 0.001 * 1.0)
+    assert by["all cloud"].dollars_per_1000 == pytest.approx(1000 * 0.002 * 2.0)
+    assert by["local-first -0.5"].dollars_per_1000 == pytest.approx(1000 * (0.001 * 1.0 + 0.5 * 0.002 * 2.0))
+    assert by["local-first -0.5"].latency_s == 2.1 and by["local-first -0.5"].fact_rate == 0.8  # as measured
+    assert [p.forwarded for p in line] == pytest.approx([i / 10 for i in range(11)])
+    assert line[-1].latency_s == pytest.approx(3.0) and line[0].dollars_per_1000 == pytest.approx(1.0)
+    path = tmp_path / "cascade.json"
+    path.write_text(json.dumps({"settings": settings}))
+    out = run_cli("cascade", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["line"]) == 11
+    path.write_text(json.dumps({"settings": {"all edge": settings["all edge"]}}))
+    bad = run_cli("cascade", str(path))
+    assert bad.returncode == 1 and "not a benchmarks/cascade.py report" in bad.stderr and "Traceback" not in bad.stderr

@@ -56,6 +56,7 @@ COMMANDS: dict[str, Any] = {
             "lifetime": (cost.Lifetime, cost.lifetime),
             "advise": (cost.Advise, cost.advise_cmd),
             "edge-vs-cloud": (cost.EdgeVsCloud, cost.edge_vs_cloud),
+            "cascade": (cost.Cascade, cost.cascade),
         },
     ),
     "bench": Group(

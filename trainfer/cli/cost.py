@@ -188,6 +188,24 @@ class EdgeVsCloud(Plotted):
     """months to amortize it over"""
 
 
+@dataclass(kw_only=True)
+class Cascade(Output, Priced):
+    """$ per 1,000 requests and latency of the edge/cloud cascade at each share forwarded"""
+
+    report: Path = arg(positional=True)
+    """the JSON benchmarks/cascade.py writes (cascade.json)"""
+    edge_hardware: str = "cpu-2vcpu"
+    """the price-table row the edge runs on"""
+    cloud_hardware: str = "cpu-2vcpu"
+    """the price-table row the cloud model runs on"""
+
+
+def cascade(s: Cascade) -> None:
+    table = load_table(s.prices)
+    report.cascade(s.report, table.get(s.edge_hardware).price_per_hour, table.get(s.cloud_hardware).price_per_hour,
+                   s.json)  # fmt: skip
+
+
 def edge_vs_cloud(s: EdgeVsCloud) -> None:
     report.edge_vs_cloud(s.bench, s.cloud_per_million, s.cloud_ttft_ms, s.cloud_tpot_ms, s.tokens,
                          s.tokens_per_user_month, s.device_price, s.device_months, s.rtt_ms, s.json,

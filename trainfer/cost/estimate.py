@@ -292,6 +292,55 @@ def edge_vs_cloud(
     return [edge, cloud, hybrid]
 
 
+# ---- the cascade -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CascadePoint:
+    forwarded: float  # share of requests the upstream answered
+    latency_s: float  # mean time to a whole answer
+    dollars_per_1000: float
+    fact_rate: float | None = None  # measured points only (the cascade benchmark's test split)
+    label: str = ""
+
+
+def read_cascade(path: Path) -> dict[str, Any]:
+    """A `benchmarks/cascade.py` report: per setting, the test split's share forwarded, fact rate and latency."""
+    data = _read_json(path, "cascade report")
+    settings = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(settings, dict) or "all edge" not in settings or "all cloud" not in settings:
+        raise TrainferError(f"{path} is not a benchmarks/cascade.py report (no 'all edge' and 'all cloud' settings)")
+    return settings
+
+
+def cascade(
+    settings: dict[str, Any], edge_price_per_hour: float, cloud_price_per_hour: float, split: str = "test"
+) -> tuple[list[CascadePoint], list[CascadePoint]]:
+    """$ per 1,000 requests and latency of `local-first` at every share forwarded, from measured seconds per
+    answer: every request holds the edge for its local answer, a forwarded one the cloud too (latencies add).
+    Returns (the measured settings, the line through shares 0-100% in steps of 10)."""
+    if edge_price_per_hour <= 0 or cloud_price_per_hour <= 0:
+        raise TrainferError("prices per hour must be positive")
+    edge_s, cloud_s = settings["all edge"][split]["e2e_mean_s"], settings["all cloud"][split]["e2e_mean_s"]
+    edge_d, cloud_d = edge_price_per_hour / 3600, cloud_price_per_hour / 3600
+
+    def point(share: float, label: str = "", fact: float | None = None) -> CascadePoint:
+        return CascadePoint(
+            share, edge_s + share * cloud_s, 1000 * (edge_d * edge_s + share * cloud_d * cloud_s), fact, label
+        )
+
+    measured = []
+    for name, row in settings.items():
+        r = row[split]
+        if name == "all cloud":  # straight to the cloud: no local answer first
+            measured.append(CascadePoint(1.0, r["e2e_mean_s"], 1000 * cloud_d * r["e2e_mean_s"], r["fact_rate"], name))
+        else:
+            p = point(r["forwarded"], name, r["fact_rate"])
+            p.latency_s = r["e2e_mean_s"]  # as measured
+            measured.append(p)
+    return measured, [point(i / 10) for i in range(11)]
+
+
 def as_dict(obj: Any) -> Any:
     if isinstance(obj, list):
         return [as_dict(o) for o in obj]

@@ -213,3 +213,17 @@ def edge_vs_cloud(bench: Path, cloud_dollars_per_million: float, cloud_ttft_ms: 
              f"{device_months} months"]  # fmt: skip
     cols = ["where", "first token ms", f"{tokens}-token answer ms", "$ / user / month", ""]
     show("edge vs cloud", cols, rows, notes, {"placements": est.as_dict(places)}, as_json)
+
+
+def cascade(path: Path, edge_price: float, cloud_price: float, as_json: bool) -> None:
+    measured, line = est.cascade(est.read_cascade(path), edge_price, cloud_price)
+    rows = [[p.label, f"{100 * p.forwarded:.0f}%", p.fact_rate, p.latency_s, p.dollars_per_1000] for p in measured]
+    rows += [[f"local-first at {100 * p.forwarded:.0f}% forwarded", f"{100 * p.forwarded:.0f}%", None, p.latency_s,
+              p.dollars_per_1000] for p in line]  # fmt: skip
+    notes = [
+        f"measured settings from {path} (test split); the line below them is the cost model: each request holds "
+        f"the edge (${edge_price}/h) for its local answer, a forwarded one the cloud (${cloud_price}/h) too"
+    ]
+    cols = ["setting", "forwarded", "fact rate", "answer s", "$ / 1k requests"]
+    show("the edge/cloud cascade", cols, rows, notes,
+         {"measured": est.as_dict(measured), "line": est.as_dict(line)}, as_json)  # fmt: skip
