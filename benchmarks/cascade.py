@@ -112,7 +112,7 @@ def main() -> None:
     train, dev, test = write_sets(args.out)
     sets = {"dev": questions(dev), "test": questions(test)}
     cloud_run = args.cloud or str(args.out / "cloud")
-    if not args.cloud and not (args.out / "cloud" / "metrics.jsonl").exists():
+    if not args.cloud and not (args.out / "cloud" / "report.md").exists():  # written last: the run finished
         t = time.time()
         subprocess.run([*TRAINFER, "finetune", BASE, "--data", str(train), "--out", cloud_run, "--lora"], check=True)
         print(f"cloud fine-tune: {time.time() - t:.0f} s", flush=True)
@@ -122,7 +122,7 @@ def main() -> None:
     cloud = Server(cloud_run)
     try:
         report["settings"] = run_settings(BASE, cloud.url, sets, thresholds, args.max_tokens)
-        choice = choose(report["settings"], thresholds)
+        choice = choose(report["settings"], thresholds, len(sets["dev"]))
         report["chosen"] = choice
         show(report["settings"], price_s, "edge = the base model", choice)
         if not args.no_sync and choice is not None:
@@ -150,10 +150,10 @@ def run_settings(edge_model: str, cloud_url: str, sets: dict, thresholds: list[f
     return settings
 
 
-def choose(settings: dict, thresholds: list[float]) -> float | None:
-    """On dev only: the threshold forwarding least whose fact rate is within one question of all-cloud's."""
+def choose(settings: dict, thresholds: list[float], n: int) -> float | None:
+    """On dev only (`n` questions): the threshold forwarding least whose fact rate is within one question of
+    all-cloud's."""
     cloud_dev = settings["all cloud"]["dev"]["fact_rate"]
-    n = 16
     ok = [t for t in thresholds if settings[f"local-first {t:g}"]["dev"]["fact_rate"] >= cloud_dev - 1 / n - 1e-9]
     return min(ok, key=lambda t: settings[f"local-first {t:g}"]["dev"]["forwarded"]) if ok else None
 
@@ -195,7 +195,7 @@ def sync_back(args, cloud_url: str, train: Path, sets: dict, thresholds: list[fl
     subprocess.run([*TRAINFER, "dataset", "from-logs", str(logs), "--out", str(routed), "--routed",
                     "--finish-reason", "stop", "--finish-reason", "length", "--force"], check=True)  # fmt: skip
     tuned = args.out / "edge-tuned"
-    if not (tuned / "metrics.jsonl").exists():
+    if not (tuned / "report.md").exists():
         subprocess.run([*TRAINFER, "finetune", BASE, "--data", str(routed), "--out", str(tuned), "--lora"], check=True)
     after = run_settings(str(tuned), cloud_url, sets, thresholds, args.max_tokens)
     show(after, price_s, "after one sync-back round: edge = the base tuned on what it forwarded", t)
