@@ -3,6 +3,7 @@ the FAQ fine-tune (the README's `trainfer finetune ... --lora`, every setting at
 trainfer; the edge runs `serve --upstream CLOUD --route local-first --route-min-logprob T`.
 
     .venv/bin/python benchmarks/cascade.py --out /tmp/cascade [--cloud RUN] [--thresholds -0.4,-0.6,...]
+    .venv/bin/python benchmarks/cascade.py --out /tmp/cascade --load [--slo-ttft-ms 1000]   # the load policy
 
 Measured, one question at a time (streamed, greedy, 48 tokens), each server on one thread of the two cores:
 - per setting (all edge, all cloud, local-first at each threshold): fact rate on the dev and the test phrasings
@@ -105,10 +106,17 @@ def main() -> None:
     ap.add_argument("--thresholds", default="-0.3,-0.5,-0.7,-0.9,-1.2,-1.6")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--no-sync", action="store_true", help="skip the sync-back round")
+    ap.add_argument("--load", action="store_true", help="only the `--route load` burst (see load_policy)")
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(1)
     print(env, flush=True)
+    if args.load:
+        result = {"environment": env, **load_policy(args)}
+        (args.out / "load.json").write_text(json.dumps(result, indent=2))
+        return
     train, dev, test = write_sets(args.out)
     sets = {"dev": questions(dev), "test": questions(test)}
     cloud_run = args.cloud or str(args.out / "cloud")
@@ -119,7 +127,7 @@ def main() -> None:
     price_s = load_table().get("cpu-2vcpu").price_per_hour / 3600
     thresholds = [float(x) for x in args.thresholds.split(",")]
     report: dict = {"environment": env, "thresholds": thresholds, "settings": {}}
-    cloud = Server(cloud_run)
+    cloud = Server(cloud_run, "--response-cache-size", "0")  # every setting pays for its cloud answers
     try:
         report["settings"] = run_settings(BASE, cloud.url, sets, thresholds, args.max_tokens)
         choice = choose(report["settings"], thresholds, len(sets["dev"]))
@@ -200,6 +208,41 @@ def sync_back(args, cloud_url: str, train: Path, sets: dict, thresholds: list[fl
     after = run_settings(str(tuned), cloud_url, sets, thresholds, args.max_tokens)
     show(after, price_s, "after one sync-back round: edge = the base tuned on what it forwarded", t)
     return {"traffic": traffic, "routed_examples": sum(1 for _ in routed.open()), "settings": after}
+
+
+def load_policy(args) -> dict:
+    """`--route load` under a burst: 64 streamed requests at concurrency 16 on an edge with 4 slots, alone and
+    with an upstream (the base model again, on the other core), alternated; TTFT of what each side answered."""
+    import asyncio
+
+    from trainfer.serve.loadgen import run_level
+
+    prompts = [f"Tell me something about topic {i}." for i in range(64)]
+    out: dict = {"slo_ttft_ms": args.slo_ttft_ms, "rounds": []}
+    cloud = Server(BASE, "--dtype", "int8")
+    try:
+        for rnd in range(args.rounds):
+            for routed in (True, False) if rnd % 2 == 0 else (False, True):
+                flags = ["--upstream", cloud.url, "--route", "load", "--route-slo-ttft-ms", str(args.slo_ttft_ms)]
+                edge = Server(BASE, "--dtype", "int8", "--max-num-seqs", "4", *(flags if routed else []))
+                try:
+                    tagged = [f"[{rnd}{routed}] {p}" for p in prompts]  # no answer from an earlier round's cache
+                    results, wall = asyncio.run(run_level(edge.url, BASE, tagged, 64, 16, None, None, 600, 0, True))
+                    stats = httpx.get(edge.url + "/vitals", timeout=10).json().get("route") or {}
+                finally:
+                    edge.stop()
+                ttfts = sorted(1000 * r.ttft for r in results if r.ok)
+                row = {"routed": routed, "ok": sum(r.ok for r in results), "wall_s": wall,
+                       "ttft_p50_ms": ttfts[len(ttfts) // 2], "ttft_p90_ms": ttfts[int(0.9 * (len(ttfts) - 1))],
+                       "forwarded": sum((stats.get("upstream") or {}).values()),
+                       "tok_s": sum(r.output_tokens for r in results if r.ok) / wall}  # fmt: skip
+                out["rounds"].append(row)
+                print(f"round {rnd}, {'load policy' if routed else 'edge alone '}: {row['ok']}/64 ok, "
+                      f"TTFT p50 {row['ttft_p50_ms']:.0f} ms p90 {row['ttft_p90_ms']:.0f} ms, "
+                      f"{row['forwarded']} forwarded, {row['tok_s']:.1f} tok/s", flush=True)  # fmt: skip
+    finally:
+        cloud.stop()
+    return out
 
 
 if __name__ == "__main__":

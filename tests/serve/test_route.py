@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -122,6 +124,28 @@ def test_local_first_forwards_unsure_answers_and_keeps_sure_ones(tiny_chat_dir, 
         assert r.status_code == 200 and "x-trainfer-route" not in r.headers  # scoring is never routed
     finally:
         server.stop()
+
+
+def test_a_silent_upstream_times_out_into_a_local_answer(tiny_chat_dir):
+    """An upstream that accepts the connection and never answers (a hung server) costs --upstream-timeout, then
+    the edge answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepted by the kernel, never read: a hung server
+    server = edge(tiny_chat_dir, f"http://127.0.0.1:{listener.getsockname()[1]}", "--route", "upstream-first",
+                  "--upstream-model", "cloud", "--upstream-timeout", "1")  # fmt: skip
+    try:
+        start = time.perf_counter()
+        r, got = answer(server, CHAT)
+        assert (r.headers["x-trainfer-route"], r.headers["x-trainfer-route-reason"]) == (
+            "local",
+            "upstream unavailable",
+        )
+        assert 1.0 <= time.perf_counter() - start < 10
+    finally:
+        server.stop()
+        listener.close()
+    assert "the upstream timed out" in server.proc.stderr.read()
 
 
 def test_a_wrong_upstream_key_is_not_the_clients_error(tiny_chat_dir, cloud):

@@ -17,7 +17,7 @@ from trainfer.serve.responses import Choice, Format, error_body, sse
 from trainfer.serve.route import REASON_HEADER, ROUTE_HEADER, UpstreamError, chunk_texts, with_route
 from trainfer.serve.schemas import SamplingRequest
 from trainfer.serve.server import Server
-from trainfer.serve.streaming import EventStream
+from trainfer.serve.streaming import EventStream, unless_disconnected
 
 log = logging.getLogger("trainfer.serve")
 
@@ -27,14 +27,21 @@ async def forward(server: Server, fmt: Format, req: SamplingRequest, request: Re
     marked and logged; or, when the upstream does not answer, why not (the caller answers locally)."""
     upstream = server.router.upstream  # type: ignore[union-attr]
     body, path, start = req.model_dump(exclude_unset=True), request.url.path, time.perf_counter()
+    control = request.headers.get("cache-control")  # a client's no-cache holds for the upstream's cache too
+    headers = {"cache-control": control} if control else None
     try:
-        answer = await (upstream.stream(path, body) if req.stream else upstream.complete(path, body))
+        if req.stream:
+            answer: dict[str, Any] | AsyncIterator[str] = await upstream.stream(path, body, headers)
+        else:  # a client that leaves stops the wait (a stream notices in EventStream)
+            finished, answer = await unless_disconnected(upstream.complete(path, body, headers), request.receive)
+            if not finished:
+                return Response(status_code=499)
     except UpstreamError as e:
         server.metrics.upstream_errors.inc()
         log.warning("upstream: %s; the local model answers (reason for forwarding: %s)", e, reason)
         return str(e)
     server.metrics.routed.labels("upstream", reason).inc()
-    headers = route_headers(("upstream", reason))
+    headers = route_headers(("upstream", reason))  # to the client
     if isinstance(answer, dict):
         with_route(answer, "upstream")
         choices = upstream_choices(answer.get("choices"), {}, {})
@@ -53,18 +60,21 @@ async def relay(
     texts: dict[int, str] = {}
     finishes: dict[int, str] = {}
     used, rid, done = {}, None, False
-    async for line in lines:
-        data, pieces, ends = chunk_texts(line)
-        done = done or line == "data: [DONE]"
-        if data is not None:
-            rid = rid or data.get("id")
-            for i, piece in pieces.items():
-                texts[i] = texts.get(i, "") + piece
-            finishes.update(ends)
-            if isinstance(data.get("usage"), dict):
-                used = with_route(data, "upstream")["usage"]
-                line = "data: " + json.dumps(data)
-        yield line + "\n"
+    try:
+        async for line in lines:
+            data, pieces, ends = chunk_texts(line)
+            done = done or line == "data: [DONE]"
+            if data is not None:
+                rid = rid or data.get("id")
+                for i, piece in pieces.items():
+                    texts[i] = texts.get(i, "") + piece
+                finishes.update(ends)
+                if isinstance(data.get("usage"), dict):
+                    used = with_route(data, "upstream")["usage"]
+                    line = "data: " + json.dumps(data)
+            yield line + "\n"
+    finally:
+        await lines.aclose()  # type: ignore[attr-defined]  # a client gone mid-stream: the upstream is released now
     if not done:
         yield sse(error_body("the upstream's answer broke off", "server_error"))
         return

@@ -62,17 +62,20 @@ class Upstream:
                 raise UpstreamError("the upstream's /v1/models lists no model") from None
         return self.model
 
-    async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A whole (non-streamed) answer from the upstream."""
+    async def complete(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """A whole (non-streamed) answer from the upstream. `headers`: the client's that concern the upstream too
+        (Cache-Control)."""
         body = {**body, "model": await self.model_name(), "stream": False}
-        return await self._json(await self._send("POST", path, body))
+        return await self._json(await self._send("POST", path, body, headers))
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
+    async def stream(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> AsyncIterator[str]:
         """The upstream's server-sent events, line by line ("data: ..."). Raises UpstreamError before the first
         line if the upstream fails to start the answer; a failure after that ends the lines early, and the
         caller's stream says so."""
         body = {**body, "model": await self.model_name(), "stream": True}
-        request = self.client.build_request("POST", self.url + path, json=body)
+        request = self.client.build_request("POST", self.url + path, json=body, headers=headers)
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as e:
@@ -91,9 +94,11 @@ class Upstream:
             raise UpstreamError("the upstream sent nothing") from None
         return passthrough(first, lines, response)
 
-    async def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
         try:
-            response = await self.client.request(method, self.url + path, json=body)
+            response = await self.client.request(method, self.url + path, json=body, headers=headers)
         except httpx.HTTPError as e:
             raise UpstreamError(describe(e)) from None
         if response.status_code != 200:
