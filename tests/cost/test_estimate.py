@@ -260,6 +260,13 @@ def test_cascade_cost_by_hand(tmp_path):
     out = run_cli("cascade", str(path), "--json")
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)["line"]) == 11
+    tuned = {**settings, "all edge": row(0.6, 0, 1.0)}
+    path.write_text(json.dumps({"settings": settings, "sync": {"settings": tuned}}))
+    out = run_cli("cascade", str(path), "--after-sync", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["measured"][0]["fact_rate"] == 0.6
+    path.write_text(json.dumps({"settings": settings}))
+    bad = run_cli("cascade", str(path), "--after-sync")
+    assert bad.returncode == 1 and "no sync-back round" in bad.stderr
     path.write_text(json.dumps({"settings": {"all edge": settings["all edge"]}}))
     bad = run_cli("cascade", str(path))
     assert bad.returncode == 1 and "not a benchmarks/cascade.py report" in bad.stderr and "Traceback" not in bad.stderr

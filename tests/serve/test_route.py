@@ -4,6 +4,7 @@ forwarding to the "cloud" (another trainfer with its own key), and the policy on
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -64,6 +65,11 @@ def test_upstream_first_forwards_and_answers_locally_when_the_upstream_is_gone(t
         assert r.headers["x-trainfer-route"] == "upstream" and usage_chunk["usage"]["route"] == "upstream"
         r, body = answer(server, {"prompt": "hi", "max_tokens": 4}, "/v1/completions")
         assert r.headers["x-trainfer-route"] == "upstream" and body["object"] == "text_completion"
+        hits = cloud.metric("trainfer_response_cache_hits_total")  # the cloud has this question cached by now
+        for control, more in (("no-cache", 0), (None, 1)):  # the client's Cache-Control holds upstream too
+            headers = {"cache-control": control} if control else {}
+            assert httpx.post(server.url + "/v1/chat/completions", json=CHAT, headers=headers, timeout=60).is_success
+            assert cloud.metric("trainfer_response_cache_hits_total") == hits + more
 
         server.stop()
         output = server.proc.stderr.read() + server.proc.stdout.read()
@@ -87,7 +93,7 @@ def test_upstream_first_forwards_and_answers_locally_when_the_upstream_is_gone(t
     output += server.proc.stderr.read() + server.proc.stdout.read()
     assert "routing upstream-first" in output and SECRET not in output + log_text
     records = [json.loads(line) for line in log_text.splitlines()]
-    assert [r["route"] for r in records] == ["upstream"] * 3 + ["local"] * 2
+    assert [r["route"] for r in records] == ["upstream"] * 5 + ["local"] * 2
     assert records[0]["choices"][0]["text"] == direct["choices"][0]["message"]["content"]
     # synced back: only what the cloud answered becomes training data
     out = tmp_path / "routed.jsonl"
@@ -181,7 +187,9 @@ def test_load_policy_forwards_only_when_the_queue_would_break_the_objective(long
 def test_predicted_ttft_counts_full_batches_ahead():
     idle = {"running": 3, "waiting": 0}
     assert predicted_ttft_s(idle, 4, [0.2, 0.4, 0.3]) == 0  # a free slot: starts at once
-    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, []) == 0  # no history, nothing to go on
+    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, []) == math.inf  # must queue, nothing known
+    assert predicted_ttft_s({"running": 4, "waiting": 2}, 4, [], queue_age=0.7) == 0.7  # a burst: waited so far
+    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, [0.1], queue_age=2.0) == 2.0  # stale history
     assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, [0.2, 0.4, 0.3]) == pytest.approx(0.3 * 1.25)
     assert predicted_ttft_s({"running": 4, "waiting": 8}, 4, [0.3]) == pytest.approx(0.3 * (1 + 9 / 4))
     router = Router(Upstream("http://127.0.0.1:9"), "load", slo_ttft_ms=500)

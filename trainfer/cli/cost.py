@@ -198,12 +198,14 @@ class Cascade(Output, Priced):
     """the price-table row the edge runs on"""
     cloud_hardware: str = "cpu-2vcpu"
     """the price-table row the cloud model runs on"""
+    after_sync: bool = False
+    """the settings measured after the report's sync-back round (the edge tuned on what it forwarded)"""
 
 
 def cascade(s: Cascade) -> None:
     table = load_table(s.prices)
     report.cascade(s.report, table.get(s.edge_hardware).price_per_hour, table.get(s.cloud_hardware).price_per_hour,
-                   s.json)  # fmt: skip
+                   s.json, s.after_sync)  # fmt: skip
 
 
 def edge_vs_cloud(s: EdgeVsCloud) -> None:

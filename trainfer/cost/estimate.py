@@ -304,9 +304,14 @@ class CascadePoint:
     label: str = ""
 
 
-def read_cascade(path: Path) -> dict[str, Any]:
-    """A `benchmarks/cascade.py` report: per setting, the test split's share forwarded, fact rate and latency."""
+def read_cascade(path: Path, after_sync: bool = False) -> dict[str, Any]:
+    """A `benchmarks/cascade.py` report: per setting, the test split's share forwarded, fact rate and latency
+    (`after_sync`: those of its sync-back round, with the tuned edge)."""
     data = _read_json(path, "cascade report")
+    if after_sync:
+        data = data.get("sync") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise TrainferError(f"{path} has no sync-back round (benchmarks/cascade.py ran with --no-sync?)")
     settings = data.get("settings") if isinstance(data, dict) else None
     if not isinstance(settings, dict) or "all edge" not in settings or "all cloud" not in settings:
         raise TrainferError(f"{path} is not a benchmarks/cascade.py report (no 'all edge' and 'all cloud' settings)")

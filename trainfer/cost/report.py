@@ -215,9 +215,10 @@ def edge_vs_cloud(bench: Path, cloud_dollars_per_million: float, cloud_ttft_ms: 
     show("edge vs cloud", cols, rows, notes, {"placements": est.as_dict(places)}, as_json)
 
 
-def cascade(path: Path, edge_price: float, cloud_price: float, as_json: bool) -> None:
-    measured, line = est.cascade(est.read_cascade(path), edge_price, cloud_price)
-    rows = [[p.label, f"{100 * p.forwarded:.0f}%", p.fact_rate, p.latency_s, p.dollars_per_1000] for p in measured]
+def cascade(path: Path, edge_price: float, cloud_price: float, as_json: bool, after_sync: bool = False) -> None:
+    measured, line = est.cascade(est.read_cascade(path, after_sync), edge_price, cloud_price)
+    rows = [[p.label, f"{100 * p.forwarded:.0f}%", f"{100 * p.fact_rate:.1f}%", p.latency_s, p.dollars_per_1000]
+            for p in measured]  # fmt: skip
     rows += [[f"local-first at {100 * p.forwarded:.0f}% forwarded", f"{100 * p.forwarded:.0f}%", None, p.latency_s,
               p.dollars_per_1000] for p in line]  # fmt: skip
     notes = [

@@ -6,8 +6,7 @@ Policies (`Router.policy`):
   tokens, is under `--route-min-logprob`. The local answer is generated whole before the choice, so a streamed
   request sees its first token only then (the price of checking before showing).
 - `load`: forward when the request would have to queue locally and the predicted wait breaks the
-  time-to-first-token objective `--route-slo-ttft-ms` (the median TTFT of the last minute, once more per full
-  batch of sequences ahead), else answer locally.
+  time-to-first-token objective `--route-slo-ttft-ms` (see predicted_ttft_s), else answer locally.
 - `upstream-first`: forward; answer locally when the upstream cannot be reached, errs, or sends nothing within
   `--upstream-timeout` (offline operation).
 Whichever answers, the response says so: the `x-trainfer-route` header (`local` / `upstream`), its reason in
@@ -19,6 +18,7 @@ metrics or answers). Only generating requests are routed; scoring (echo) and tes
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import AsyncIterator
 from typing import Any
@@ -142,7 +142,7 @@ class Router:
     """Owns the routing policy, its thresholds and the upstream; decides, per request, who answers."""
 
     def __init__(
-        self, upstream: Upstream, policy: str = "local-first", min_logprob: float = -1.0, slo_ttft_ms: float = 1000.0
+        self, upstream: Upstream, policy: str = "local-first", min_logprob: float = -0.5, slo_ttft_ms: float = 1000.0
     ) -> None:
         if policy not in POLICIES:
             raise TrainferError(f"--route must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -150,12 +150,14 @@ class Router:
             raise TrainferError(f"--route-slo-ttft-ms must be > 0, got {slo_ttft_ms}")
         self.upstream, self.policy, self.min_logprob, self.slo_s = upstream, policy, min_logprob, slo_ttft_ms / 1000
 
-    def forward_first(self, engine: dict[str, float], max_num_seqs: int, recent_ttfts: list[float]) -> str | None:
+    def forward_first(
+        self, engine: dict[str, float], max_num_seqs: int, recent_ttfts: list[float], queue_age: float = 0.0
+    ) -> str | None:
         """Why to forward before any local work (`upstream-first`, or `load` with a queue that would break the
         objective), or None to start locally."""
         if self.policy == "upstream-first":
             return "policy"
-        if self.policy == "load" and predicted_ttft_s(engine, max_num_seqs, recent_ttfts) > self.slo_s:
+        if self.policy == "load" and predicted_ttft_s(engine, max_num_seqs, recent_ttfts, queue_age) > self.slo_s:
             return "queue"
         return None
 
@@ -164,13 +166,20 @@ class Router:
         return not logprobs or statistics.fmean(logprobs) >= self.min_logprob
 
 
-def predicted_ttft_s(engine: dict[str, float], max_num_seqs: int, recent_ttfts: list[float]) -> float:
+def predicted_ttft_s(
+    engine: dict[str, float], max_num_seqs: int, recent_ttfts: list[float], queue_age: float = 0.0
+) -> float:
     """A new request's time to first token when it has to queue (0 when a slot is free: it starts at once, and
-    forwarding could not make the wait shorter): the median TTFT of the last minute, plus that again for each
-    full batch of sequences ahead of it. No history yet predicts 0 (nothing to go on; answer locally)."""
-    if engine["running"] + engine["waiting"] < max_num_seqs or not recent_ttfts:
+    forwarding could not make the wait shorter). The larger of two estimates: the median TTFT of the last minute,
+    once more per full batch of sequences ahead; and `queue_age`, how long the oldest request still without its
+    first token has waited (a burst's requests wait before any of them has finished to give a history). With
+    neither, nothing is known: infinity, so a burst on a fresh server forwards rather than queues blind."""
+    if engine["running"] + engine["waiting"] < max_num_seqs:
         return 0.0
-    return statistics.median(recent_ttfts) * (1 + (engine["waiting"] + 1) / max_num_seqs)
+    if not recent_ttfts and queue_age <= 0:
+        return math.inf
+    history = statistics.median(recent_ttfts) * (1 + (engine["waiting"] + 1) / max_num_seqs) if recent_ttfts else 0.0
+    return max(history, queue_age)
 
 
 def with_route(data: dict[str, Any], route: str) -> dict[str, Any]:

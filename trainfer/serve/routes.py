@@ -167,7 +167,7 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
     route: tuple[str, str] | None = None  # (who answers, why) under --upstream
     if router is not None:
         max_seqs = server.llm.engine.scheduler.max_num_seqs
-        reason = router.forward_first(server.engine.stats(), max_seqs, server.recent_ttfts())
+        reason = router.forward_first(server.engine.stats(), max_seqs, server.recent_ttfts(), server.queue_age())
         if reason is not None:
             answer = await forward(server, fmt, req, request, reason)
             if isinstance(answer, Response):

@@ -59,6 +59,7 @@ class Server:
         self.adapters = llm.engine.runner.adapters  # LoRA adapters served by name next to the base
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.runs: set[Run] = set()  # admitted and not yet closed (for queue_age)
         self.draining = False  # set on SIGTERM (app.serve_forever): /health says so while in-flight work finishes
         # A token covers at most this many bytes, so a text longer than max_model_len * this cannot fit:
         # such prompts are refused before they cost any tokenization.
@@ -148,6 +149,7 @@ class Server:
     ) -> Run:
         """Admit a request (429 when full) and queue its prompts on the engine, all or none."""
         run = Run(self, prompts, params, generate, self.admission.admit(len(prompts) * params.n, "n"))
+        self.runs.add(run)
         try:
             for rid, p in zip(run.rids, prompts, strict=True):
                 self.engine.add(rid, p.ids, params, run.queue, adapter)
@@ -196,6 +198,12 @@ class Server:
             if route is not None:
                 record["route"] = route
             self.request_log.append(record)
+
+    def queue_age(self) -> float:
+        """How long the oldest admitted request still without its first token has waited, in seconds: what a
+        new request that has to queue will wait at least."""
+        now = time.perf_counter()
+        return max((now - r.start for r in self.runs if r.first is None), default=0.0)
 
     def recent_ttfts(self) -> list[float]:
         """Times to first token of the sequences finished in the last minute (the vitals window)."""
@@ -263,6 +271,7 @@ class Run:
             return
         self.closed = True
         s = self.server
+        s.runs.discard(self)
         for rid in self.rids:
             s.engine.abort(rid)
         self.ticket.release()
