@@ -231,14 +231,25 @@ def load_policy(args) -> dict:
                     stats = httpx.get(edge.url + "/vitals", timeout=10).json().get("route") or {}
                 finally:
                     edge.stop()
-                ttfts = sorted(1000 * r.ttft for r in results if r.ok)
                 row = {"routed": routed, "ok": sum(r.ok for r in results), "wall_s": wall,
-                       "ttft_p50_ms": ttfts[len(ttfts) // 2], "ttft_p90_ms": ttfts[int(0.9 * (len(ttfts) - 1))],
                        "forwarded": sum((stats.get("upstream") or {}).values()),
                        "tok_s": sum(r.output_tokens for r in results if r.ok) / wall}  # fmt: skip
+                for side, keep in (
+                    ("all", {"local", "upstream", ""}),
+                    ("local", {"local", ""}),
+                    ("upstream", {"upstream"}),
+                ):
+                    ttfts = sorted(1000 * r.ttft for r in results if r.ok and r.route in keep)
+                    if ttfts:
+                        row[f"{side}_ttft_p50_ms"] = ttfts[len(ttfts) // 2]
+                        row[f"{side}_ttft_p90_ms"] = ttfts[int(0.9 * (len(ttfts) - 1))]
                 out["rounds"].append(row)
-                print(f"round {rnd}, {'load policy' if routed else 'edge alone '}: {row['ok']}/64 ok, "
-                      f"TTFT p50 {row['ttft_p50_ms']:.0f} ms p90 {row['ttft_p90_ms']:.0f} ms, "
+                sides = ", ".join(
+                    f"{side} TTFT p50 {row[side + '_ttft_p50_ms']:.0f} ms p90 {row[side + '_ttft_p90_ms']:.0f} ms"
+                    for side in ("all", "local", "upstream")
+                    if side + "_ttft_p50_ms" in row
+                )
+                print(f"round {rnd}, {'load policy' if routed else 'edge alone '}: {row['ok']}/64 ok, {sides}, "
                       f"{row['forwarded']} forwarded, {row['tok_s']:.1f} tok/s", flush=True)  # fmt: skip
     finally:
         cloud.stop()

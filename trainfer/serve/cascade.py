@@ -40,6 +40,7 @@ async def forward(server: Server, fmt: Format, req: SamplingRequest, request: Re
         server.metrics.upstream_errors.inc()
         log.warning("upstream: %s; the local model answers (reason for forwarding: %s)", e, reason)
         return str(e)
+    server.router.upstream_answered(time.perf_counter() - start)  # type: ignore[union-attr]
     server.metrics.routed.labels("upstream", reason).inc()
     headers = route_headers(("upstream", reason))  # to the client
     if isinstance(answer, dict):

@@ -67,6 +67,7 @@ class RequestResult:
     text: str = ""  # the answer (streamed requests), for a conversation's next turn
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the server found in its prefix cache (usage.prompt_tokens_details)
+    route: str = ""  # who answered, behind `serve --upstream` (x-trainfer-route)
 
     @property
     def tpot(self) -> float | None:
@@ -122,6 +123,7 @@ async def one_request(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -
             if r.status_code != 200:
                 await r.aread()
                 return RequestResult(False, r.status_code, error=r.text[:200])
+            route = r.headers.get("x-trainfer-route", "")
             async for line in r.aiter_lines():
                 if line == "data: [DONE]":
                     done = True
@@ -148,9 +150,9 @@ async def one_request(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -
     n = tokens_from_usage or len(times)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return RequestResult(
-        True, 200, times[0] - start, end - start, n, gaps, "", "".join(pieces), usage.get("prompt_tokens", 0), cached
-    )
+    prompt_tokens = usage.get("prompt_tokens", 0)
+    return RequestResult(True, 200, times[0] - start, end - start, n, gaps, "", "".join(pieces), prompt_tokens, cached,
+                         route)  # fmt: skip
 
 
 async def one_plain_request(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
@@ -164,7 +166,8 @@ async def one_plain_request(http: httpx.AsyncClient, url: str, body: dict[str, A
     if r.status_code != 200:
         return RequestResult(False, r.status_code, error=r.text[:200])
     n = (r.json().get("usage") or {}).get("completion_tokens", 0)
-    return RequestResult(n > 0, 200, e2e, e2e, n, error="" if n else "no tokens in the answer")
+    route = r.headers.get("x-trainfer-route", "")
+    return RequestResult(n > 0, 200, e2e, e2e, n, error="" if n else "no tokens in the answer", route=route)
 
 
 async def run_level(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -149,17 +150,26 @@ class Router:
         if slo_ttft_ms <= 0:
             raise TrainferError(f"--route-slo-ttft-ms must be > 0, got {slo_ttft_ms}")
         self.upstream, self.policy, self.min_logprob, self.slo_s = upstream, policy, min_logprob, slo_ttft_ms / 1000
+        self.upstream_ttfts: deque[float] = deque(maxlen=32)  # seconds to the upstream's first byte, latest forwards
 
     def forward_first(
         self, engine: dict[str, float], max_num_seqs: int, recent_ttfts: list[float], queue_age: float = 0.0
     ) -> str | None:
         """Why to forward before any local work (`upstream-first`, or `load` with a queue that would break the
-        objective), or None to start locally."""
+        objective), or None to start locally. `load` forwards only while the upstream's own recent time to first
+        byte beats the local prediction: a slow upstream is no way out of a queue."""
         if self.policy == "upstream-first":
             return "policy"
-        if self.policy == "load" and predicted_ttft_s(engine, max_num_seqs, recent_ttfts, queue_age) > self.slo_s:
-            return "queue"
+        if self.policy == "load":
+            local = predicted_ttft_s(engine, max_num_seqs, recent_ttfts, queue_age)
+            upstream = statistics.median(self.upstream_ttfts) if self.upstream_ttfts else 0.0
+            if local > self.slo_s and upstream < local:
+                return "queue"
         return None
+
+    def upstream_answered(self, ttft_s: float) -> None:
+        """The time to the first byte of a forwarded answer (streamed: its first event; plain: the whole answer)."""
+        self.upstream_ttfts.append(ttft_s)
 
     def confident(self, logprobs: list[float]) -> bool:
         """`local-first`: is the local answer sure enough to keep? (An empty answer is.)"""
@@ -172,14 +182,13 @@ def predicted_ttft_s(
     """A new request's time to first token when it has to queue (0 when a slot is free: it starts at once, and
     forwarding could not make the wait shorter). The larger of two estimates: the median TTFT of the last minute,
     once more per full batch of sequences ahead; and `queue_age`, how long the oldest request still without its
-    first token has waited (a burst's requests wait before any of them has finished to give a history). With
-    neither, nothing is known: infinity, so a burst on a fresh server forwards rather than queues blind."""
+    first token has waited (history goes stale in a burst). With no history yet (a fresh server), infinity:
+    a request that would queue blind is forwarded."""
     if engine["running"] + engine["waiting"] < max_num_seqs:
         return 0.0
-    if not recent_ttfts and queue_age <= 0:
+    if not recent_ttfts:
         return math.inf
-    history = statistics.median(recent_ttfts) * (1 + (engine["waiting"] + 1) / max_num_seqs) if recent_ttfts else 0.0
-    return max(history, queue_age)
+    return max(statistics.median(recent_ttfts) * (1 + (engine["waiting"] + 1) / max_num_seqs), queue_age)
 
 
 def with_route(data: dict[str, Any], route: str) -> dict[str, Any]:
