@@ -166,8 +166,11 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         server.metrics.cache_misses.inc()
     route: tuple[str, str] | None = None  # (who answers, why) under --upstream
     if router is not None:
-        max_seqs = server.llm.engine.scheduler.max_num_seqs
-        reason = router.forward_first(server.engine.stats(), max_seqs, server.recent_ttfts(), server.queue_age())
+        # The admitted sequences, not the engine's counts: those lag behind requests a burst has just admitted
+        # (the engine takes them from its queue later), and a burst then looked idle to every one of its requests.
+        max_seqs, held = server.llm.engine.scheduler.max_num_seqs, server.admission.inflight
+        load = {"running": min(held, max_seqs), "waiting": max(0, held - max_seqs)}
+        reason = router.forward_first(load, max_seqs, server.recent_ttfts(), server.queue_age())
         if reason is not None:
             answer = await forward(server, fmt, req, request, reason)
             if isinstance(answer, Response):
