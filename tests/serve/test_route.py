@@ -184,21 +184,18 @@ def test_load_policy_forwards_only_when_the_queue_would_break_the_objective(long
         cloud.stop()
 
 
-def test_predicted_ttft_counts_full_batches_ahead():
-    idle = {"running": 3, "waiting": 0}
-    assert predicted_ttft_s(idle, 4, [0.2, 0.4, 0.3]) == 0  # a free slot: starts at once
-    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, []) == math.inf  # must queue, nothing known
-    assert predicted_ttft_s({"running": 4, "waiting": 2}, 4, [], queue_age=0.7) == math.inf  # still no history
-    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, [0.1], queue_age=2.0) == 2.0  # stale history
-    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, [0.2, 0.4, 0.3]) == pytest.approx(0.3 * 1.25)
-    assert predicted_ttft_s({"running": 4, "waiting": 8}, 4, [0.3]) == pytest.approx(0.3 * (1 + 9 / 4))
-    router = Router(Upstream("http://127.0.0.1:9"), "load", slo_ttft_ms=500)
-    assert router.forward_first({"running": 4, "waiting": 4}, 4, [0.3]) == "queue"  # 0.3 x 2.25 > 0.5
-    assert router.forward_first({"running": 4, "waiting": 0}, 4, [0.3]) is None  # 0.375 s <= 0.5 s
+def test_predicted_wait_follows_the_rate_slots_free_up():
+    assert predicted_ttft_s({"running": 3, "waiting": 0}, 4, 2.0) == 0  # a free slot: starts at once
+    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, None) == math.inf  # must queue, nothing known
+    assert predicted_ttft_s({"running": 4, "waiting": 5}, 4, 2.0) == pytest.approx(3.0)  # 6th in line, 2 free a second
+    assert predicted_ttft_s({"running": 4, "waiting": 0}, 4, 2.0, queue_age=1.5) == 1.5  # someone waits longer already
+    router = Router(Upstream("http://127.0.0.1:9"), "load", slo_ttft_ms=1000)
+    assert router.forward_first({"running": 4, "waiting": 4}, 4, 2.0) == "queue"  # 2.5 s > 1 s
+    assert router.forward_first({"running": 4, "waiting": 0}, 4, 2.0) is None  # 0.5 s <= 1 s
     for _ in range(3):
-        router.upstream_answered(0.9)  # the upstream now takes 0.9 s to start an answer
-    assert router.forward_first({"running": 4, "waiting": 4}, 4, [0.3]) is None  # 0.675 s locally beats it
-    assert router.forward_first({"running": 4, "waiting": 12}, 4, [0.3]) == "queue"  # 1.275 s does not
+        router.upstream_answered(3.0)  # the upstream now takes 3 s to start an answer
+    assert router.forward_first({"running": 4, "waiting": 4}, 4, 2.0) is None  # 2.5 s locally beats it
+    assert router.forward_first({"running": 4, "waiting": 9}, 4, 2.0) == "queue"  # 5 s does not
     sure = Router(Upstream("http://127.0.0.1:9"), "local-first", min_logprob=-1.0)
     assert sure.confident([-0.5, -1.4]) and not sure.confident([-0.5, -1.6]) and sure.confident([])
 

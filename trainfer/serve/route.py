@@ -153,7 +153,7 @@ class Router:
         self.upstream_ttfts: deque[float] = deque(maxlen=32)  # seconds to the upstream's first byte, latest forwards
 
     def forward_first(
-        self, engine: dict[str, float], max_num_seqs: int, recent_ttfts: list[float], queue_age: float = 0.0
+        self, engine: dict[str, float], max_num_seqs: int, finish_rate: float | None, queue_age: float = 0.0
     ) -> str | None:
         """Why to forward before any local work (`upstream-first`, or `load` with a queue that would break the
         objective), or None to start locally. `load` forwards only while the upstream's own recent time to first
@@ -161,7 +161,7 @@ class Router:
         if self.policy == "upstream-first":
             return "policy"
         if self.policy == "load":
-            local = predicted_ttft_s(engine, max_num_seqs, recent_ttfts, queue_age)
+            local = predicted_ttft_s(engine, max_num_seqs, finish_rate, queue_age)
             upstream = statistics.median(self.upstream_ttfts) if self.upstream_ttfts else 0.0
             if local > self.slo_s and upstream < local:
                 return "queue"
@@ -177,18 +177,18 @@ class Router:
 
 
 def predicted_ttft_s(
-    engine: dict[str, float], max_num_seqs: int, recent_ttfts: list[float], queue_age: float = 0.0
+    engine: dict[str, float], max_num_seqs: int, finish_rate: float | None, queue_age: float = 0.0
 ) -> float:
-    """A new request's time to first token when it has to queue (0 when a slot is free: it starts at once, and
-    forwarding could not make the wait shorter). The larger of two estimates: the median TTFT of the last minute,
-    once more per full batch of sequences ahead; and `queue_age`, how long the oldest request still without its
-    first token has waited (history goes stale in a burst). With no history yet (a fresh server), infinity:
-    a request that would queue blind is forwarded."""
+    """A new request's wait for a slot (0 when one is free: it starts at once, and forwarding could not make the
+    wait shorter). Slots free up at `finish_rate` sequences a second (measured over the last seconds), so the
+    request, with `waiting` sequences ahead of it, waits about (waiting + 1) / finish_rate (Little's law); and at
+    least `queue_age`, how long the oldest request still without its first token has waited already. With no
+    rate yet (a fresh server, or nothing finished lately), infinity: a request that would queue blind is forwarded."""
     if engine["running"] + engine["waiting"] < max_num_seqs:
         return 0.0
-    if not recent_ttfts:
+    if not finish_rate:
         return math.inf
-    return max(statistics.median(recent_ttfts) * (1 + (engine["waiting"] + 1) / max_num_seqs), queue_age)
+    return max((engine["waiting"] + 1) / finish_rate, queue_age)
 
 
 def with_route(data: dict[str, Any], route: str) -> dict[str, Any]:

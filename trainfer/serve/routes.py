@@ -170,7 +170,7 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
         # (the engine takes them from its queue later), and a burst then looked idle to every one of its requests.
         max_seqs, held = server.llm.engine.scheduler.max_num_seqs, server.admission.inflight
         load = {"running": min(held, max_seqs), "waiting": max(0, held - max_seqs)}
-        reason = router.forward_first(load, max_seqs, server.recent_ttfts(), server.queue_age())
+        reason = router.forward_first(load, max_seqs, server.finish_rate(), server.queue_age())
         if reason is not None:
             answer = await forward(server, fmt, req, request, reason)
             if isinstance(answer, Response):

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class Server:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.runs: set[Run] = set()  # admitted and not yet closed (for queue_age)
+        self.finished: deque[float] = deque(maxlen=4096)  # when recent sequences ended (for finish_rate)
         self.draining = False  # set on SIGTERM (app.serve_forever): /health says so while in-flight work finishes
         # A token covers at most this many bytes, so a text longer than max_model_len * this cannot fit:
         # such prompts are refused before they cost any tokenization.
@@ -205,9 +207,14 @@ class Server:
         now = time.perf_counter()
         return max((now - r.start for r in self.runs if r.first is None), default=0.0)
 
-    def recent_ttfts(self) -> list[float]:
-        """Times to first token of the sequences finished in the last minute (the vitals window)."""
-        return [ttft for _, ttft, _ in self.metrics.vitals.latencies]
+    def finish_rate(self, window_s: float = 30.0) -> float | None:
+        """Sequences finished per second over the last `window_s` (None with fewer than two): how fast slots free up."""
+        now = time.perf_counter()
+        while self.finished and self.finished[0] < now - window_s:
+            self.finished.popleft()
+        if len(self.finished) < 2:
+            return None
+        return (len(self.finished) - 1) / max(now - self.finished[0], 1e-3)
 
 
 class Run:
@@ -277,6 +284,7 @@ class Run:
         self.ticket.release()
         if not self.queued:
             return  # refused while queuing its prompts (context length): nothing to record
+        s.finished.extend([time.perf_counter()] * len(self.choices))  # sequences whose slots are free again
         for token_times in self.times.values():
             s.metrics.observe_sequence(token_times, self.start)
         s.metrics.prompt_tokens.inc(sum(len(p.ids) for p in self.prompts))
