@@ -185,17 +185,23 @@ async def serve(fmt: Format, req: SamplingRequest, request: Request) -> Response
     headers = {CACHE_HEADER: "miss" if key else "off", **route_headers(route)}
     if req.stream:
         return EventStream(stream(server, fmt, req, run, key, include_usage, route), run.close, headers)
-    try:
-        finished, _ = await unless_disconnected(run.collect(), request.receive)
-        if not finished:
-            return Response(status_code=499)  # nobody is listening; the finally below frees the engine
-    finally:
-        run.close()
-    if run.error:
-        raise APIError(500, f"generation failed: {run.error}", kind="server_error")
+    if not await finish(run, request):
+        return Response(status_code=499)  # nobody is listening; the engine is free already
     if key is not None:
         await remember(server, key, run)
     return await local_answer(server, fmt, req, run, key, headers, route)
+
+
+async def finish(run: Run, request: Request) -> bool:
+    """Collect a plain (non-streamed) run to its end, or stop it when the client leaves first (False); the run is
+    closed either way. A failed generation is a 500."""
+    try:
+        finished, _ = await unless_disconnected(run.collect(), request.receive)
+    finally:
+        run.close()
+    if finished and run.error:
+        raise APIError(500, f"generation failed: {run.error}", kind="server_error")
+    return finished
 
 
 async def local_answer(
@@ -229,14 +235,8 @@ async def local_first(
     assert router is not None
     asked = params.logprobs is not None
     run = server.start(fmt, prompts, params if asked else replace(params, logprobs=0), True, adapter)
-    try:
-        finished, _ = await unless_disconnected(run.collect(), request.receive)
-        if not finished:
-            return Response(status_code=499)
-    finally:
-        run.close()
-    if run.error:
-        raise APIError(500, f"generation failed: {run.error}", kind="server_error")
+    if not await finish(run, request):
+        return Response(status_code=499)
     confident = router.confident([lp for c in run.choices for lp, _ in c.logprobs])
     if not asked:
         for c in run.choices:
