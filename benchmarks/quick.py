@@ -76,6 +76,11 @@ QUICK: dict[str, tuple[list[str], list[str]]] = {
         ],  # fmt: skip
         [r"^  (greedy|cot|self-consistency|best-of-n)", r"^large (greedy|cot) "],
     ),
+    "deploy": (
+        ["--rounds", "1", "--requests", "24", "--conversations", "4", "--turns", "3"],
+        [r"^kill -9 mid-run", r"^round \d", r"^affinity / round-robin"],
+    ),
+    "cascade": (["--out", "{tmp}", "--thresholds", "-0.5", "--no-sync"], [r"^(all edge|all cloud|local-first) "]),
     "finetune_vs_scratch": (["--out", "{tmp}", "--ft-steps", "8", "--evals", "2", "--val-chunks", "2"], [r"^\{"]),
     "nanogpt": (
         ["--nanogpt", "{nanogpt}", "--iters", "300", "--throughput-runs", "1", "--throughput-iters", "50"],
