@@ -371,3 +371,24 @@ def test_a_cascade_says_who_answered(page, chat_server, tmp_path):
         assert "100%" in card and "1 of 1, local-first" in card
     finally:
         edge.stop()
+
+
+def test_an_answer_cut_off_mid_stream_is_an_error_not_an_answer(page, tmp_path):
+    """The server dies mid-answer (a replica killed behind a balancer, which cannot retry an answer under way):
+    the page says the answer was cut off, and does not keep the fragment as the conversation's context."""
+    model = make_tiny_model_dir(tmp_path / "long", CHAT_TEMPLATE, context=8192)
+    server = ServerProcess(str(model))
+    try:
+        open_page(page, server.url)
+        page.fill("#max_tokens", "6000")
+        send(page, "A long answer, please.")
+        page.wait_for_function(
+            "() => Number(document.querySelector('.msg.assistant')?.dataset.chunks || 0) >= 5", timeout=30_000
+        )
+        server.proc.kill()
+        page.wait_for_selector(".msg.assistant.error", timeout=30_000)
+        text = last_answer(page).inner_text()
+        assert "the answer was cut off after" in text and "send the question again" in text
+        assert page.evaluate("window.trainfer.state.messages") == []  # neither the question nor the fragment
+    finally:
+        server.stop()

@@ -241,8 +241,9 @@ async function answer(attempt) {
     route = res.headers.get("x-trainfer-route") && {
       who: res.headers.get("x-trainfer-route"), why: res.headers.get("x-trainfer-route-reason"),
     };
+    let ended = false;
     for await (const data of sseData(res.body)) {
-      if (data === "[DONE]") break;
+      if (data === "[DONE]") { ended = true; break; }
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ApiError(500, chunk.error.message);
       if (chunk.usage) usage = chunk.usage;
@@ -258,13 +259,18 @@ async function answer(attempt) {
         if (!pending) { pending = true; requestAnimationFrame(paint); }
       }
     }
+    if (!ended) throw new TypeError("the stream closed before its end");
     node.dataset.state = "done";
   } catch (e) {
     if (e.name === "AbortError") node.dataset.state = "stopped";
     else {
       node.remove();
       setBusy(null);
-      return failed(e, attempt);
+      // A stream cut mid-answer (the server died; a balancer cannot retry an answer under way) is not a finished
+      // answer: say so, and keep the question for sending again.
+      const cut = chunks > 0 && !(e instanceof ApiError);
+      return failed(cut ? new ApiError(0, `the answer was cut off after ${chunks} tokens (the server stopped ` +
+        "mid-answer); send the question again") : e, attempt);
     }
   } finally {
     setBusy(null);
