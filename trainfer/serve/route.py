@@ -56,7 +56,7 @@ class Upstream:
     async def model_name(self) -> str:
         """--upstream-model, else the upstream's first model (asked once)."""
         if self.model is None:
-            data = await self._json(await self._send("GET", "/v1/models", None))
+            data = as_object(await self._send("GET", "/v1/models", None))
             try:
                 self.model = str(data["data"][0]["id"])
             except (KeyError, IndexError, TypeError):
@@ -67,7 +67,7 @@ class Upstream:
         """A whole (non-streamed) answer from the upstream. `headers`: the client's that concern the upstream too
         (Cache-Control)."""
         body = {**body, "model": await self.model_name(), "stream": False}
-        return await self._json(await self._send("POST", path, body, headers))
+        return as_object(await self._send("POST", path, body, headers))
 
     async def stream(
         self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
@@ -106,17 +106,19 @@ class Upstream:
             raise UpstreamError(f"the upstream answered {response.status_code}")
         return response
 
-    async def _json(self, response: httpx.Response) -> dict[str, Any]:
-        try:
-            data = response.json()
-        except ValueError:
-            raise UpstreamError("the upstream's answer is not JSON") from None
-        if not isinstance(data, dict):
-            raise UpstreamError("the upstream's answer is not a JSON object")
-        return data
-
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def as_object(response: httpx.Response) -> dict[str, Any]:
+    """The upstream's answer as a JSON object, or an UpstreamError."""
+    try:
+        data = response.json()
+    except ValueError:
+        raise UpstreamError("the upstream's answer is not JSON") from None
+    if not isinstance(data, dict):
+        raise UpstreamError("the upstream's answer is not a JSON object")
+    return data
 
 
 def describe(e: Exception) -> str:
