@@ -40,6 +40,7 @@ COMMANDS: dict[str, Any] = {
     "quickstart": (train.Quickstart, train.quickstart),
     "finetune": (train.Finetune, train.finetune),
     "dpo": (train.Dpo, train.dpo),
+    "grpo": (train.Grpo, train.grpo),
     "merge": (model.Merge, model.merge),
     "prune": (model.Prune, model.prune),
     "distill": (train.Distill, train.distill),

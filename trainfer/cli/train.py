@@ -18,6 +18,8 @@ from trainfer.io.run_dir import list_checkpoints, read_state
 from trainfer.llm import WEIGHTS
 from trainfer.model.config import PRESETS
 from trainfer.quickstart import quickstart as quickstart_run
+from trainfer.reason.grpo import grpo as grpo_run
+from trainfer.reason.grpo import load_grpo_config
 from trainfer.train.config import load_config
 from trainfer.train.dpo import dpo as dpo_run
 from trainfer.train.dpo import load_dpo_config
@@ -152,6 +154,36 @@ class Dpo(Finetune):
 
 def dpo(s: Dpo) -> None:
     _tune(s, load_dpo_config, dpo_run)
+
+
+@dataclass(kw_only=True)
+class Grpo(RunSettings):
+    """reinforce a model on problems whose answers can be checked (GRPO; full or LoRA; resumable)"""
+
+    model: str | None = arg(None, positional=True)
+    """the starting model: an alias, a .gguf, a model directory or a run (not on --resume)"""
+    task: str | None = None
+    """add, chain-sum, mul, compare, or rg:NAME[:key=value,...] (a reasoning-gym dataset, graded by its
+    score_answer)"""
+    data: str | None = None
+    """instead of --task: JSONL of {'prompt' or 'messages', 'answer'} lines"""
+    reward: str | None = None
+    """module:function or file.py:function scoring (prompt, completion, answer) -> float (default: the task's
+    checker, 1 right / 0 wrong)"""
+    out: str | None = None
+    """the run directory: checkpoints/, metrics.jsonl (rewards, lengths, rollout and update time), report.md"""
+    lora: bool = False
+    """train a LoRA adapter (PEFT format) on the frozen base"""
+
+
+def grpo(s: Grpo) -> None:
+    values: dict[str, Any] = {"base_model": s.model, "task": s.task, "data": s.data, "reward": s.reward,
+                              "out_dir": s.out}  # fmt: skip
+    if s.lora:
+        values["lora"] = True
+    cfg = load_grpo_config(s.config, s.set, base=s.resumed(s.out), seed=s.seed, **values)
+    result = grpo_run(cfg, resume=s.resume)
+    print(result.card)
 
 
 def _tune(s: Finetune, load, run) -> None:

@@ -59,10 +59,7 @@ class FineTuner(Trainer):
     cfg: FineTuneConfig
 
     def _load_data(self) -> None:
-
         cfg = self.cfg
-        if not cfg.base_model:
-            raise TrainferError("no base model: name one (an alias, a .gguf or a model directory)")
         if not cfg.data:
             raise TrainferError("no training data: pass --data FILE.jsonl")
         cfg.data = str(Path(cfg.data).resolve())
@@ -70,6 +67,24 @@ class FineTuner(Trainer):
             cfg.val_data = str(Path(cfg.val_data).resolve())
         if cfg.general_share and not cfg.general_data:
             raise TrainferError('general_share needs general_data: a `trainfer prepare` directory, or "self"')
+        tokenizer = self._load_base()
+        self._rows_from(tokenizer)
+        self.general = self._general_text(tokenizer)
+        if not cfg.lr:
+            cfg.lr = AUTO_LR[cfg.lora]
+        self.schedule()
+        if self.dist.main and self.resume_from is None:
+            print(self.plan(), flush=True)
+        self.val_bytes_per_token = chat_data.bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
+        # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
+        self.flops_per_token = self.base_cfg.training_flops_per_token(cfg.seq_len) * (4 / 6 if cfg.lora else 1)
+
+    def _load_base(self) -> Tokenizer:
+        """The base model's config, weights (fp32, on the CPU until _build) and tokenizer, checked against a resumed
+        checkpoint."""
+        cfg = self.cfg
+        if not cfg.base_model:
+            raise TrainferError("no base model: name one (an alias, a .gguf or a model directory)")
         base_path = resolve(cfg.base_model)
         if cfg.base_model not in ALIASES:  # the adapter names its base; make that work from any directory
             cfg.base_model = str(Path(cfg.base_model).resolve())
@@ -82,16 +97,7 @@ class FineTuner(Trainer):
         if resumed_full and read_config(self.resume_from).to_dict() != self.base_cfg.to_dict():
             raise TrainferError(f"{self.resume_from} holds another model than {cfg.base_model}")
         self.tokenizer, self.model_cfg = tokenizer, self.base_cfg
-        self._rows_from(tokenizer)
-        self.general = self._general_text(tokenizer)
-        if not cfg.lr:
-            cfg.lr = AUTO_LR[cfg.lora]
-        self.schedule()
-        if self.dist.main and self.resume_from is None:
-            print(self.plan(), flush=True)
-        self.val_bytes_per_token = chat_data.bytes_per_target(self.val_rows, tokenizer) if self.val_rows else None
-        # LoRA skips the frozen weights' gradients: forward 2N + input gradients 2N of full's 6N
-        self.flops_per_token = self.base_cfg.training_flops_per_token(cfg.seq_len) * (4 / 6 if cfg.lora else 1)
+        return tokenizer
 
     def _rows_from(self, tokenizer) -> None:
         """The training and held-out rows: conversations packed several to a row."""

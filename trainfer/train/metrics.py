@@ -244,10 +244,10 @@ def plot_metrics(metrics: Path, out: Path) -> None:
     evals = [r for r in rows if r.get("event") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.6, label="train (batch)")
-    if evals:
+    if evals and "train_eval_loss" in evals[0]:
         ax.plot([r["step"] for r in evals], [r["train_eval_loss"] for r in evals], "o-", label="train (eval)")
-        if "val_loss" in evals[0]:
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "s-", label="validation")
+    if evals and "val_loss" in evals[-1] and "val_accuracy" not in evals[-1]:  # grpo plots its accuracy itself
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "s-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

@@ -52,8 +52,10 @@ class Progress:
 
     def show_eval(self, step: int, ev: dict[str, Any], stopped: bool) -> None:
         """One line of losses above the bar (the sample, if any, indented below it)."""
-        msg = f"step {step}: train {ev['train_eval_loss']:.4f}"
-        if "val_ppl" in ev:  # a language-model loss
+        msg = f"step {step}: train {ev['train_eval_loss']:.4f}" if "train_eval_loss" in ev else f"step {step}:"
+        if "val_accuracy" in ev:  # a task's held-out answers (reason/grpo.py)
+            msg += f" held-out accuracy {ev['val_accuracy']:.1%}, {ev['val_completion_tokens']:.0f} tokens an answer"
+        elif "val_ppl" in ev:  # a language-model loss
             msg += (
                 f" val {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.1f}, {ev['val_bpb']:.3f} bits/byte, "
                 f"gap {ev['gap']:+.4f})"
