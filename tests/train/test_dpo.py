@@ -165,3 +165,49 @@ def test_a_run_over_the_resumed_reference_refuses_a_missing_cache(chat_model, tm
                             data=str(data), out_dir=str(tmp_path / "run"), lora=True)  # fmt: skip
     with pytest.raises(TrainferError, match="cannot be rebuilt"):
         DPOTrainer(again, resume=True)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_the_loss_and_its_gradients_equal_trl(tmp_path, loss_type):
+    """TRL's DPOTrainer._compute_loss and ours on the same pairs and reference log-probabilities (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from tests.conftest import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="!",
+                                               eos_token="~")  # fmt: skip
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, loss_type=[loss_type], report_to=[],
+                         use_cpu=True, bf16=False)  # fmt: skip
+    ds = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
+    trainer = trl.DPOTrainer(model=hf, args=args, train_dataset=ds, processing_class=tok)
+    trainer.precompute_ref_logps = True  # the reference log-probabilities below, as ours are cached
+    pairs = [([72, 101, 108], [40, 41, 42, 43], [50, 51]), ([9, 8], [60], [70, 71, 72])]
+    reference = torch.tensor([[-9.0, -7.5], [-3.0, -8.0]])
+    seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    width = max(map(len, seqs))
+    masks = [[0] * len(p) + [1] * len(c) for p, c, _ in pairs] + [[0] * len(p) + [1] * len(r) for p, _, r in pairs]
+    inputs = {"input_ids": torch.tensor([s + [0] * (width - len(s)) for s in seqs]),
+              "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+              "completion_mask": torch.tensor([m + [0] * (width - len(m)) for m in masks]),
+              "ref_chosen_logps": reference[:, 0], "ref_rejected_logps": reference[:, 1]}  # fmt: skip
+    want = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    want.backward()
+
+    ours = load_model(path)[0].float().train()
+    examples = [tuple(chat_data.Example(p + a, [False] * len(p) + [True] * len(a), "t") for a in (c, r))
+                for p, c, r in pairs]  # fmt: skip
+    batch = chat_data.batch_tensors(pair_rows(examples, 16, 0), np.arange(2), "cpu")
+    if loss_type == "ipo":  # TRL divides summed log-ratios by the answer's length; ours caches mean log-probabilities
+        reference = reference / torch.tensor([[len(c), len(r)] for _, c, r in pairs])
+    losses, _ = dpo_loss(pair_logps(ours, batch, mean=loss_type == "ipo"), reference, 0.3, loss_type)
+    got = losses.mean()
+    got.backward()
+    assert float(got) == pytest.approx(float(want), abs=1e-5)
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        g = theirs[f"model.{name}" if f"model.{name}" in theirs else name].grad
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=name)
