@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import CHATML, make_tiny_model_dir
 from trainfer.errors import TrainferError
+from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
 from trainfer.reason.grpo import (
     GRPOTrainer,
@@ -170,6 +171,25 @@ def config(model: Path, tmp_path: Path, out: str, reward: str = "digits", **extr
 
 def rollout_records(out: Path) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "rollout"]
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_rollouts_come_from_the_weights_being_trained(flat_model, tmp_path, use_lora):
+    """On-policy: after the weights move (the adapter's B away from zero, or the full weights), the engine's sampled
+    tokens carry the log-probabilities the loss's forward gives them."""
+    tuner = GRPOTrainer(config(flat_model, tmp_path, "run", lora=str(use_lora).lower()))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuner.raw.named_parameters():
+            if p.requires_grad and (not use_lora or "lora_B" in name):
+                p.add_(torch.randn(p.shape, generator=gen) * (0.5 if use_lora else 0.05))
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=3, logprobs=0)
+    (samples,) = tuner.sample(tuner.prompts[:1], [params])
+    batch = group_rows(tuner.prompts[0].ids, [[e.token_id for e in s] for s in samples], [0.0] * 4, pad=0)
+    with torch.no_grad():
+        trained = completion_logps(tuner.raw.eval(), batch)
+    engine = torch.tensor([[e.logprob for e in s] for s in samples])
+    torch.testing.assert_close(engine, trained, atol=2e-4, rtol=1e-4)
 
 
 def test_a_tiny_model_learns_a_toy_reward(flat_model, tmp_path):

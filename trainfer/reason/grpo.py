@@ -43,8 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainfer.errors import TrainferError
-from trainfer.infer import native_decode
-from trainfer.infer.engine import Engine
+from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io.tokenizer import Tokenizer
 from trainfer.model import lora
@@ -60,7 +59,8 @@ from trainfer.train.metrics import read_metrics
 
 LOSSES = ("dapo", "grpo", "dr_grpo")
 SCALES = ("group", "batch", "none")
-AUTO_LR = {True: 5e-4, False: 1e-6}  # LoRA, full (TRL's default): docs/grpo.md
+AUTO_LR = {True: 5e-4, False: 1e-6}  # LoRA, full (TRL's default): docs/reason.md, GRPO
+ADAPTER = "default"  # the name FineTuner's apply_lora gives the adapter it trains
 MIN_STEPS = 20  # fewer optimizer steps than this move a policy too little to measure; the plan warns
 
 
@@ -332,19 +332,23 @@ class GRPOTrainer(FineTuner):
 
     # ---- rollouts ----------------------------------------------------------------------------------------
 
-    def _sample(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[list[int]]]:
-        """Per prompt, per sample, the completion's token ids (its end-of-turn token included: stopping is learned),
-        from the weights as they are now."""
+    def sample(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[list[TokenEvent]]]:
+        """Per prompt, per sample, the completion's token events (its end-of-turn token included: stopping is
+        learned) from the weights as they are now: under LoRA the adapter being trained, named on every request
+        (the engine runs a request without one on the base alone)."""
         engine = self.engine
         engine.pool.forget_prefixes()  # cached prompt K/V came from the weights before the last update
-        engine.runner.decoder = native_decode.build_decoder(self.raw)  # the native step keeps fused copies
+        adapters = [ADAPTER if self.cfg.lora else None] * len(prompts)
         was = self.raw.training
         self.raw.eval()
         try:
-            got = engine.run([p.ids for p in prompts], params)
+            got = engine.run([p.ids for p in prompts], params, adapters)
         finally:
             self.raw.train(was)
-        return [[[e.token_id for e in events if e.token_id >= 0] for events in per] for per in got]
+        return [[[e for e in events if e.token_id >= 0] for events in per] for per in got]
+
+    def _sample(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[list[int]]]:
+        return [[[e.token_id for e in events] for events in per] for per in self.sample(prompts, params)]
 
     def score(self, prompt: Prompt, text: str) -> float:
         """A sample's reward; a reward function that raises or returns no finite number gives 0 and is counted."""
