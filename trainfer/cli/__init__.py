@@ -47,7 +47,10 @@ COMMANDS: dict[str, Any] = {
     "eval": (train.Eval, train.evaluate),
     "serve": (infer.Serve, infer.serve),
     "ui": (infer.Ui, infer.ui),
-    "dataset": Group("build fine-tuning data", {"from-logs": (train.FromLogs, train.dataset_from_logs_cmd)}),
+    "dataset": Group(
+        "build fine-tuning data",
+        {"from-logs": (train.FromLogs, train.dataset_from_logs_cmd), "prefs": (train.Prefs, train.dataset_prefs)},
+    ),
     "cost": Group(
         "what training and serving cost, from measured figures",
         {

@@ -20,6 +20,7 @@ from trainfer.model.config import PRESETS
 from trainfer.quickstart import quickstart as quickstart_run
 from trainfer.reason.grpo import grpo as grpo_run
 from trainfer.reason.grpo import load_grpo_config
+from trainfer.reason.prefs import make_prefs
 from trainfer.train.config import load_config
 from trainfer.train.dpo import dpo as dpo_run
 from trainfer.train.dpo import load_dpo_config
@@ -287,6 +288,38 @@ class FromLogs:
     filters: Filters = arg(Filters(), only=("min_chars", "max_chars", "only_rated_up", "keep_rated_down", "routed"))
     force: bool = False
     """replace --out if it exists"""
+
+
+@dataclass(kw_only=True)
+class Prefs:
+    """preference pairs (for dpo) from a model's own samples, scored by a task's checker or your function"""
+
+    model: str = arg(positional=True)
+    """the model that samples: an alias, a .gguf, a model directory or a run"""
+    out: Path
+    """the JSONL to write: {'prompt': [messages], 'chosen', 'rejected', 'scores'} lines"""
+    task: str | None = None
+    """add, chain-sum, mul, compare, or rg:NAME[:key=value,...] (as trainfer grpo)"""
+    data: str | None = None
+    """instead of --task: JSONL of {'prompt' or 'messages', 'answer'} lines"""
+    reward: str | None = None
+    """module:function or file.py:function scoring (prompt, completion, answer) -> float"""
+    count: int = default_of(make_prefs, "count")
+    """problems drawn from --task"""
+    n: int = default_of(make_prefs, "n")
+    """samples per problem; the best and the worst make the pair"""
+    temperature: float = default_of(make_prefs, "temperature")
+    max_tokens: int = default_of(make_prefs, "max_tokens")
+    seed: int = default_of(make_prefs, "seed")
+    force: bool = False
+    """replace --out if it exists"""
+
+
+def dataset_prefs(s: Prefs) -> None:
+    report = make_prefs(s.model, s.out, s.task or "", s.data or "", s.reward or "", s.count, s.n, s.temperature,
+                        s.max_tokens, seed=s.seed, force=s.force)  # fmt: skip
+    print(report.summary())
+    print(f"wrote {report.pairs} pairs to {s.out}")
 
 
 def dataset_from_logs_cmd(s: FromLogs) -> None:

@@ -114,6 +114,7 @@ class Prompt:
     ids: list[int]
     text: str
     problem: Problem
+    messages: list[dict] | None = None  # as asked, for a chat model (None: `text` is raw)
 
 
 def render(problem: Problem, tokenizer: Tokenizer, template: str, messages: list[dict] | None = None) -> Prompt:
@@ -123,29 +124,31 @@ def render(problem: Problem, tokenizer: Tokenizer, template: str, messages: list
         messages = [{"role": "user", "content": fmt.format(question=problem.question)}]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages)
-        return Prompt(tokenizer.encode(text, add_bos=False), text, problem)
+        return Prompt(tokenizer.encode(text, add_bos=False), text, problem, messages)
     text = "\n".join(m["content"] for m in messages) + "\n"
     return Prompt(tokenizer.encode(text), text, problem)
 
 
-def problems_of(cfg: GRPOConfig) -> tuple[list[Problem], list[Problem], list[dict] | None]:
-    """Training and held-out problems. A task's held-out problems come from another seed, and any training problem
-    asked the same way is dropped (small tasks repeat themselves). A data file's share is held out by `split`."""
-    if cfg.task:
-        held = make(cfg.task, cfg.eval_problems, cfg.seed + 1_000_003, cfg.digits) if cfg.eval_problems else []
-        seen = {p.question for p in held}
-        train = [p for p in make(cfg.task, cfg.train_problems, cfg.seed, cfg.digits) if p.question not in seen]
+def problems_of(task: str, data: str, count: int, held: int, seed: int, digits: int = 2,
+                ) -> tuple[list[Problem], list[Problem], list[list[dict]] | None]:  # fmt: skip
+    """Training and held-out problems (and, from a data file, each one's messages, training first). A task's
+    held-out problems come from another seed, and any training problem asked the same way is dropped (small tasks
+    repeat themselves). A data file holds out a tenth from 20 lines up (`chat_data.split`)."""
+    if task:
+        heldout = make(task, held, seed + 1_000_003, digits) if held else []
+        seen = {p.question for p in heldout}
+        train = [p for p in make(task, count, seed, digits) if p.question not in seen]
         if not train:
-            raise TrainferError(f"task {cfg.task!r}: every training problem is also a held-out one; raise digits")
-        return train, held, None
-    if not cfg.data:
+            raise TrainferError(f"task {task!r}: every training problem is also a held-out one; raise digits")
+        return train, heldout, None
+    if not data:
         raise TrainferError("nothing to learn from: pass --task NAME or --data PROMPTS.jsonl")
-    records = [(where, r) for where, r in chat_data.read_jsonl(cfg.data, check_prompt)]
-    messages = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for _, r in records]
-    problems = [Problem(messages[i][-1]["content"], str(r.get("answer", "")), kind_of(str(r.get("answer", ""))))
-                for i, (_, r) in enumerate(records)]  # fmt: skip
+    records = [r for _, r in chat_data.read_jsonl(data, check_prompt)]
+    messages = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in records]
+    problems = [Problem(m[-1]["content"], str(r.get("answer", "")), kind_of(str(r.get("answer", ""))))
+                for m, r in zip(messages, records, strict=True)]  # fmt: skip
     order = list(range(len(problems)))
-    train_i, held_i = chat_data.split(order, 0.1 if len(order) >= 20 else 0.0, cfg.seed)
+    train_i, held_i = chat_data.split(order, 0.1 if held and len(order) >= 20 else 0.0, seed)
     return [problems[i] for i in train_i], [problems[i] for i in held_i], [messages[i] for i in train_i + held_i]
 
 
@@ -192,6 +195,18 @@ def load_reward(spec: str) -> Callable[..., Any]:
 def task_reward(prompt: Prompt, completion: str) -> float:
     """1 if the answer read from the completion is right, else 0."""
     return float(prompt.problem.correct(EXTRACTORS[prompt.problem.kind](completion)))
+
+
+def score(reward_fn: Callable[..., Any] | None, prompt: Prompt, completion: str) -> float | None:
+    """A sample's reward: the task's checker, or the user's function called (prompt text, completion, answer or
+    None); None when that function raises or returns no finite number (the caller scores it 0 and counts it)."""
+    if reward_fn is None:
+        return task_reward(prompt, completion)
+    try:
+        value = float(reward_fn(prompt.text, completion, prompt.problem.answer or None))
+    except Exception:  # the user's code: any failure is that sample's, never the run's
+        return None
+    return value if math.isfinite(value) else None
 
 
 def advantages(rewards: Tensor, scale: str) -> Tensor:
@@ -279,7 +294,8 @@ class GRPOTrainer(FineTuner):
             cfg.data = str(Path(cfg.data).resolve())
         self.reward_fn = load_reward(cfg.reward) if cfg.reward else None
         tokenizer = self._load_base()
-        train, held, messages = problems_of(cfg)
+        train, held, messages = problems_of(cfg.task, cfg.data, cfg.train_problems, cfg.eval_problems, cfg.seed,
+                                            cfg.digits)  # fmt: skip
         n = len(train)
         self.prompts = [render(p, tokenizer, cfg.template, messages[i] if messages else None)
                         for i, p in enumerate(train)]  # fmt: skip
@@ -351,17 +367,10 @@ class GRPOTrainer(FineTuner):
         return [[[e.token_id for e in events] for events in per] for per in self.sample(prompts, params)]
 
     def score(self, prompt: Prompt, text: str) -> float:
-        """A sample's reward; a reward function that raises or returns no finite number gives 0 and is counted."""
-        if self.reward_fn is None:
-            return task_reward(prompt, text)
-        try:
-            value = float(self.reward_fn(prompt.text, text, prompt.problem.answer or None))
-        except Exception:
-            value = float("nan")
-        if not math.isfinite(value):
+        value = score(self.reward_fn, prompt, text)
+        if value is None:
             self.failures += 1
-            return 0.0
-        return value
+        return value or 0.0
 
     def rollouts(self, step: int) -> list[Group]:
         cfg = self.cfg
