@@ -37,6 +37,10 @@ def digits(prompt, completion, answer):
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
 
 
+def first_digit(prompt, completion, answer):
+    return float(completion[:1].isdigit())
+
+
 def broken(prompt, completion, answer):
     if "7" in completion:
         raise ValueError("no sevens")
@@ -214,6 +218,20 @@ def test_resume_continues_exactly(flat_model, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ra, rb = rollout_records(tmp_path / "a"), rollout_records(tmp_path / "b")
     assert [r["reward"] for r in ra] == [r["reward"] for r in rb]
+
+
+def test_leaving_out_groups_that_scored_alike_changes_nothing(flat_model, tmp_path):
+    """Without a KL term such a group's gradient is exactly zero: the run without its forward is the same run."""
+    runs = {}
+    for skip in ("true", "false"):
+        out = f"skip-{skip}"
+        runs[skip] = grpo(config(flat_model, tmp_path, out, reward="first_digit", max_steps=6, eval_every=6,
+                                 ckpt_every=6, skip_uniform_groups=skip))  # fmt: skip
+    rec = rollout_records(tmp_path / "skip-true")
+    assert sum(r["groups_without_signal"] for r in rec) > 0  # the case happened
+    wa = load_file(runs["true"].best_checkpoint / "model.safetensors")
+    wb = load_file(runs["false"].best_checkpoint / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_a_failing_reward_function_scores_zero_and_the_run_goes_on(flat_model, tmp_path):

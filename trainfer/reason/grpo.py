@@ -81,6 +81,7 @@ class GRPOConfig(FineTuneConfig):
     epsilon: float = 0.2  # the ratio's clip
     loss_type: str = "dapo"
     scale_rewards: str = "group"  # group | batch (one std over the step) | none (Dr. GRPO: mean-centred only)
+    skip_uniform_groups: bool = True  # beta 0: no forward / backward for groups whose samples scored alike (exact)
     max_steps: int = 60
     eval_every: int = 10
     ckpt_every: int = 20
@@ -401,7 +402,17 @@ class GRPOTrainer(FineTuner):
         return groups
 
     def micro_batches(self, first: int) -> list[dict[str, Tensor]]:
-        return [self.batch(g) for g in self.rollouts(first // self.global_windows)]
+        """The step's groups. Without a KL term, a group whose samples all scored alike (advantages all 0) adds
+        exactly nothing to the gradient: it is left out of the forward and backward, but its tokens still count in
+        the loss's normalizer, so the step's gradient is the one over every group (tests check both ways agree)."""
+        cfg, groups = self.cfg, self.rollouts(first // self.global_windows)
+        tokens = sum(len(c) for g in groups for c in g.completions)
+        sequences = sum(len(g.completions) for g in groups)
+        self.normalizer = {"dapo": tokens, "grpo": sequences, "dr_grpo": sequences * cfg.max_completion_tokens}
+        self.normalizer["tokens"] = tokens
+        if not cfg.beta and cfg.skip_uniform_groups:  # one is kept if none has a signal: zero gradients still
+            groups = [g for g in groups if any(a != 0 for a in g.advantages)] or groups[:1]  # move Adam's moments
+        return [self.batch(g) for g in groups]
 
     def batch(self, group: Group) -> dict[str, Tensor]:
         pad = self.tokenizer.eos_token_id or 0
@@ -410,18 +421,12 @@ class GRPOTrainer(FineTuner):
 
     def micro_loss(self, item: dict[str, Tensor], items: list[dict[str, Tensor]]) -> Tensor:
         cfg = self.cfg
-        tokens = sum(int(b["mask"].sum()) for b in items)
-        if cfg.loss_type == "dapo":
-            normalizer = tokens
-        else:
-            per_sequence = cfg.max_completion_tokens if cfg.loss_type == "dr_grpo" else 1
-            normalizer = sum(len(b["mask"]) for b in items) * per_sequence
         logps = completion_logps(self.raw, item)
         ref = self.reference_logps(item) if cfg.beta else None
         loss, kl = grpo_loss(logps, logps.detach(), item["advantages"], item["mask"], cfg.epsilon, cfg.beta, ref,
-                             cfg.loss_type, max(1, normalizer))  # fmt: skip
+                             cfg.loss_type, max(1, self.normalizer[cfg.loss_type]))  # fmt: skip
         if ref is not None:
-            self.record["kl"] = self.record.get("kl", 0.0) + float(kl) / max(1, tokens)
+            self.record["kl"] = self.record.get("kl", 0.0) + float(kl) / max(1, self.normalizer["tokens"])
         return loss
 
     @torch.no_grad()
