@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainfer.llm import LLM
+from trainfer.reason.tasks import Format, evaluate, plot
 from trainfer.rounds import describe, environment
 from trainfer.train.metrics import read_metrics
 
@@ -57,6 +59,14 @@ def run_seed(out: Path, seed: int, steps: int, minutes: float, task: str) -> dic
     }  # fmt: skip
 
 
+def test_time(model: str, task: str, seed: int, budgets: list[int], count: int) -> list:
+    """Greedy and self-consistency at each budget on the run's own held-out problems (grpo draws them with seed
+    seed + 1_000_003), every strategy asked the question as grpo asked it, samples at 0.7 as reason-eval's."""
+    llm = LLM.load(model)
+    return evaluate(llm, task, ["greedy", "self-consistency"], budgets, count=count, seed=seed + 1_000_003,
+                    max_tokens=64, fmt=Format(direct="{question}", cot="{question}"))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -64,22 +74,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--task", default=TASK)
+    ap.add_argument("--test-time", default="", help="budgets (e.g. 1,4,8): accuracy vs samples before and after")
+    ap.add_argument("--test-time-only", action="store_true", help="skip training: measure the runs in --out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(describe(env), flush=True)
     results = []
-    for seed in map(int, args.seeds.split(",")):
+    for seed in map(int, args.seeds.split(",")) if not args.test_time_only else []:
         r = run_seed(args.out, seed, args.steps, args.minutes, args.task)
         results.append(r)
         print(f"seed {seed}: held-out accuracy {r['before']:.1%} -> {r['after']:.1%} (best {r['best']:.1%}) in "
               f"{r['steps']} steps, {r['wall_s'] / 60:.1f} min, {r['rollout_share']:.0%} sampling at "
               f"{r['rollout_tokens_per_s']:.0f} tokens/s; training reward {r['reward_first']:.2f} -> "
               f"{r['reward_last']:.2f}", flush=True)  # fmt: skip
-    gains = [r["after"] - r["before"] for r in results]
-    print(f"gain: median {statistics.median(gains):+.1%} (min {min(gains):+.1%}, max {max(gains):+.1%}) over "
-          f"{len(gains)} seed(s)")  # fmt: skip
-    print(json.dumps({"environment": env, "task": args.task, "results": results}))
+    if results:
+        gains = [r["after"] - r["before"] for r in results]
+        print(f"gain: median {statistics.median(gains):+.1%} (min {min(gains):+.1%}, max {max(gains):+.1%}) over "
+              f"{len(gains)} seed(s)")  # fmt: skip
+    scaling = {}
+    if args.test_time:
+        budgets, seed = [int(b) for b in args.test_time.split(",")], int(args.seeds.split(",")[0])
+        rows = []
+        for name, model in (("base", "smollm2-135m-instruct"), ("GRPO", str(args.out / f"seed-{seed}"))):
+            for row in test_time(model, args.task, seed, budgets, 100):
+                row.label = f"{name}: {row.label}"
+                rows.append(row)
+                scaling.setdefault(name, []).append((row.strategy, row.budget, row.accuracy))
+                print(f"{row.label:<28} {row.budget:>3} samples: {row.accuracy:6.1%}", flush=True)
+        plot(rows, args.out / "test-time.png", f"chain_sum held out, seed {seed}: before and after GRPO")
+        print(f"plot: {args.out / 'test-time.png'}")
+    print(json.dumps({"environment": env, "task": args.task, "results": results, "test_time": scaling}))
 
 
 if __name__ == "__main__":

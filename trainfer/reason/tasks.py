@@ -183,12 +183,13 @@ class BudgetRow:
 
 def evaluate(llm, task: str, strategies: list[str], budgets: list[int], count: int = 20, seed: int = 0,
              digits: int = 2, max_tokens: int = 96, temperature: float = 0.7, scorer: str = "logprob",
-             problems: list[Problem] | None = None) -> list[BudgetRow]:  # fmt: skip
+             problems: list[Problem] | None = None, fmt: Format | None = None) -> list[BudgetRow]:  # fmt: skip
     """Each strategy at each budget (n samples; greedy and cot ignore it) on the same `count` problems.
-    best-of-n scores by `scorer`: logprob, verifier (the task's program; add-pad has one) or judge."""
+    best-of-n scores by `scorer`: logprob, verifier (the task's program; add-pad has one) or judge. `fmt`: how
+    the questions are asked (default: the task's own; grpo's benchmark asks every strategy as it trained)."""
 
     problems = problems or make(task, count, seed, digits)
-    fmt = task_format(task)
+    fmt = fmt or task_format(task)
     rows = []
     for strategy in strategies:
         label = f"best-of-n ({scorer})" if strategy == "best-of-n" else strategy
