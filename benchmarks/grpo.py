@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from trainfer.llm import LLM
+from trainfer.reason.grpo import HELDOUT_SEED, SEED_SPACING
 from trainfer.reason.tasks import Format, evaluate, plot
 from trainfer.rounds import describe, environment
 from trainfer.train.metrics import read_metrics
@@ -60,10 +61,11 @@ def run_seed(out: Path, seed: int, steps: int, minutes: float, task: str) -> dic
 
 
 def test_time(model: str, task: str, seed: int, budgets: list[int], count: int) -> list:
-    """Greedy and self-consistency at each budget on the run's own held-out problems (grpo draws them with seed
-    seed + 1_000_003), every strategy asked the question as grpo asked it, samples at 0.7 as reason-eval's."""
+    """Greedy and self-consistency at each budget on the run's own held-out problems (drawn as grpo draws them),
+    every strategy asked the question as grpo asked it, samples at 0.7 as reason-eval's."""
     llm = LLM.load(model)
-    return evaluate(llm, task, ["greedy", "self-consistency"], budgets, count=count, seed=seed + 1_000_003,
+    held = seed * SEED_SPACING + HELDOUT_SEED
+    return evaluate(llm, task, ["greedy", "self-consistency"], budgets, count=count, seed=held,
                     max_tokens=64, fmt=Format(direct="{question}", cot="{question}"))  # fmt: skip
 
 

@@ -60,6 +60,8 @@ from trainfer.train.metrics import read_metrics
 LOSSES = ("dapo", "grpo", "dr_grpo")
 SCALES = ("group", "batch", "none")
 AUTO_LR = {True: 5e-4, False: 1e-6}  # LoRA, full (TRL's default): docs/reason.md, GRPO
+SEED_SPACING = 1 << 32  # a run's seed s draws its problems from seed s * SEED_SPACING: apart from any other run's
+HELDOUT_SEED = 1_000_003  # ... and its held-out problems from there + HELDOUT_SEED (seed 0: 0 and 1,000,003)
 ADAPTER = "default"  # the name FineTuner's apply_lora gives the adapter it trains
 MIN_STEPS = 20  # fewer optimizer steps than this move a policy too little to measure; the plan warns
 
@@ -134,11 +136,14 @@ def problems_of(task: str, data: str, count: int, held: int, seed: int, digits: 
                 ) -> tuple[list[Problem], list[Problem], list[list[dict]] | None]:  # fmt: skip
     """Training and held-out problems (and, from a data file, each one's messages, training first). A task's
     held-out problems come from another seed, and any training problem asked the same way is dropped (small tasks
-    repeat themselves). A data file holds out a tenth from 20 lines up (`chat_data.split`)."""
+    repeat themselves). Seeds are spread apart first: reasoning-gym's seed s draws its items from s, s + 1, ...,
+    so runs with seeds 0 and 1 would share all but one problem. A data file holds out a tenth from 20 lines up
+    (`chat_data.split`)."""
     if task:
-        heldout = make(task, held, seed + 1_000_003, digits) if held else []
+        base = seed * SEED_SPACING
+        heldout = make(task, held, base + HELDOUT_SEED, digits) if held else []
         seen = {p.question for p in heldout}
-        train = [p for p in make(task, count, seed, digits) if p.question not in seen]
+        train = [p for p in make(task, count, base, digits) if p.question not in seen]
         if not train:
             raise TrainferError(f"task {task!r}: every training problem is also a held-out one; raise digits")
         return train, heldout, None
