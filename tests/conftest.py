@@ -50,6 +50,15 @@ def make_hf_model(kind: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def assert_same_gradients(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """Every parameter's gradient in our model equals the same parameter's in the transformers model (its names
+    under `model.`, the head's at the top)."""
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        g = theirs[f"model.{name}" if f"model.{name}" in theirs else name].grad
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def make_tiny_model_dir(path: Path, chat_template: str | None = None, context: int = 128) -> Path:
     """A tiny random Llama with a byte-level tokenizer (no merges): a model directory that loads in a second."""
     from tokenizers import Tokenizer as HFTokenizer

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import CHATML, make_tiny_model_dir
+from tests.conftest import CHATML, assert_same_gradients, make_tiny_model_dir
 from trainfer.errors import TrainferError
 from trainfer.infer.sampling import SamplingParams
 from trainfer.io.loader import load_model
@@ -143,10 +143,7 @@ def test_the_loss_and_its_gradients_equal_trl(flat_model, tmp_path, loss_type, b
                        ref if beta else None, loss_type, normalizer)  # fmt: skip
     got.backward()
     assert float(got) == pytest.approx(float(want), abs=1e-5)
-    theirs = dict(hf.named_parameters())
-    for name, p in ours.named_parameters():
-        g = theirs[f"model.{name}" if f"model.{name}" in theirs else name].grad
-        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(ours, hf)
 
 
 def rewards_file(tmp_path: Path) -> Path:

@@ -174,7 +174,7 @@ def test_the_loss_and_its_gradients_equal_trl(tmp_path, loss_type):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from tests.conftest import make_tiny_model_dir
+    from tests.conftest import assert_same_gradients, make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path / "m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
@@ -207,7 +207,4 @@ def test_the_loss_and_its_gradients_equal_trl(tmp_path, loss_type):
     got = losses.mean()
     got.backward()
     assert float(got) == pytest.approx(float(want), abs=1e-5)
-    theirs = dict(hf.named_parameters())
-    for name, p in ours.named_parameters():
-        g = theirs[f"model.{name}" if f"model.{name}" in theirs else name].grad
-        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(ours, hf)

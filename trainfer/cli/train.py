@@ -309,8 +309,11 @@ class Prefs:
     n: int = default_of(make_prefs, "n")
     """samples per problem; the best and the worst make the pair"""
     temperature: float = default_of(make_prefs, "temperature")
+    """of the samples (1: the model's own distribution, so answers differ)"""
     max_tokens: int = default_of(make_prefs, "max_tokens")
+    """the longest answer sampled"""
     seed: int = default_of(make_prefs, "seed")
+    """which problems and samples (a seed's problems lie apart from any other's)"""
     force: bool = False
     """replace --out if it exists"""
 

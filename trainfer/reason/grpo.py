@@ -498,11 +498,12 @@ def grpo(cfg: GRPOConfig, resume: bool = False) -> GRPOResult:
             tuner._log({**before, "event": "eval"})
         result = tuner.train()
         after = tuner.evaluate() if tuner.heldout else None
-        rec = [r for r in read_metrics(tuner.out / "metrics.jsonl") if r.get("event") == "rollout"]
+        rows = read_metrics(tuner.out / "metrics.jsonl")
+        rec = [r for r in rows if r.get("event") == "rollout"]
         share = float(np.mean([r["rollout_share"] for r in rec])) if rec else 0.0
         out = GRPOResult(result.steps, result.elapsed_s, tuner.examples, before, after, share,
                          result.best_checkpoint, None)  # fmt: skip
-        plot_rewards(read_metrics(tuner.out / "metrics.jsonl"), tuner.out / "rewards.png")
+        plot_rewards(rows, tuner.out / "rewards.png")
         out.card = report_card(tuner, out, rec)
         (tuner.out / "report.md").write_text(out.card + "\n")
         return out
