@@ -282,7 +282,6 @@ class Group:
 
     prompt: Prompt
     completions: list[list[int]]
-    texts: list[str]
     rewards: list[float]
     advantages: list[float] = field(default_factory=list)
 
@@ -394,7 +393,7 @@ class GRPOTrainer(FineTuner):
         groups = []
         for prompt, completions in zip(picked, samples, strict=True):
             texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-            groups.append(Group(prompt, completions, texts, [self.score(prompt, t) for t in texts]))
+            groups.append(Group(prompt, completions, [self.score(prompt, t) for t in texts]))
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
         for g, a in zip(groups, advantages(rewards, cfg.scale_rewards).tolist(), strict=True):
             g.advantages = a
