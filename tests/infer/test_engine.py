@@ -283,10 +283,10 @@ def test_a_failing_sample_fails_only_its_sequence(tiny, monkeypatch):
     poisoned = SamplingParams(max_tokens=12, temperature=0.5, top_k=13, ignore_eos=True)
     real_sample = engine_module.sample
 
-    def sample(logits, params, generator, draft=None):
+    def sample(logits, params, generator, draft=None, draft_probs=None):
         if params.top_k == 13:
             raise RuntimeError("boom")
-        return real_sample(logits, params, generator, draft)
+        return real_sample(logits, params, generator, draft, draft_probs)
 
     monkeypatch.setattr(engine_module, "sample", sample)
     eng = engine(tiny)

@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from trainfer.errors import TrainferError
+from trainfer.infer.draft import DraftModel
 from trainfer.infer.kv_cache import BlockPool, bytes_per_block, kv_cache_dtype
 from trainfer.infer.runner import ModelRunner
 from trainfer.infer.sampling import SamplingParams, apply_penalties, batch_logprobs, sample, top_logprobs
@@ -87,11 +88,13 @@ class Engine:
     output: turns each sample's ids into text and finds stop strings; None gives events without text.
     max_model_len: a cap on prompt + completion below what the model and the pool allow (serve --max-model-len).
     kv_dtype: the KV cache's element type (kv_cache.KV_DTYPES); "auto" is the model's activations' type.
-    draft: "ngram" guesses up to `num_draft_tokens` next tokens from the text so far (infer/speculate.py) for
-    sequences decoding while at most `speculate_max_seqs` do (more streams fill the step's compute already);
-    the model checks the guesses in one forward. Greedy output is the same tokens as without; sampled output
-    keeps its distribution (sampling.sample's rejection rule), though not the same draws for a seed. Three
-    guesses by default: the native step's cost grows slowly up to 4 rows, then jumps (docs/engine.md).
+    draft: "ngram" guesses up to `num_draft_tokens` next tokens from the text so far (infer/speculate.py), a
+    Transformer with the same vocabulary guesses them with a small model (infer/draft.py; fewer where it
+    guessed wrong), for sequences decoding while at most `speculate_max_seqs` do (more streams fill the step's
+    compute already); the model checks the guesses in one forward. Greedy output is the same tokens as
+    without; sampled output keeps its distribution (sampling.sample's rejection rule), though not the same
+    draws for a seed. Three guesses at most by default: the native step's cost grows slowly up to 4 rows,
+    then jumps (docs/engine.md).
     """
 
     def __init__(
@@ -107,12 +110,17 @@ class Engine:
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         kv_dtype: str = "auto",
-        draft: str | None = None,
+        draft: str | Transformer | None = None,
         num_draft_tokens: int = 3,
         speculate_max_seqs: int = 2,
     ) -> None:
-        if draft is not None and draft not in DRAFTS:
-            raise TrainferError(f"unknown draft {draft!r}: choose from {', '.join(DRAFTS)}")
+        if draft is not None and not isinstance(draft, Transformer) and draft not in DRAFTS:
+            raise TrainferError(f"unknown draft {draft!r}: choose from {', '.join(DRAFTS)}, or a draft model")
+        if isinstance(draft, Transformer) and draft.cfg.vocab_size != model.cfg.vocab_size:
+            raise TrainferError(
+                f"the draft model's vocabulary has {draft.cfg.vocab_size} tokens, the model's "
+                f"{model.cfg.vocab_size}: a draft must share the model's tokenizer"
+            )
         if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise TrainferError(f"num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens}")
         self.draft, self.num_draft_tokens, self.speculate_max_seqs = draft, num_draft_tokens, speculate_max_seqs
@@ -126,6 +134,10 @@ class Engine:
         self.pool = BlockPool(model.cfg, num_blocks, block_size, dtype, device)
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool)
+        self.drafter = None
+        if isinstance(draft, Transformer):
+            limit = self.max_model_len
+            self.drafter = DraftModel(draft, num_draft_tokens, speculate_max_seqs, limit, block_size, dtype)
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
 
@@ -168,6 +180,8 @@ class Engine:
         for seq in self.requests.pop(request_id, []):
             if seq.status != Status.FINISHED:
                 self.scheduler.finish(seq, "abort")
+            if self.drafter is not None:
+                self.drafter.forget(seq.seq_id)
             if self.output is not None:
                 self.output.end(seq.seq_id)
 
@@ -246,11 +260,17 @@ class Engine:
     def _propose(self) -> None:
         """Append guesses to the sequences about to decode, while few enough decode that a wider forward is
         nearly free (a decode step streams every weight once for one token a sequence)."""
+        if self.drafter is not None:
+            self.drafter.retain({s.seq_id for s in self.scheduler.running})
         decoding = [s for s in self.scheduler.running if s.remaining == 1 and s.output_ids]
         if len(decoding) > self.speculate_max_seqs:
             return
-        for seq in decoding:
-            room = min(self.num_draft_tokens, seq.max_tokens - len(seq.output_ids) - 1)  # the model adds one
+        # room: the model adds a token of its own after the guesses
+        rooms = [(seq, min(self.num_draft_tokens, seq.max_tokens - len(seq.output_ids) - 1)) for seq in decoding]
+        if self.drafter is not None:
+            self.drafter.propose([(seq, room) for seq, room in rooms if room > 0])
+            return
+        for seq, room in rooms:
             guesses = ngram_draft(seq.token_ids, room) if room > 0 else []
             seq.token_ids += guesses
             seq.drafts = len(guesses)
@@ -258,22 +278,26 @@ class Engine:
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[TokenEvent]:
         """The model's tokens after each guess (rows of `logits`): keep guesses while the model agrees, then
         its own token; the K/V written for the guesses after the first disagreement are overwritten later."""
+        probs = seq.draft_probs
         guesses = seq.drop_drafts()
         self.draft_tokens += len(guesses)
         self.verify_forwards += 1
-        events = []
+        events, kept = [], 0
         for i, row in enumerate(logits):
             guess = guesses[i] if i < len(guesses) else None
             try:
-                event = self._sample(seq, row, guess)
+                event = self._sample(seq, row, guess, probs[i] if i < len(probs) else None)
             except Exception as e:
                 events.append(self._fail(seq, f"{type(e).__name__}: {e}"))
                 break
             events.append(event)
             if guess is None or event.token_id != guess or event.finish_reason:
                 break
-            self.accepted_tokens += 1
+            kept += 1
             self.scheduler.computed(seq, 1)  # the guess's K/V, written by this forward, is the right one
+        self.accepted_tokens += kept
+        if self.drafter is not None:
+            self.drafter.checked(seq, kept, len(guesses))
         return events
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -289,12 +313,14 @@ class Engine:
         self.scheduler.fork(parent, children)
         return children
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor, draft: int | None = None) -> TokenEvent:
+    def _sample(
+        self, seq: Sequence, logits: torch.Tensor, draft: int | None = None, draft_probs: torch.Tensor | None = None
+    ) -> TokenEvent:
         p = seq.params
         processed = logits
         if p.uses_penalties:
             processed = apply_penalties(logits, p, torch.tensor(seq.token_ids), torch.tensor(seq.output_ids))
-        token = sample(processed, p, seq.generator, draft)
+        token = sample(processed, p, seq.generator, draft, draft_probs)
         event = TokenEvent(
             seq.request_id,
             seq.index,
@@ -326,6 +352,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status != Status.FINISHED:
             self.scheduler.finish(seq, reason)
+        if self.drafter is not None:
+            self.drafter.forget(seq.seq_id)
         if self.output is not None:
             self.output.end(seq.seq_id)
         family = self.requests.get(seq.request_id, [])

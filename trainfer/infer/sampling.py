@@ -134,13 +134,21 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float, 
     return logits
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, draft: int | None = None) -> int:
+def sample(
+    logits: Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    draft: int | None = None,
+    draft_probs: Tensor | None = None,
+) -> int:
     """One token id from a (vocab,) row of (already penalized) logits.
 
-    draft: a token guessed for this position (speculative decoding, infer/speculate.py). Greedy keeps the argmax
-    (the draft is accepted exactly when it is the argmax). Sampling applies the rejection rule for a guess made
-    with certainty: accept the draft with probability p(draft), otherwise draw from p with the draft removed,
-    renormalized; either way the token is distributed as p (Leviathan et al. 2023, with q one-hot)."""
+    draft: a token guessed for this position (speculative decoding, infer/speculate.py and infer/draft.py).
+    Greedy keeps the argmax (the draft is accepted exactly when it is the argmax). Sampling applies the
+    rejection rule of Leviathan et al. 2023: accept the draft with probability min(1, p(draft) / q(draft)),
+    otherwise draw from max(p - q, 0) renormalized; either way the token is distributed as p. q is
+    `draft_probs`, the distribution the draft model drew the guess from, or one-hot on the guess when None (an
+    n-gram guess is made with certainty: accept with p(draft), otherwise draw from p without it)."""
     logits = logits.float()
     if params.greedy:  # one pass in the common case: argmax lands on a NaN if there is one, then look closer
         # numpy's argmax over a 49k vocabulary: ~3 us against torch's ~35 us (its reduction machinery), per token
@@ -151,18 +159,27 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, d
         raise TrainferError("the model produced no finite logits for this sequence")
     if params.greedy:
         return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
+    probs = probabilities(logits, params)
+    if draft is not None:
+        q = float(draft_probs[draft]) if draft_probs is not None else 1.0
+        if float(torch.rand((), generator=generator)) * q < float(probs[draft]):
+            return draft
+        residual = probs.clone() if draft_probs is None else (probs - draft_probs.to(probs.device)).clamp_min(0)
+        if draft_probs is None:
+            residual[draft] = 0.0
+        if not float(residual.sum()) > 0:  # p and q agree up to rounding, and the coin said otherwise
+            return draft if draft_probs is None else int(torch.multinomial(probs, 1, generator=generator))
+        probs = residual
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution a sampled (not greedy) token is drawn from: (vocab,) fp32, filtered entries 0."""
     # Shift so the best token is at 0: dividing by a small temperature then only moves others toward -inf.
     big = torch.finfo(torch.float32).max
-    logits = torch.nan_to_num(logits, nan=float("-inf")).clamp(-big, big)
+    logits = torch.nan_to_num(logits.float(), nan=float("-inf")).clamp(-big, big)
     logits = logits - logits.max()
-    probs = filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
-    if draft is not None:
-        if float(torch.rand((), generator=generator)) < float(probs[draft]):
-            return draft
-        probs[draft] = 0.0
-        if not float(probs.sum()) > 0:  # p(draft) was 1 up to rounding, and the coin said otherwise
-            return draft
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return filter_logits(logits, params.temperature, params.top_k, params.top_p, params.min_p).softmax(-1)
 
 
 def top_logprobs(logits: Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

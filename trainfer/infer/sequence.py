@@ -43,6 +43,8 @@ class Sequence:
     # With params.prompt_logprobs: (logprob, top) of prompt tokens 1.., filled as the prompt is computed.
     prompt_logprobs: list[tuple[float, TopLogprobs]] = field(default_factory=list)
     drafts: int = 0  # speculative decoding: the last `drafts` token_ids are guesses, not yet checked
+    # a draft model's distribution for each guess (sampled output's rejection rule); empty for n-gram or greedy
+    draft_probs: list[torch.Tensor] = field(default_factory=list)
 
     def drop_drafts(self) -> list[int]:
         """Take the unchecked guesses off the end (preempted, cut short by the step's budget, or verified)."""
@@ -51,6 +53,7 @@ class Sequence:
         guesses = self.token_ids[-self.drafts :]
         del self.token_ids[-self.drafts :]
         self.drafts = 0
+        self.draft_probs = []
         return guesses
 
     def __post_init__(self) -> None:
