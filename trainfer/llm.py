@@ -21,6 +21,7 @@ from trainfer.errors import TrainferError
 from trainfer.infer import native_decode
 from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.sampling import SamplingParams
+from trainfer.infer.speculate import DRAFTS
 from trainfer.infer.text import TextOutput
 from trainfer.io import peft
 from trainfer.io.loader import check_memory, load, resolve
@@ -47,6 +48,17 @@ class Completion:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def load_draft(path: str | os.PathLike[str], tokenizer: Tokenizer, dtype: str, device: str) -> Transformer:
+    """A draft model for speculative decoding: it must tokenize as the target does, or its guesses mean other
+    tokens (a clear error, before any request)."""
+    check_memory(path, dtype, 0)
+    draft, draft_tokenizer = load(path, dtype, device)
+    if draft_tokenizer is None or draft_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise TrainferError(f"the draft {path} does not share the model's tokenizer; a draft must use the same one")
+    native_decode.prepare(draft)
+    return draft
 
 
 class LLM:
@@ -82,14 +94,18 @@ class LLM:
         within 0.11% of fp32's perplexity on 8,000-token plays, faster at depth, twice the tokens per GiB
         (BENCHMARKS.md, Long context); "fp32" for results equal to the model's own forward.
         engine_args go to `Engine`: kv_cache_gb, num_blocks, block_size, max_num_seqs,
-        max_num_batched_tokens, max_model_len, draft ("ngram": speculative decoding), num_draft_tokens.
+        max_num_batched_tokens, max_model_len, num_draft_tokens, and draft for speculative decoding: "ngram"
+        (prompt lookup) or a draft model (an alias, .gguf or directory with the same tokenizer, loaded in `dtype`).
         """
+        draft = engine_args.get("draft")
         if engine_args.get("num_blocks") is None:
             check_memory(name_or_path, dtype, int(engine_args.get("kv_cache_gb", 1.0) * (1 << 30)))
         model, tokenizer = load(name_or_path, dtype, device)
         if tokenizer is None:
             raise TrainferError(f"{name_or_path} has no tokenizer.json; trainfer needs one to generate text")
         native_decode.prepare(model)  # this model is ours: fused and split once, before its engine and adapters
+        if draft is not None and not isinstance(draft, Transformer) and draft not in DRAFTS:
+            engine_args["draft"] = load_draft(draft, tokenizer, dtype, device)
         llm = cls(model, tokenizer, str(name_or_path), kv_dtype=kv_dtype, **engine_args)
         if adapters:
             for name, path in adapters.items():

@@ -70,6 +70,17 @@ def test_bad_flags_fail_cleanly(tiny_dir):
     assert usage.returncode == 2 and "invalid int value" in usage.stderr and "Traceback" not in usage.stderr
 
 
+def test_a_draft_model_keeps_greedy_output_and_must_share_the_tokenizer(tiny_dir, tmp_path):
+    draft = make_tiny_model_dir(tmp_path / "draft")
+    args = ("generate", str(tiny_dir), "hello", "--max-tokens", "12", "--temperature", "0")
+    plain, spec = run(*args), run(*args, "--draft", str(draft), "--num-draft-tokens", "4")
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    write_gguf(tmp_path / "other.gguf", tiny_hf())
+    assert_clean_failure(run(*args, "--draft", str(tmp_path / "other.gguf")), "does not share the model's tokenizer")
+    assert_clean_failure(run(*args, "--draft", str(tmp_path / "missing")), "no such")
+
+
 def test_chat_needs_a_template(tiny_dir):
     assert_clean_failure(run("chat", str(tiny_dir), "--message", "hi"), "no chat template")
 

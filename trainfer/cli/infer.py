@@ -17,7 +17,6 @@ from trainfer.errors import TrainferError
 from trainfer.infer.engine import Engine, TokenEvent
 from trainfer.infer.kv_cache import KV_DTYPES
 from trainfer.infer.sampling import SamplingParams
-from trainfer.infer.speculate import DRAFTS
 from trainfer.llm import LLM, WEIGHTS
 from trainfer.reason import reason
 from trainfer.reason.strategies import SCORERS, STRATEGIES, plan
@@ -50,11 +49,12 @@ class ModelSettings(Threads):
     """the KV cache's element type: fp16 (the default: twice the tokens per GiB of fp32, half the cache read per
     token at depth), int8 (a scale per token and head, ~3.8x the tokens of fp32), fp32, or auto (the model's
     activations' type: results equal to its own forward); the cost in quality: BENCHMARKS.md, Long context"""
-    draft: str | None = arg(None, choices=DRAFTS)
+    draft: str | None = None
     """speculative decoding: ngram guesses the next tokens from the text so far (prompt lookup; helps when the
-    answer repeats its input: edits, quotes, extraction); the output stays the same"""
+    answer repeats its input: edits, quotes, extraction), or a small draft model with the same tokenizer (an
+    alias, .gguf or directory) guesses them; the output stays the same"""
     num_draft_tokens: int = default_of(Engine.__init__, "num_draft_tokens")
-    """tokens guessed per step with --draft"""
+    """tokens guessed per step with --draft (at most, for a draft model: fewer while it guesses wrong)"""
 
 
 @dataclass(kw_only=True)
