@@ -49,7 +49,11 @@ COMMANDS: dict[str, Any] = {
     "ui": (infer.Ui, infer.ui),
     "dataset": Group(
         "build fine-tuning data",
-        {"from-logs": (train.FromLogs, train.dataset_from_logs_cmd), "prefs": (train.Prefs, train.dataset_prefs)},
+        {
+            "from-logs": (train.FromLogs, train.dataset_from_logs_cmd),
+            "prefs": (train.Prefs, train.dataset_prefs),
+            "answers": (train.Answers, train.dataset_answers),
+        },
     ),
     "cost": Group(
         "what training and serving cost, from measured figures",

@@ -9,6 +9,7 @@ from typing import Any
 
 from trainfer.cli.flags import arg, default_of
 from trainfer.cli.infer import Threads
+from trainfer.compress.answers import teacher_answers
 from trainfer.compress.distill import distill as distill_run
 from trainfer.compress.distill import load_distill_config
 from trainfer.data.from_logs import Filters, dataset_from_logs
@@ -316,6 +317,34 @@ class Prefs:
     """which problems and samples (a seed's problems lie apart from any other's)"""
     force: bool = False
     """replace --out if it exists"""
+
+
+@dataclass(kw_only=True)
+class Answers:
+    """a model's own chat answers to your prompts, as distillation data (for a speculative draft: docs/engine.md)"""
+
+    model: str = arg(positional=True)
+    """the model that answers: an alias, a .gguf, a model directory or a run"""
+    prompts: Path
+    """a text file (one user message per line) or JSONL of {'prompt'} or {'messages'} lines"""
+    out: Path
+    """the JSONL to write: {'text': the whole transcript, 'prompt', 'answer', 'finish_reason'} lines"""
+    max_tokens: int = default_of(teacher_answers, "max_tokens")
+    """the longest answer"""
+    temperature: float = default_of(teacher_answers, "temperature")
+    """0: greedy, the answers a greedy request gets"""
+    seed: int = default_of(teacher_answers, "seed")
+    """of sampled answers"""
+    dtype: str = arg(default_of(teacher_answers, "dtype"), choices=WEIGHTS)
+    """weights the model answers with (as trainfer generate --dtype)"""
+    force: bool = False
+    """replace --out if it exists"""
+
+
+def dataset_answers(s: Answers) -> None:
+    report = teacher_answers(s.model, s.prompts, s.out, s.max_tokens, s.temperature, s.seed, s.dtype, s.force)
+    print(report.summary())
+    print(f"wrote {report.prompts} transcripts to {s.out} (distill with --data {s.out}:text)")
 
 
 def dataset_prefs(s: Prefs) -> None:
