@@ -198,6 +198,14 @@ def test_the_number_of_guesses_adapts(target, near, small):
             spec.step()
             ks += [m.k for m in spec.drafter.mirrors.values()]
         assert max(set(ks), key=ks.count) == want
+        # the per-position counters add up to the totals; a later position is reached only past an earlier one
+        assert sum(spec.guessed_at) == spec.draft_tokens and sum(spec.kept_at) == spec.accepted_tokens
+        assert spec.guessed_at == sorted(spec.guessed_at, reverse=True)
+        assert all(k <= g for k, g in zip(spec.kept_at, spec.guessed_at, strict=True))
+        if want == 6:  # the target as its own draft: every guess at every position kept
+            assert spec.kept_at == spec.guessed_at and spec.guessed_at[5] > 0
+        else:  # it started at 6 guesses and shrank: the 6th position is reached rarely
+            assert spec.guessed_at[5] < spec.guessed_at[0] / 4
 
 
 def test_a_failing_draft_costs_its_guesses_not_the_request(target, near, monkeypatch):

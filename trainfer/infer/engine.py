@@ -125,6 +125,8 @@ class Engine:
             raise TrainferError(f"num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens}")
         self.draft, self.num_draft_tokens, self.speculate_max_seqs = draft, num_draft_tokens, speculate_max_seqs
         self.draft_tokens = self.accepted_tokens = self.verify_forwards = 0  # speculation's counters
+        # per guess position (the 1st guess of a check, the 2nd, ...): how many were made and how many kept
+        self.guessed_at, self.kept_at = [0] * num_draft_tokens, [0] * num_draft_tokens
         self.model, self.stop_token_ids, self.output = model, set(stop_token_ids), output
         self.context_limit = max_model_len  # a user's cap below the model's own context (serve --max-model-len)
         device = model.embed_tokens.weight.device
@@ -296,6 +298,9 @@ class Engine:
             kept += 1
             self.scheduler.computed(seq, 1)  # the guess's K/V, written by this forward, is the right one
         self.accepted_tokens += kept
+        for i in range(len(guesses)):
+            self.guessed_at[i] += 1
+            self.kept_at[i] += i < kept
         if self.drafter is not None:
             self.drafter.checked(seq, kept, len(guesses))
         return events
