@@ -82,6 +82,42 @@ def test_native_step_equals_the_module_path(tmp_path, weights, kind, overrides, 
     engine.pool.check_idle()
 
 
+def test_many_decoding_rows_take_several_native_steps(tmp_path, monkeypatch):
+    """Past MAX_ROWS decoding rows the runner makes one native step per 16 rows (not the module path for all):
+    the same logits as the modules; a one-token prompt chunk that samples nothing stays on the module path (the
+    native step needs a row to sample: it crashed the process before)."""
+    monkeypatch.setenv("TRAINFER_BF16", "0")
+    model = tiny_model(tmp_path, "llama", "int8")
+    engine = Engine(model, num_blocks=400, block_size=4, max_num_batched_tokens=41)
+    diffs, _ = compare_both_paths(engine)
+    steps = spy_native_steps(engine)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (int(n),), generator=gen).tolist() for n in torch.randint(1, 30, (40,))]
+    engine.run(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert max(steps) == native_decode.MAX_ROWS and len(diffs) >= 12 and max(diffs) < 1e-5, max(diffs)
+    engine.pool.check_idle()
+    # 16 decoding sequences use the budget but one token a step, which goes to a long prompt: 1-token chunks
+    engine = Engine(model, num_blocks=400, block_size=4, max_num_batched_tokens=17)
+    steps = spy_native_steps(engine)
+    prompts = [[i, i + 1] for i in range(3, 19)] + [list(range(40, 100))]
+    done = engine.run(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert all(r[0][-1].finish_reason == "length" for r in done) and max(steps) == native_decode.MAX_ROWS
+    engine.pool.check_idle()
+
+
+def spy_native_steps(engine: Engine) -> list[int]:
+    """The sequences in each native step the engine's runner makes; each step must have rows to sample."""
+    steps, native_step = [], engine.runner._native_decode
+
+    def spy(items, rows):
+        assert rows, "a native step with no row to sample"
+        steps.append(len(items))
+        return native_step(items, rows)
+
+    engine.runner._native_decode = spy
+    return steps
+
+
 @pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("hidden", [64, 96], ids=["hd16", "hd24"])
 def test_long_rows_split_along_positions_equal_the_module_path(tmp_path, kv_dtype, hidden):

@@ -84,8 +84,7 @@ def teacher_answers(
     if out.exists() and not force:
         raise TrainferError(f"{out} exists; pass --force to replace it")
     conversations = read_prompts(prompts)
-    # The engine decodes at most MAX_ROWS sequences together: more leave the native step for the module path,
-    # which at int8 decoded 64 streams at ~100 tokens/s here, against ~600 for 16 (docs/LOG.md).
+    # MAX_ROWS streams: one native step each decode step (more take several; docs/LOG.md has the trade)
     llm = LLM.load(model, dtype=dtype, max_num_seqs=native_decode.MAX_ROWS)
     if not llm.tokenizer.chat_template:
         raise TrainferError(f"{model} has no chat template: its answers would not be chat transcripts")

@@ -1,8 +1,8 @@
 """The fast decode path: a whole decode step of the model in one native call (quant/csrc/kernels.cpp, Decoder).
 
 Why: at batch 1 the module path spends more time dispatching ~25 PyTorch ops per layer than streaming the
-weights from memory (docs/LOG.md). The runner uses this step whenever every sequence in the batch decodes one
-token; prefill chunks and mixed batches take the module path. Both read the same weight tensors.
+weights from memory (docs/LOG.md). The runner sends decoding sequences here, MAX_ROWS rows a step, and prefill
+chunks through the module path. Both read the same weight tensors.
 
 `prepare` (called by `LLM.load` on the model it loaded, never by the engine on a model it is handed) fuses q/k/v
 and gate/up into one matrix each, the modules' weights becoming views into those matrices, and splits fp32
@@ -21,7 +21,7 @@ from trainfer.quant.blocks import BLOCK, KINDS, QEmbedding, QLinear
 from trainfer.quant.ggml import GGMLEmbedding, GGMLLinear, kernel_kind
 from trainfer.quant.native import extension
 
-MAX_ROWS = 16  # beyond this many sequences, dequantize + GEMM (the module path) is faster than the fused tiles
+MAX_ROWS = 16  # rows per native step (the fused tiles' limit); the runner splits more into several steps
 
 
 class SplitLinear(nn.Module):
