@@ -1,6 +1,7 @@
 """Speculation with a draft model: greedy output identical to plain decoding, sampled output distributed as
 without (a chi-square against the exact distribution, penalties and filters on), the draft's K/V rolled back
-after a rejection, the adaptive number of guesses, and a broken draft costing only its guesses."""
+after a rejection, the adaptive number of guesses, pauses below break-even, and a broken draft costing only its
+guesses."""
 
 from __future__ import annotations
 
@@ -49,9 +50,14 @@ def small(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("small"), seed=3, hidden_size=32, num_hidden_layers=1)
 
 
-def engine(model, **kw) -> Engine:
+def engine(model, pauses: bool = False, **kw) -> Engine:
+    """An engine on tiny models; with a draft, it guesses every step unless `pauses` (the break-even pause of
+    a same-size draft would stop most guesses these tests check)."""
     kw = {"num_blocks": 256, "block_size": 4, "max_num_batched_tokens": 64, **kw}
-    return Engine(model, stop_token_ids={2}, **kw)
+    e = Engine(model, stop_token_ids={2}, **kw)
+    if e.drafter is not None and not pauses:
+        e.drafter.min_rate = 0.0
+    return e
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -206,6 +212,27 @@ def test_the_number_of_guesses_adapts(target, near, small):
             assert spec.kept_at == spec.guessed_at and spec.guessed_at[5] > 0
         else:  # it started at 6 guesses and shrank: the 6th position is reached rarely
             assert spec.guessed_at[5] < spec.guessed_at[0] / 4
+
+
+def test_a_draft_below_break_even_pauses_with_growing_pauses(target, near, small):
+    """The small draft (mostly wrong, and cheap: a low break-even bar) pauses its guesses, longer each
+    time; the target guessing for itself never does. The tokens stay the plain ones."""
+    batch = prompts(1, seed=9)
+    params = replace(GREEDY, max_tokens=300)
+    plain = tokens(engine(target).run(batch, params))
+    for model, pausing in ((small, True), (target, False)):
+        spec = engine(target, draft=model, pauses=True, num_draft_tokens=3)
+        spec.add_request("r", batch[0], params)
+        paused, backoffs, out = 0, set(), []
+        while spec.has_unfinished():
+            out += [e.token_id for e in spec.step()]
+            for m in spec.drafter.mirrors.values():
+                paused += m.pause > 0
+                backoffs.add(m.backoff)
+        assert [out] == plain
+        assert (paused > 200) == pausing and (max(backoffs) >= 128) == pausing, (paused, backoffs)
+        assert spec.drafter.min_rate == pytest.approx(min(0.9, model.cfg.matmul_params / target.cfg.matmul_params
+                                                          + 0.15))  # fmt: skip
 
 
 def test_a_failing_draft_costs_its_guesses_not_the_request(target, near, monkeypatch):

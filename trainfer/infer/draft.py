@@ -16,6 +16,13 @@ How many guesses adapts per sequence (the heuristic of Hugging Face's assisted g
 way): one more after a check that kept every guess, one fewer after one that rejected a guess, within
 [1, num_draft_tokens]. It settles where about half the checks keep everything: long guesses where the draft
 agrees with the target, short ones where it does not.
+
+A draft that is wrong too often costs more than it saves: a check of one guess costs a draft forward (about the
+draft's share `cost` of the target's matmul parameters, decode being memory-bound) and an extra row in the
+target's forward (ROW_COST), and gains a token only when the guess is kept. So each mirror keeps a running
+acceptance rate, and below `cost + ROW_COST` the sequence decodes without guesses for PAUSE steps, then tries one
+guess again; each pause is twice as long as the one before (to MAX_PAUSE) until the rate is well above the bar
+(measured: a draft keeping 19-39% of its guesses ran at 0.75x plain decoding without pauses, docs/LOG.md).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from trainfer.infer.sequence import Sequence
 from trainfer.model.transformer import Transformer
 
 DRAFT_SEED_SALT = 0x5EED_D4AF7  # the draft's draws use a generator apart from the target's acceptance coins
+ROW_COST = 0.15  # one more row in an int8 SmolLM2 decode step, as a share of the step (docs/LOG.md)
+PAUSE, MAX_PAUSE = 32, 512  # decode steps without guesses after the running acceptance falls below break-even
+RATE_WEIGHT = 0.3  # the newest check's share of the running acceptance rate
 
 
 @dataclass
@@ -42,6 +52,9 @@ class Mirror:
     generator: torch.Generator
     k: int
     checked: int = 0  # the target's token count when the last guesses were made: before it both agree
+    rate: float = 1.0  # running share of guesses kept (new mirrors start trusting the draft)
+    pause: int = 0  # steps left without guesses
+    backoff: int = PAUSE  # the next pause's length
 
 
 class DraftModel:
@@ -50,9 +63,19 @@ class DraftModel:
     sequence ends."""
 
     def __init__(
-        self, model: Transformer, num_draft_tokens: int, max_seqs: int, max_len: int, block_size: int, dtype
+        self,
+        model: Transformer,
+        num_draft_tokens: int,
+        max_seqs: int,
+        max_len: int,
+        block_size: int,
+        dtype,
+        cost: float = 0.0,
     ) -> None:
+        """cost: a draft forward's time as a share of the target's (Engine passes the ratio of their matmul
+        parameters); with ROW_COST it sets the acceptance rate below which guessing pauses."""
         self.model, self.num_draft_tokens = model, num_draft_tokens
+        self.min_rate = min(0.9, cost + ROW_COST)
         self.max_len = min(max_len, model.cfg.max_seq_len)  # the draft guesses while the context fits its own
         per_seq = -(-(self.max_len + num_draft_tokens) // block_size)
         device = model.embed_tokens.weight.device
@@ -69,6 +92,9 @@ class DraftModel:
         wanted = {seq.seq_id for seq, _ in items}
         for seq, room in items:
             mirror = self._sync(seq)
+            if mirror.pause > 0:
+                mirror.pause -= 1
+                continue
             k = min(room, mirror.k)
             if k < 1 or seq.num_tokens + k > self.max_len or not self._grow(mirror.seq, k, wanted):
                 continue
@@ -147,10 +173,17 @@ class DraftModel:
         return self.pool.grow(s, n)
 
     def checked(self, seq: Sequence, kept: int, guessed: int) -> None:
-        """After the target's check: adapt the sequence's next number of guesses."""
+        """After the target's check: adapt the sequence's next number of guesses, or pause them."""
         mirror = self.mirrors.get(seq.seq_id)
-        if mirror is not None and guessed:
-            mirror.k = min(self.num_draft_tokens, mirror.k + 1) if kept == guessed else max(1, mirror.k - 1)
+        if mirror is None or not guessed:
+            return
+        mirror.k = min(self.num_draft_tokens, mirror.k + 1) if kept == guessed else max(1, mirror.k - 1)
+        mirror.rate += RATE_WEIGHT * (kept / guessed - mirror.rate)
+        if mirror.rate >= (1 + self.min_rate) / 2:  # doing well again (a lucky probe alone does not reset it)
+            mirror.backoff = PAUSE
+        elif mirror.rate < self.min_rate:  # one guess after the pause; kept, it lifts the rate past the bar again
+            mirror.pause, mirror.k, mirror.rate = mirror.backoff, 1, self.min_rate
+            mirror.backoff = min(MAX_PAUSE, 2 * mirror.backoff)
 
     def forget(self, seq_id: int) -> None:
         mirror = self.mirrors.pop(seq_id, None)

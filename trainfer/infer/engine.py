@@ -90,11 +90,11 @@ class Engine:
     kv_dtype: the KV cache's element type (kv_cache.KV_DTYPES); "auto" is the model's activations' type.
     draft: "ngram" guesses up to `num_draft_tokens` next tokens from the text so far (infer/speculate.py), a
     Transformer with the same vocabulary guesses them with a small model (infer/draft.py; fewer where it
-    guessed wrong), for sequences decoding while at most `speculate_max_seqs` do (more streams fill the step's
-    compute already); the model checks the guesses in one forward. Greedy output is the same tokens as
-    without; sampled output keeps its distribution (sampling.sample's rejection rule), though not the same
-    draws for a seed. Three guesses at most by default: the native step's cost grows slowly up to 4 rows,
-    then jumps (docs/engine.md).
+    guessed wrong, none for a while where it is wrong too often to pay), for sequences decoding while at most
+    `speculate_max_seqs` do (more streams fill the step's compute already); the model checks the guesses in
+    one forward. Greedy output is the same tokens as without; sampled output keeps its distribution
+    (sampling.sample's rejection rule), though not the same draws for a seed. Three guesses at most by
+    default: the native step's cost grows slowly up to 4 rows, then jumps (docs/engine.md).
     """
 
     def __init__(
@@ -139,7 +139,8 @@ class Engine:
         self.drafter = None
         if isinstance(draft, Transformer):
             limit = self.max_model_len
-            self.drafter = DraftModel(draft, num_draft_tokens, speculate_max_seqs, limit, block_size, dtype)
+            cost = draft.cfg.matmul_params / model.cfg.matmul_params
+            self.drafter = DraftModel(draft, num_draft_tokens, speculate_max_seqs, limit, block_size, dtype, cost)
         self.requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
 

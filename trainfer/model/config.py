@@ -58,12 +58,17 @@ class ModelConfig:
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.n_layers * layer + d + head
 
+    @property
+    def matmul_params(self) -> int:
+        """The parameters a token multiplies through (an untied embedding is a lookup, not a matmul): what a
+        memory-bound decode step reads."""
+        return self.n_params - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+
     # ---- FLOPs: the one home of these formulas (training, the reason/ compute account, the cost model) ----
     def training_flops_per_token(self, seq_len: int) -> float:
         """Forward + backward per token: 6N for the matmuls (an embedding lookup is not one; a tied embedding
         is, as the head) plus attention (PaLM's 12 x L x H x hd x T, as nanoGPT counts)."""
-        n = self.n_params - (0 if self.tie_embeddings else self.vocab_size * self.dim)
-        return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return 6 * self.matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
     def forward_flops(self, processed: int, sampled: int, context: float) -> float:
         """Inference: 2 x body parameters per processed token, 2 x the LM head per sampled token (prefill rows
