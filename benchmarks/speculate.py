@@ -80,9 +80,9 @@ def main() -> None:
     print(describe(env), flush=True)
     WORKLOADS["code"] = (code_prompts(), WORKLOADS["code"][1])
     spec_args = {"draft": args.draft} | ({"num_draft_tokens": args.num_draft_tokens} if args.num_draft_tokens else {})
-    llm = LLM.load(MODEL, dtype=args.dtype, kv_cache_gb=0.25, **spec_args)
-    engines = {
-        "plain": Engine(llm.model, stop_token_ids=llm.tokenizer.stop_token_ids, kv_cache_gb=0.25),
+    llm = LLM.load(MODEL, dtype=args.dtype, kv_cache_gb=0.25, kv_dtype="fp16", **spec_args)
+    engines = {  # both sides on the CLI's default KV cache (fp16)
+        "plain": Engine(llm.model, stop_token_ids=llm.tokenizer.stop_token_ids, kv_cache_gb=0.25, kv_dtype="fp16"),
         "spec": llm.engine,  # LLM.load loaded the draft model, checked against the tokenizer
     }
     result = {"environment": env, "args": vars(args), "workloads": {}}

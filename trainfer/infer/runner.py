@@ -140,13 +140,15 @@ class ModelRunner:
         step. The native step writes every row's K/V before any row attends, so the rows of one sequence's
         guesses see each other causally, with the same arithmetic as decoding them one by one."""
         # the native step has no LoRA: a sequence with an adapter takes the module path; nor does a one-token
-        # prompt chunk that samples nothing (the native step needs a row to sample)
+        # prompt chunk that samples nothing (the native step needs a row to sample), nor a draft's catch-up of
+        # more than MAX_ROWS tokens (draft.py runs a catch-up as guesses)
         sampled, ends = set(sample_rows), list(itertools.accumulate(n for _, n in batch))
         decoding = [
             i
             for i, (seq, n) in enumerate(batch)
-            if n == 1 + seq.drafts and seq.num_computed > 0 and seq.adapter is None and ends[i] - 1 in sampled
-        ]
+            if n == 1 + seq.drafts and n <= native_decode.MAX_ROWS and seq.num_computed > 0 and seq.adapter is None
+            and ends[i] - 1 in sampled
+        ]  # fmt: skip
         if self.decoder is None or not decoding:
             return self._module(batch, sample_rows)
         groups = native_groups(batch, decoding)
