@@ -373,6 +373,23 @@ def test_a_cascade_says_who_answered(page, chat_server, tmp_path):
         edge.stop()
 
 
+def test_speculation_shows_its_kept_guesses(page, tmp_path):
+    """serve --draft MODEL (the model as its own draft: every guess kept): the vitals show the share kept."""
+    model = make_tiny_model_dir(tmp_path / "spec", CHAT_TEMPLATE, context=2048)
+    server = ServerProcess(str(model), "--draft", str(model))
+    try:
+        open_page(page, server.url)
+        page.fill("#max_tokens", "16")
+        send(page, "Guess ahead")
+        page.wait_for_selector(".msg.assistant[data-state='done']", timeout=60_000)
+        open_page(page, server.url, "vitals")
+        page.wait_for_selector("[data-vital='speculation']")
+        card = page.locator("[data-vital='speculation']").inner_text()
+        assert card.startswith("100%") and "model guesses kept" in card and "by position 100%" in card
+    finally:
+        server.stop()
+
+
 def test_an_answer_cut_off_mid_stream_is_an_error_not_an_answer(page, tmp_path):
     """The server dies mid-answer (a replica killed behind a balancer, which cannot retry an answer under way):
     the page says the answer was cut off, and does not keep the fragment as the conversation's context."""

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from trainfer.infer.engine import Engine
 from trainfer.infer.sampling import SamplingParams
 from trainfer.serve import reasoning
 from trainfer.serve.cache import cache_key
@@ -68,7 +69,22 @@ async def vitals(request: Request, since: float = 0.0) -> dict[str, Any]:
         "inflight": server.admission.inflight,
         "capacity": server.admission.capacity,
         "route": route_counts(server),
+        "speculation": speculation(server.llm.engine, stats),
         "history": [p for p in v.samples if p["t"] > since],
+    }
+
+
+def speculation(engine: Engine, stats: dict[str, float]) -> dict[str, Any] | None:
+    """With --draft: which kind guesses, how many guesses so far, the share kept overall and by position (the
+    1st guess of a check, the 2nd, ...), and tokens per checking forward."""
+    if engine.draft is None:
+        return None
+    return {
+        "draft": "ngram" if isinstance(engine.draft, str) else "model",
+        "guesses": stats["draft_tokens"],
+        "acceptance": stats["draft_acceptance"],
+        "tokens_per_forward": stats["tokens_per_verify_forward"],
+        "kept_at_position": [k / g if g else None for k, g in zip(engine.kept_at, engine.guessed_at, strict=True)],
     }
 
 

@@ -485,6 +485,13 @@ function routeCard(route, card) {
   return card("route", share, `forwarded upstream (${up} of ${total}, ${route.policy})`);
 }
 
+// serve --draft: the share of guesses the model kept, tokens per checking forward, and the share kept by position.
+function speculationCard(spec, card, pct) {
+  const at = spec.kept_at_position.map((x) => pct(x)).join(", ");
+  return card("speculation", pct(spec.acceptance),
+    `${spec.draft} guesses kept (${spec.tokens_per_forward.toFixed(2)} tokens a check; by position ${at})`);
+}
+
 function drawVitals(v) {
   const hist = state.vitals;
   const now = hist.length ? hist[hist.length - 1] : null;
@@ -504,6 +511,7 @@ function drawVitals(v) {
     card("response", now ? pct(now.response_cache_hit_rate) : "-", "response cache hits"),
     card("finished", now ? String(now.finished) : "-", `answers in the last ${v.window_s} s`),
     ...(v.route ? [routeCard(v.route, card)] : []),
+    ...(v.speculation ? [speculationCard(v.speculation, card, pct)] : []),
   );
   const t = now ? now.t : 0;
   const line = (key, label, color, scale = 1) => ({
