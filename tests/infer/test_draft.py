@@ -99,6 +99,23 @@ def test_batched_streams_preemption_and_short_budgets_match(target, near):
     spec.drafter.pool.check_idle()
 
 
+def test_logprobs_n_stop_tokens_and_the_prefix_cache_match_plain_decoding(target, near):
+    """A request with n = 2 samples, logprobs and a stop token, run twice (the second time its prompt blocks
+    come from the target's prefix cache, the draft computing its own): events as without speculation."""
+    prompt = prompts(1, seed=11)[0] * 3  # whole blocks to share
+    params = SamplingParams(max_tokens=30, temperature=0, n=2, logprobs=3, stop_token_ids=[7])
+
+    def events(e: Engine) -> list:
+        return [[(x.token_id, round(x.logprob, 4), [t for t, _ in x.top_logprobs], x.finish_reason) for x in sample]
+                for _ in range(2) for sample in e.run([prompt], params)[0]]  # fmt: skip
+
+    spec = engine(target, draft=near, num_draft_tokens=3)
+    assert events(spec) == events(engine(target))
+    assert spec.pool.prefix_hits > 0 and spec.draft_tokens > 20
+    spec.pool.check_idle()
+    spec.drafter.pool.check_idle()
+
+
 def test_guesses_after_a_rollback_equal_a_fresh_drafts(target, near):
     """After a rejection the draft's K/V for the rejected guesses must not be reused: each step's guesses equal
     those of a new draft that reads the same tokens from scratch."""
