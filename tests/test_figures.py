@@ -36,8 +36,8 @@ NOT_MEASURED = {
     ("docs/finetune.md", "2%"): "the fine-tuning target, not a result",
     ("README.md", "20 MB"): "the LoRA adapter's size, by construction (rank 16 on SmolLM2's projections, fp32)",
     ("README.md", "151 MB"): "the int8 directory's size, by construction",
-    ("README.md", "38 KB"): "the static files' size (du), checked by test_the_page_is_as_small_as_the_docs_say",
-    ("docs/web.md", "38 KB"): "the static files' size (du), checked by test_the_page_is_as_small_as_the_docs_say",
+    ("README.md", "39 KB"): "the static files' size (du), checked by test_the_page_is_as_small_as_the_docs_say",
+    ("docs/web.md", "39 KB"): "the static files' size (du), checked by test_the_page_is_as_small_as_the_docs_say",
     ("docs/deploy.md", "3 s"): "the --drain-grace that deploy/ sets (two failed checks a second apart, with room)",
     ("docs/deploy.md", "60 s"): "the --drain-timeout default",
     ("docs/deploy.md", "70 s"): "the grace periods deploy/ sets (drain grace + drain timeout, with room)",
@@ -68,7 +68,7 @@ def test_the_exemptions_are_still_used():
 
 def test_the_page_is_as_small_as_the_docs_say():
     size = sum(p.stat().st_size for p in (ROOT / "trainfer" / "web" / "static").iterdir() if p.is_file())
-    assert round(size / 1000) == 38, f"trainfer/web/static holds {size} bytes: update README.md and docs/web.md"
+    assert round(size / 1000) == 39, f"trainfer/web/static holds {size} bytes: update README.md and docs/web.md"
 
 
 def sections() -> list[tuple[str, str]]:
