@@ -22,7 +22,8 @@ draft's share `cost` of the target's matmul parameters, decode being memory-boun
 target's forward (ROW_COST), and gains a token only when the guess is kept. So each mirror keeps a running
 acceptance rate, and below `cost + ROW_COST` the sequence decodes without guesses for PAUSE steps, then tries one
 guess again; each pause is twice as long as the one before (to MAX_PAUSE) until the rate is well above the bar
-(measured: a draft keeping 19-39% of its guesses ran at 0.75x plain decoding without pauses, docs/LOG.md).
+(measured: a draft keeping about a quarter of its guesses ran chat at 0.75x plain decoding without pauses,
+docs/LOG.md).
 """
 
 from __future__ import annotations
