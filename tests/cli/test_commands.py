@@ -76,6 +76,7 @@ def test_a_draft_model_keeps_greedy_output_and_must_share_the_tokenizer(tiny_dir
     plain, spec = run(*args), run(*args, "--draft", str(draft), "--num-draft-tokens", "4")
     assert spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout
+    assert "draft guesses kept" not in plain.stderr and "draft guesses kept" in spec.stderr
     write_gguf(tmp_path / "other.gguf", tiny_hf())
     assert_clean_failure(run(*args, "--draft", str(tmp_path / "other.gguf")), "does not share the model's tokenizer")
     assert_clean_failure(run(*args, "--draft", str(tmp_path / "missing")), "no such")

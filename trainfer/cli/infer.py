@@ -95,7 +95,7 @@ def load(s: ModelSettings, **engine_args) -> LLM:
 def generate(s: Generate) -> None:
     llm = load(s)
     ids = llm.tokenizer.encode(s.prompt)
-    print_stream(llm.engine.stream(ids, s.sampling), len(ids))
+    print_stream(llm.engine.stream(ids, s.sampling), len(ids), llm.engine)
 
 
 def chat(s: Chat) -> None:
@@ -104,7 +104,7 @@ def chat(s: Chat) -> None:
     if s.message is not None:
         messages.append({"role": "user", "content": s.message})
         ids = llm.chat_prompt(messages)
-        print_stream(llm.engine.stream(ids, s.sampling), len(ids))
+        print_stream(llm.engine.stream(ids, s.sampling), len(ids), llm.engine)
         return
     print("chatting with", s.model, "- an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
@@ -116,12 +116,13 @@ def chat(s: Chat) -> None:
             break
         messages.append({"role": "user", "content": line})
         ids = llm.chat_prompt(messages)  # the whole conversation so far, every turn
-        reply = print_stream(llm.engine.stream(ids, s.sampling), len(ids))
+        reply = print_stream(llm.engine.stream(ids, s.sampling), len(ids), llm.engine)
         messages.append({"role": "assistant", "content": reply})
 
 
-def print_stream(events: Iterator[TokenEvent], prompt_tokens: int) -> str:
-    """Stream text to stdout; timing to stderr so that stdout stays the model's text alone."""
+def print_stream(events: Iterator[TokenEvent], prompt_tokens: int, engine: Engine) -> str:
+    """Stream text to stdout; timing (and, with --draft, the guesses kept so far) to stderr so that stdout stays
+    the model's text alone."""
     start, first, n, text, finish = time.perf_counter(), 0.0, 0, [], "length"
     for e in events:
         if n == 0:
@@ -138,6 +139,9 @@ def print_stream(events: Iterator[TokenEvent], prompt_tokens: int) -> str:
     stats = (
         f"prompt {prompt_tokens} tokens, {n} generated, TTFT {ttft_ms:.0f} ms, {rate:.1f} tokens/s, finish: {finish}"
     )
+    if engine.draft_tokens:
+        at = ", ".join(f"{k / g:.0%}" for k, g in zip(engine.kept_at, engine.guessed_at, strict=True) if g)
+        stats += f"; draft guesses kept {engine.accepted_tokens / engine.draft_tokens:.0%} (by position {at})"
     print(f"[{stats}]", file=sys.stderr)
     return "".join(text)
 
