@@ -140,7 +140,7 @@ def print_stream(events: Iterator[TokenEvent], prompt_tokens: int, engine: Engin
         f"prompt {prompt_tokens} tokens, {n} generated, TTFT {ttft_ms:.0f} ms, {rate:.1f} tokens/s, finish: {finish}"
     )
     if engine.draft_tokens:
-        at = ", ".join(f"{k / g:.0%}" for k, g in zip(engine.kept_at, engine.guessed_at, strict=True) if g)
+        at = ", ".join(f"{share:.0%}" for share in engine.kept_by_position() if share is not None)
         stats += f"; draft guesses kept {engine.accepted_tokens / engine.draft_tokens:.0%} (by position {at})"
     print(f"[{stats}]", file=sys.stderr)
     return "".join(text)

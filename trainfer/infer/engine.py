@@ -401,6 +401,10 @@ class Engine:
         finally:
             self.abort(rid)
 
+    def kept_by_position(self) -> list[float | None]:
+        """The share of guesses kept at each position of a check (None where none was made yet)."""
+        return [k / g if g else None for k, g in zip(self.kept_at, self.guessed_at, strict=True)]
+
     def stats(self) -> dict[str, float]:
         pool = self.pool
         return {

@@ -84,7 +84,7 @@ def speculation(engine: Engine, stats: dict[str, float]) -> dict[str, Any] | Non
         "guesses": stats["draft_tokens"],
         "acceptance": stats["draft_acceptance"],
         "tokens_per_forward": stats["tokens_per_verify_forward"],
-        "kept_at_position": [k / g if g else None for k, g in zip(engine.kept_at, engine.guessed_at, strict=True)],
+        "kept_at_position": engine.kept_by_position(),
     }
 
 
