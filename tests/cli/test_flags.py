@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +135,12 @@ def test_every_documented_field_has_help():
             if not dataclasses.is_dataclass(hints[f.name]) and not docs.get(f.name):
                 missing.append(f"{' '.join(path)} --{f.name}")
     assert not missing, missing
+
+
+def test_the_parser_does_not_import_the_web_stack():
+    """Every command builds the whole parser; FastAPI, pydantic and prometheus-client cost ~0.4 s of start-up,
+    so only `serve` imports them (the server's limits live in serve/limits.py for the flags to read)."""
+    heavy = "{'fastapi', 'pydantic', 'prometheus_client'}"
+    code = f"import sys, trainfer.cli; trainfer.cli.build_parser(); print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -22,8 +22,8 @@ from trainfer.reason import reason
 from trainfer.reason.strategies import SCORERS, STRATEGIES, plan
 from trainfer.reason.tasks import evaluate, plot
 from trainfer.serve.cache import MemoryCache
+from trainfer.serve.limits import MAX_BODY_BYTES, MAX_QUEUE
 from trainfer.serve.route import POLICIES, Router, Upstream
-from trainfer.serve.server import Server
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -254,7 +254,7 @@ class Serve(Listen, ModelSettings):
     """the model id clients send (default: MODEL as given)"""
     max_num_seqs: int = default_of(Engine.__init__, "max_num_seqs")
     """sequences decoded together"""
-    max_queue: int = default_of(Server.__init__, "max_queue")
+    max_queue: int = MAX_QUEUE
     """sequences waiting beyond --max-num-seqs before 429"""
     max_model_len: int | None = None
     """cap the context (prompt + completion) in tokens"""
@@ -266,7 +266,7 @@ class Serve(Listen, ModelSettings):
     """on SIGTERM, seconds of serving with /health at 503 before closing, for a balancer to notice (deploy/: 3)"""
     drain_timeout: int = 60
     """seconds to finish in-flight requests on SIGTERM"""
-    max_body_mb: float = default_of(Server.__init__, "max_body_bytes") / (1 << 20)
+    max_body_mb: float = MAX_BODY_BYTES / (1 << 20)
     """largest request body in MiB; larger get 413"""
     log_requests: Path | None = arg(None, metavar="DIR")
     """append each finished request (prompts and answers, in plain text) to DIR/requests-*.jsonl (off)"""
@@ -292,8 +292,11 @@ class Serve(Listen, ModelSettings):
 
 
 def serve(s: Serve) -> None:
+    # the web stack (FastAPI, pydantic, prometheus-client: ~0.4 s) is imported here, not at the top: every
+    # command builds the whole parser, and only this one serves (tests/cli/test_flags.py holds it to that)
     from trainfer.serve.app import create_app, serve_forever
     from trainfer.serve.cache import RedisCache
+    from trainfer.serve.server import Server
     from trainfer.web import is_run_dir
 
     s.check()

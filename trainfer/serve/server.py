@@ -21,6 +21,7 @@ from trainfer.llm import LLM
 from trainfer.serve.admission import Admission, Ticket
 from trainfer.serve.cache import ResponseCache, model_fingerprint
 from trainfer.serve.errors import APIError, context_length
+from trainfer.serve.limits import MAX_BODY_BYTES, MAX_QUEUE
 from trainfer.serve.metrics import Metrics
 from trainfer.serve.request_log import DEFAULT_MAX_BYTES, RequestLog, request_record
 from trainfer.serve.responses import Choice, Format, Prompt
@@ -42,9 +43,9 @@ class Server:
         llm: LLM,
         model_id: str,
         api_key: str | None = None,
-        max_queue: int = 256,
+        max_queue: int = MAX_QUEUE,
         cache: ResponseCache | None = None,
-        max_body_bytes: int = 4 << 20,
+        max_body_bytes: int = MAX_BODY_BYTES,
         log_requests: Path | None = None,
         log_max_bytes: int = DEFAULT_MAX_BYTES,
         router: Router | None = None,
