@@ -121,6 +121,13 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
     assert torch.allclose(qlinear(x3, q, scale, mins), linear_reference(x3, q, scale, mins), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_no_input_rows_give_no_output_rows(kind):
+    """The LM head of a prompt chunk that samples nothing gets zero rows (tests/quant/test_ggml.py, the same)."""
+    q, scale, mins = _quantized(kind, 37, 576)
+    assert qlinear(torch.randn(0, 576), q, scale, mins, torch.randn(37)).shape == (0, 37)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 3, 96), (1, 577, 576), (1, 49152, 64), (1, 9, 1536), (2, 5, 96),
                                    (2, 9, 32), (3, 5, 96), (4, 7, 64), (5, 33, 64), (64, 130, 576)])  # fmt: skip
 def test_fp32_kernel_equals_f_linear(m, n, k):

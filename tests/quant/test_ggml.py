@@ -77,6 +77,16 @@ def test_products_equal_the_dequantized_weights(qtype, rows, monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=tol * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_no_input_rows_give_no_output_rows(qtype):
+    """A prompt chunk that samples nothing sends zero rows through the LM head: an empty result, not a read of
+    rows that are not there (on AVX2 that segfaulted the Q6_K head of every Q4_K_M file on prompts over 512)."""
+    raw = torch.from_numpy(random_blocks(qtype, 37, 512))
+    with torch.inference_mode():
+        y = ggml.GGMLLinear(raw, qtype, 512, torch.randn(37))(torch.randn(0, 512))
+    assert y.shape == (0, 37)
+
+
 @pytest.mark.skipif(extension() is None or not extension().bf16_gemm, reason="bf16 products need AVX512_BF16")
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q4_0, Q.F16])
 @pytest.mark.parametrize("rows", [5, 16, 17])

@@ -58,7 +58,7 @@ def linear(x: Tensor, blocks: Tensor, qtype: Q, bias: Tensor | None = None) -> T
 
 def _native(ext, x: Tensor, blocks: Tensor, qtype: Q, bias: Tensor | None, bf16: bool) -> Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    return ext.linear(flat, kernel_kind(qtype), blocks, None, None, bias, bf16).reshape(*x.shape[:-1], -1)
+    return ext.linear(flat, kernel_kind(qtype), blocks, None, None, bias, bf16).reshape(*x.shape[:-1], blocks.shape[0])
 
 
 class _LinearGrad(torch.autograd.Function):

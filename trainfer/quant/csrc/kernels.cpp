@@ -1377,6 +1377,9 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, c10::option
   check(x, torch::kFloat32, {x.size(0), L.K}, "x");
   const int64_t M = x.size(0), N = L.N;
   auto y = torch::empty({M, N}, x.options());
+  // No rows (a prompt chunk that samples nothing, through the LM head): the tiles below assume at least one, and
+  // the AVX2 split path read a second row that is not there (a segfault on a 600-token prompt of a Q4_K_M file).
+  if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (M <= kFusedRows) {
