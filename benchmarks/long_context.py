@@ -1,10 +1,12 @@
 """Long context: decode at depth and prefill of long prompts, trainfer next to llama.cpp (llama-bench), same run.
 
     .venv/bin/python benchmarks/long_context.py [--depths 4096 8000] [--rounds 3] [--tokens 32] [--dtype int8]
+    .venv/bin/python benchmarks/long_context.py --shape 1.7b [--kind Q4_K_M] [--kv fp16 int8] [--no-prefill-at 4096]
 
-SmolLM2-135M-Instruct (8k context) in int8 against llama.cpp's Q8_0 copy of the same file, one thread per core.
-trainfer's KV cache in fp32 (the default), fp16 and int8 (--kv-dtype); llama.cpp's in f16 (its default) and q8_0,
-flash attention on (q8_0 V needs it).
+SmolLM2-135M-Instruct (8k context) in int8 against llama.cpp's Q8_0 copy of the same file, one thread per core;
+with --shape, a real-size file of benchmarks/sizes.py (random weights, 8k context) that both sides run as it is
+(trainfer's dtype auto). trainfer's KV cache in fp32, fp16 and int8 (--kv-dtype; --kv picks which); llama.cpp's in
+f16 (its default) and q8_0, flash attention on (q8_0 V needs it). Each engine's pool is sized to its sequence.
 
 Decode at depth d: each trainfer engine prefills one random-token prompt of d tokens once, then each round decodes
 the next `tokens` tokens greedily (the depth grows by rounds x tokens, under 2%); llama-bench -d d -n tokens
@@ -27,16 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp  # noqa: E402
+import sizes  # noqa: E402
 
 from trainfer import LLM, registry  # noqa: E402
 from trainfer.bench import parse_llama_bench  # noqa: E402
 from trainfer.infer.engine import Engine  # noqa: E402
+from trainfer.infer.kv_cache import bytes_per_block, kv_cache_dtype  # noqa: E402
 from trainfer.infer.sampling import SamplingParams  # noqa: E402
 from trainfer.rounds import alternate, describe, environment, ratio  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-KV = ("fp32", "fp16", "int8")
-PEER_KV = ("f16", "q8_0")
+PAIRS = {"fp16": "f16", "fp32": "f16", "int8": "q8_0"}  # trainfer's KV type -> llama.cpp's it is compared with
 
 
 def random_prompt(n: int, seed: int, vocab: int) -> list[int]:
@@ -76,21 +79,29 @@ def llama(binary: Path, gguf: Path, threads: int, kv: str, *, depth: int = 0, pr
     return rows[0]["avg_ts"]
 
 
+def engine(llm: LLM, kv: str, tokens: int) -> Engine:
+    """An engine whose pool holds `tokens` (plus a block of slack) in this KV type: a fixed size would not fit an
+    8k sequence of a 1.7B model, or would hold gigabytes a 135M one never touches."""
+    dtype = kv_cache_dtype(kv, llm.model.embed_tokens.weight.dtype)
+    gb = (tokens // 16 + 2) * bytes_per_block(llm.model.cfg, 16, dtype) / (1 << 30)
+    return Engine(llm.model, kv_dtype=kv, kv_cache_gb=gb, block_size=16)
+
+
 def decode_sides(llm: LLM, depth: int, args: argparse.Namespace, binary: Path, gguf: Path, threads: int) -> dict:
-    """Per KV type, an engine holding one sequence at `depth` (0.5 GiB: 11k tokens at fp32), and llama-bench."""
+    """Per KV type, an engine holding one sequence at `depth`, and llama-bench -d."""
     vocab, budget = llm.model.cfg.vocab_size, args.rounds * args.tokens + 8
-    deep = {kv: Deep(Engine(llm.model, kv_dtype=kv, kv_cache_gb=0.5), random_prompt(depth, 0, vocab), budget)
-            for kv in KV}  # fmt: skip
-    sides = {kv: (lambda d=deep[kv]: d.decode(args.tokens)) for kv in KV}
-    return sides | {kv: partial(llama, binary, gguf, threads, kv, depth=depth, gen=args.tokens) for kv in PEER_KV}
+    deep = {kv: Deep(engine(llm, kv, depth + budget), random_prompt(depth, 0, vocab), budget) for kv in args.kv}
+    sides = {kv: (lambda d=deep[kv]: d.decode(args.tokens)) for kv in args.kv}
+    peers = {PAIRS[kv] for kv in args.kv}
+    return sides | {kv: partial(llama, binary, gguf, threads, kv, depth=depth, gen=args.tokens) for kv in peers}
 
 
-def prefill_sides(llm: LLM, depth: int, binary: Path, gguf: Path, threads: int) -> dict:
+def prefill_sides(llm: LLM, depth: int, args: argparse.Namespace, binary: Path, gguf: Path, threads: int) -> dict:
     """Per KV type, an engine that prefills a fresh random prompt each round, and llama-bench -p."""
     vocab, seeds = llm.model.cfg.vocab_size, iter(range(1, 10_000))
-    engines = {kv: Engine(llm.model, kv_dtype=kv, kv_cache_gb=0.5) for kv in KV}
-    sides = {kv: (lambda e=engines[kv]: prefill(e, random_prompt(depth, next(seeds), vocab))) for kv in KV}
-    return sides | {kv: partial(llama, binary, gguf, threads, kv, prompt=depth) for kv in PEER_KV}
+    engines = {kv: engine(llm, kv, depth + 8) for kv in args.kv}
+    sides = {kv: (lambda e=engines[kv]: prefill(e, random_prompt(depth, next(seeds), vocab))) for kv in args.kv}
+    return sides | {kv: partial(llama, binary, gguf, threads, kv, prompt=depth) for kv in {PAIRS[kv] for kv in args.kv}}
 
 
 def main() -> None:
@@ -100,6 +111,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--no-prefill", action="store_true", help="decode at depth only")
+    ap.add_argument("--no-prefill-at", type=int, nargs="*", default=[], help="depths to measure decode at only")
+    ap.add_argument("--shape", choices=list(sizes.SHAPES), help="a real-size file of benchmarks/sizes.py instead")
+    ap.add_argument("--kind", default="Q4_K_M", choices=["Q8_0", "Q4_K_M"], help="that file's type")
+    ap.add_argument("--kv", nargs="+", default=list(PAIRS), choices=list(PAIRS), help="trainfer's KV types to run")
     args = ap.parse_args()
     env = environment()
     print(describe(env), flush=True)
@@ -107,13 +122,19 @@ def main() -> None:
     peers = registry.home() / "peers"
     peers.mkdir(parents=True, exist_ok=True)
     binary = llama_cpp.build(peers / "llama.cpp") / "llama-bench"
-    gguf = llama_cpp.quantized_copies(binary.parent, peers)["Q8_0"]
-    llm = LLM.load(MODEL, dtype=args.dtype, kv_cache_gb=0.1)
+    if args.shape:
+        gguf = sizes.make_files(binary.parent, peers / "sizes", args.shape)[args.kind]
+        llm = LLM.load(str(gguf), kv_cache_gb=0.01)
+    else:
+        gguf = llama_cpp.quantized_copies(binary.parent, peers)["Q8_0"]
+        llm = LLM.load(MODEL, dtype=args.dtype, kv_cache_gb=0.1)
+    print(f"{gguf.name}: trainfer runs it as {llm.weights}", flush=True)
     result: dict = {"environment": env, "args": vars(args), "threads": threads, "decode": {}, "prefill": {}}
 
     def report(kind: str, depth: int, runs: dict[str, list[float]]) -> None:
         row = {name: sorted(v) for name, v in runs.items()}
-        for ours, theirs in (("fp16", "f16"), ("fp32", "f16"), ("int8", "q8_0")):
+        for ours in args.kv:
+            theirs = PAIRS[ours]
             r = ratio(runs[ours], runs[theirs])
             row[f"{ours}/{theirs}"] = r.as_list()
             mid = args.rounds // 2
@@ -123,8 +144,8 @@ def main() -> None:
 
     for depth in args.depths:
         report("decode", depth, alternate(args.rounds, decode_sides(llm, depth, args, binary, gguf, threads)))
-        if not args.no_prefill:
-            report("prefill", depth, alternate(args.rounds, prefill_sides(llm, depth, binary, gguf, threads)))
+        if not args.no_prefill and depth not in args.no_prefill_at:
+            report("prefill", depth, alternate(args.rounds, prefill_sides(llm, depth, args, binary, gguf, threads)))
     print(json.dumps(result))
 
 
