@@ -1599,25 +1599,43 @@ void attend_part(const float* q, const T* kp, const T* vp, const float* ks, cons
     o[1] = total;
     std::fill(o + 2, o + 2 + hd, 0.0f);
   }
+  // Values, a block at a time: per head, 64 output values stay in registers over the block's positions (loaded and
+  // stored once a block, not once a position: a store per FMA bounded the AVX2 loop); the block's rows, read from
+  // memory for the first head, come from cache for the others. Per output value the positions are added in the same
+  // order with the same operations as one position at a time: the result is bit-identical.
+  constexpr int U = 64 / W;
   for (int64_t b0 = pt.p0; b0 < pt.p1; b0 += bs) {
-    for (int64_t p = b0, slot = table[b0 / bs] * bs; p < std::min(pt.p1, b0 + bs); ++p, ++slot) {
-      const T* v = vp + slot * row;
-      const float* sv = vs ? vs + slot * KV : nullptr;
-      const int64_t j = p - pt.p0;
-      for (int64_t g = 0; g < KV; ++g) {
-        const T* vg = v + g * hd;
-        const float f = sv ? sv[g] : 1.0f;
+    const int64_t slot0 = table[b0 / bs] * bs, np = std::min(pt.p1, b0 + bs) - b0, j0 = b0 - pt.p0;
+    for (int64_t g = 0; g < KV; ++g) {
+      const T* vg = vp + slot0 * row + g * hd;  // position b0 + i: vg + i * row
+      const float* sv = vs ? vs + slot0 * KV + g : nullptr;  // its scale: sv[i * KV]
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        const float* sh = scores + h * n + j0;
+        float* o = out + h * (2 + hd) + 2;
         int64_t c = 0;
-        for (; c + W <= hd; c += W) {
-          const V vv = kv_load(vg + c);
-          for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-            float* o = out + h * (2 + hd) + 2 + c;
-            vstore(o, vfma(vset(scores[h * n + j] * f), vv, vload(o)));
+        for (; c + U * W <= hd; c += U * W) {
+          V acc[U];
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) acc[u] = vload(o + c + u * W);
+          for (int64_t i = 0; i < np; ++i) {
+            const V w = vset(sh[i] * (sv ? sv[i * KV] : 1.0f));
+            const T* v = vg + i * row + c;
+#pragma GCC unroll 8
+            for (int u = 0; u < U; ++u) acc[u] = vfma(w, kv_load(v + u * W), acc[u]);
           }
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) vstore(o + c + u * W, acc[u]);
         }
-        for (; c < hd; ++c)
-          for (int64_t h = g * G; h < (g + 1) * G; ++h)
-            out[h * (2 + hd) + 2 + c] += scores[h * n + j] * f * kv_float(vg[c]);
+        for (; c + W <= hd; c += W) {
+          V acc = vload(o + c);
+          for (int64_t i = 0; i < np; ++i) acc = vfma(vset(sh[i] * (sv ? sv[i * KV] : 1.0f)), kv_load(vg + i * row + c), acc);
+          vstore(o + c, acc);
+        }
+        for (; c < hd; ++c) {
+          float a = o[c];
+          for (int64_t i = 0; i < np; ++i) a += sh[i] * (sv ? sv[i * KV] : 1.0f) * kv_float(vg[i * row + c]);
+          o[c] = a;
+        }
       }
     }
   }
