@@ -124,8 +124,8 @@ def test_long_rows_split_along_positions_equal_the_module_path(tmp_path, kv_dtyp
     """Rows past 1,000 keys: the native step cuts each row's attention into parts of at most 304 positions
     (kernels.cpp attention_parts: whatever the thread count) and merges them; the module path attends in one piece
     (SDPA). Same cache in fp32 or fp16, same logits up to summation order; head size 24 leaves a tail past whole
-    registers, 72 a group of 64 values held in registers over a block's positions and a tail. An int8 cache: both paths write the same bytes and scales (same IEEE operations), so the logits
-    agree as closely."""
+    registers, 72 a group of 64 values held in registers over a block's positions and a tail. An int8 cache: both
+    paths write the same bytes and scales (same IEEE operations), so the logits agree as closely."""
     model = tiny_model(tmp_path, "llama", "float32", hidden_size=hidden, max_position_embeddings=2048)
     engine = Engine(model, num_blocks=800, block_size=4, kv_dtype=kv_dtype, max_num_batched_tokens=2048)
     assert engine.pool.k.dtype == {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[kv_dtype]
