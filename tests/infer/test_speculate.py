@@ -15,6 +15,8 @@ from trainfer.infer.engine import Engine
 from trainfer.infer.sampling import SamplingParams, filter_logits, sample
 from trainfer.infer.speculate import ngram_draft
 from trainfer.io.loader import load_model
+from trainfer.quant.blocks import KINDS
+from trainfer.quant.native import extension
 
 
 def test_ngram_draft_takes_the_longest_suffix_and_its_latest_occurrence():
@@ -172,6 +174,10 @@ def test_greedy_on_smollm2_is_the_same_tokens_with_and_without_guesses(smollm2_p
                   kv_cache_gb=0.1, kv_dtype="fp16")  # fmt: skip
     got = spec.run([ids], params)[0][0]
     assert [e.token_id for e in got] == [e.token_id for e in plain]
-    # the same arithmetic, not only the same argmax (a near-tie would show a drift only now and then)
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, plain, strict=True)) < 1e-4
+    # the same arithmetic, not only the same argmax (a near-tie would show a drift only now and then); on AVX2 one
+    # and two rows take loops of their own (int8's rows_q8, int4's split input), whose sums differ from the tiles'
+    # in the last bits: 1.7e-4 (int8) and 4.7e-4 (int4) measured there
+    avx2_rows = extension() is not None and extension().split_input(KINDS["int4"], 1, 576)
+    tol = 1e-3 if avx2_rows else 1e-4
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got, plain, strict=True)) < tol
     assert spec.stats()["draft_acceptance"] > 0.3  # the answer copies its input: most guesses hold
