@@ -97,8 +97,7 @@ def decode_sides(llm: LLM, depth: int, args: argparse.Namespace, binary: Path, g
     vocab, budget = llm.model.cfg.vocab_size, args.rounds * args.tokens + 8
     deep = {kv: Deep(engine(llm, kv, depth + budget), random_prompt(depth, 0, vocab), budget) for kv in args.kv}
     sides = {kv: (lambda d=deep[kv]: d.decode(args.tokens)) for kv in args.kv}
-    peers = {PAIRS[kv] for kv in args.kv}
-    return sides | {kv: partial(llama, binary, gguf, threads, kv, depth=depth, gen=args.tokens) for kv in peers}
+    return sides | {kv: partial(llama, binary, gguf, threads, kv, depth=depth, gen=args.tokens) for kv in peers(args)}
 
 
 def prefill_sides(llm: LLM, depth: int, args: argparse.Namespace, binary: Path, gguf: Path, threads: int) -> dict:
@@ -106,7 +105,12 @@ def prefill_sides(llm: LLM, depth: int, args: argparse.Namespace, binary: Path, 
     vocab, seeds = llm.model.cfg.vocab_size, iter(range(1, 10_000))
     engines = {kv: engine(llm, kv, depth + 8) for kv in args.kv}
     sides = {kv: (lambda e=engines[kv]: prefill(e, random_prompt(depth, next(seeds), vocab))) for kv in args.kv}
-    return sides | {kv: partial(llama, binary, gguf, threads, kv, prompt=depth) for kv in {PAIRS[kv] for kv in args.kv}}
+    return sides | {kv: partial(llama, binary, gguf, threads, kv, prompt=depth) for kv in peers(args)}
+
+
+def peers(args: argparse.Namespace) -> set[str]:
+    """llama.cpp's cache types that pair with the KV types asked for."""
+    return {PAIRS[kv] for kv in args.kv}
 
 
 def main() -> None:
@@ -124,14 +128,14 @@ def main() -> None:
     env = environment()
     print(describe(env), flush=True)
     threads = torch.get_num_threads()
-    peers = registry.home() / "peers"
-    peers.mkdir(parents=True, exist_ok=True)
-    binary = llama_cpp.build(peers / "llama.cpp") / "llama-bench"
+    peer_dir = registry.home() / "peers"
+    peer_dir.mkdir(parents=True, exist_ok=True)
+    binary = llama_cpp.build(peer_dir / "llama.cpp") / "llama-bench"
     if args.shape:
-        gguf = sizes.make_files(binary.parent, peers / "sizes", args.shape)[args.kind]
+        gguf = sizes.make_files(binary.parent, peer_dir / "sizes", args.shape)[args.kind]
         llm = LLM.load(str(gguf), kv_cache_gb=0.01)
     else:
-        gguf = llama_cpp.quantized_copies(binary.parent, peers)["Q8_0"]
+        gguf = llama_cpp.quantized_copies(binary.parent, peer_dir)["Q8_0"]
         llm = LLM.load(MODEL, dtype=args.dtype, kv_cache_gb=0.1)
     print(f"{gguf.name}: trainfer runs it as {llm.weights}", flush=True)
     result: dict = {"environment": env, "args": vars(args), "threads": threads, "decode": {}, "prefill": {}}
