@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/compress_frontier.py [--distill-steps 200] [--out benchmarks/results/compress]
 
-Variants: fp32, int8, int4 (weights quantized at load), pruned 25% and 50% by depth (block influence) and by
-width (MLP channels; at 50% also one of three KV head groups), the 50% ones distilled from the fp32 model on
-Shakespeare's training plays (top-64 KL, a shared teacher cache), and the best distilled one in int8. For each:
-weight bytes, single-stream greedy decode tokens/s (median of rounds of 256 tokens, variants alternated so
-that a noisy neighbour hits all alike), perplexity on held-out Shakespeare plays, and greedy accuracy on
-2-digit addition and on "which is larger" (100 seeded problems each, trainfer/reason/tasks.py). Pareto-optimal
+Variants: fp32, auto (the file's own Q4_1 blocks, the default), int8, int4 (weights quantized at load), pruned
+25% and 50% by depth (block influence) and by width (MLP channels; at 50% also one of three KV head groups), the
+50% ones distilled from the fp32 model on Shakespeare's training plays (top-64 KL, a shared teacher cache), and the
+best distilled one in int8. For each: weight bytes, single-stream greedy decode tokens/s (median of rounds of 256
+tokens, variants alternated so that a noisy neighbour hits all alike; the speed-up is the median of per-round
+ratios to fp32, with the min-max), perplexity on held-out Shakespeare plays, and greedy accuracy on 2-digit
+addition and on "which is larger" (100 seeded problems each, trainfer/reason/tasks.py). Pareto-optimal
 rows (no other row at least as good on all four and better on one) are marked. Writes frontier.json and .png.
 """
 
@@ -43,7 +44,7 @@ PRUNED = {  # name: (method, ratio, kv head groups kept)
 
 def make_variants(out: Path, steps: int) -> dict[str, tuple[str, str]]:
     """name -> (model path or alias, dtype); prunes and distills what is not on disk yet."""
-    variants = {"fp32": (MODEL, "float32"), "int8": (MODEL, "int8"), "int4": (MODEL, "int4")}
+    variants = {"fp32": (MODEL, "float32"), "auto": (MODEL, "auto"), "int8": (MODEL, "int8"), "int4": (MODEL, "int4")}
     for name, (method, ratio, kv) in PRUNED.items():
         path = out / name
         if not (path / "prune.json").exists():
@@ -172,18 +173,20 @@ def main() -> None:
     base = rows["fp32"]
     for r in out:
         r["tokens_per_s"] = statistics.median(r["speeds"])
-        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        ratios = [s / b for s, b in zip(r["speeds"], base["speeds"], strict=True)]  # fp32 in the same round
+        r["speedup"], r["speedup_range"] = statistics.median(ratios), (min(ratios), max(ratios))
         r["ppl_change"] = r["ppl"] / base["ppl"] - 1
     pareto(out)
     (args.out / "frontier.json").write_text(json.dumps(out, indent=2))
     plot(out, args.out / "frontier.png")
     print(f"\nSmolLM2-135M-Instruct compressed; {describe(environment())}; "
           f"{time.time() - t0:.0f} s")  # fmt: skip
-    print(f"{'variant':26} {'params':>8} {'MB':>7} {'tok/s':>7} {'x fp32':>7} {'ppl':>8} {'ppl +':>7} "
+    print(f"{'variant':26} {'params':>8} {'MB':>7} {'tok/s':>7} {'x fp32 (min-max)':>20} {'ppl':>8} {'ppl +':>7} "
           f"{'add':>5} {'cmp':>5}  pareto")  # fmt: skip
     for r in out:
         print(f"{r['name']:26} {r['params'] / 1e6:7.1f}M {r['bytes'] / 1e6:7.1f} {r['tokens_per_s']:7.1f} "
-              f"{r['speedup']:6.2f}x {r['ppl']:8.2f} {r['ppl_change']:+6.1%} {r['add']:5.0%} {r['compare']:5.0%}  "
+              f"{r['speedup']:6.2f}x ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) {r['ppl']:8.2f} "
+              f"{r['ppl_change']:+6.1%} {r['add']:5.0%} {r['compare']:5.0%}  "
               f"{'*' if r['pareto'] else ''}")  # fmt: skip
 
 
