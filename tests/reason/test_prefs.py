@@ -16,10 +16,13 @@ from trainfer.reason.prefs import make_prefs
 from trainfer.train.dpo import load_pairs
 
 
-def test_pairs_prefer_the_better_scored_sample_and_load_in_dpo(flat_model, tmp_path):  # noqa: F811
+def test_pairs_prefer_the_better_scored_sample_and_load_in_dpo(flat_model, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "prefs.jsonl"
     report = make_prefs(str(flat_model), out, data=str(prompts_file(tmp_path)),
                         reward=f"{rewards_file(tmp_path)}:digits", count=24, n=8, max_tokens=12)  # fmt: skip
+    said = capsys.readouterr().out  # the work before it starts, then progress with the time left, 8 problems a batch
+    assert "sampling 24 problems x 8 samples of up to 12 tokens (at most 2,304 tokens)" in said
+    assert "8/24 problems sampled" in said and "min left" in said and "24/24 problems sampled" in said
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert report.problems == 24 and report.pairs == len(lines) > 0 and report.pairs + report.all_alike == 24
     for line in lines:

@@ -11,20 +11,25 @@ among ties, in sampling order); a problem whose samples all score alike (or whos
 DPO refuses) gives no pair and is counted, as is a
 sample the user's function could not score (it counts 0). Lines are TRL's conversational form, `{"prompt":
 [messages], "chosen": TEXT, "rejected": TEXT}` (raw text for a model without a chat template), which `trainfer
-dpo` reads, with the two scores beside them.
+dpo` reads, with the two scores beside them. The work (problems x samples x tokens) is said before sampling starts
+and progress with the time left after each batch: the defaults sample up to 204,800 tokens.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainfer.errors import TrainferError
+from trainfer.infer import native_decode
 from trainfer.infer.sampling import SamplingParams
 from trainfer.llm import LLM
 from trainfer.reason.grpo import load_reward, problems_of, render, score
+
+QUEUED = 64  # sequences queued at once (as `dataset answers`): the engine batches them; progress between batches
 
 
 @dataclass
@@ -55,11 +60,20 @@ def make_prefs(model: str, out: str | Path, task: str = "", data: str = "", rewa
     problems, _, messages = problems_of(task, data, count, 0, seed, digits)
     if reward_fn is None and any(not p.answer for p in problems):
         raise TrainferError(f"{data}: a line without 'answer' needs --reward module:function to score it")
-    llm = LLM.load(model)
+    # MAX_ROWS streams: one native step each decode step (as `dataset answers`; docs/LOG.md has the trade)
+    llm = LLM.load(model, max_num_seqs=native_decode.MAX_ROWS)
     prompts = [render(p, llm.tokenizer, template, messages[i] if messages else None) for i, p in enumerate(problems)]
     params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, seed=seed * 1_000_003 + i)
               for i in range(len(prompts))]  # fmt: skip
-    got = llm.engine.run([p.ids for p in prompts], params)
+    most = len(prompts) * n * max_tokens
+    print(f"sampling {len(prompts)} problems x {n} samples of up to {max_tokens} tokens (at most {most:,} tokens); "
+          "fewer with --count, --n or --max-tokens", flush=True)  # fmt: skip
+    got, start, per_batch = [], time.perf_counter(), max(1, QUEUED // n)
+    for first in range(0, len(prompts), per_batch):
+        got += llm.engine.run([p.ids for p in prompts[first : first + per_batch]], params[first : first + per_batch])
+        done, elapsed = len(got), time.perf_counter() - start
+        left = f", ~{elapsed / done * (len(prompts) - done) / 60:.1f} min left" if done < len(prompts) else ""
+        print(f"{done}/{len(prompts)} problems sampled, {elapsed:.0f} s{left}", flush=True)
     lines, alike, failures, total = [], 0, 0, 0.0
     for prompt, samples in zip(prompts, got, strict=True):
         texts = [llm.tokenizer.decode([e.token_id for e in s if e.token_id >= 0], skip_special_tokens=True)
