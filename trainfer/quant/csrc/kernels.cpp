@@ -1610,7 +1610,9 @@ void attend_part(const float* q, const T* kp, const T* vp, const float* ks, cons
       const T* vg = vp + slot0 * row + g * hd;  // position b0 + i: vg + i * row
       const float* sv = vs ? vs + slot0 * KV + g : nullptr;  // its scale: sv[i * KV]
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-        const float* sh = scores + h * n + j0;
+        float* sh = scores + h * n + j0;  // its weights: the scores, times the value rows' scales in an int8 pool
+        if (sv)
+          for (int64_t i = 0; i < np; ++i) sh[i] *= sv[i * KV];
         float* o = out + h * (2 + hd) + 2;
         int64_t c = 0;
         for (; c + U * W <= hd; c += U * W) {
@@ -1618,7 +1620,7 @@ void attend_part(const float* q, const T* kp, const T* vp, const float* ks, cons
 #pragma GCC unroll 8
           for (int u = 0; u < U; ++u) acc[u] = vload(o + c + u * W);
           for (int64_t i = 0; i < np; ++i) {
-            const V w = vset(sh[i] * (sv ? sv[i * KV] : 1.0f));
+            const V w = vset(sh[i]);
             const T* v = vg + i * row + c;
 #pragma GCC unroll 8
             for (int u = 0; u < U; ++u) acc[u] = vfma(w, kv_load(v + u * W), acc[u]);
@@ -1628,12 +1630,12 @@ void attend_part(const float* q, const T* kp, const T* vp, const float* ks, cons
         }
         for (; c + W <= hd; c += W) {
           V acc = vload(o + c);
-          for (int64_t i = 0; i < np; ++i) acc = vfma(vset(sh[i] * (sv ? sv[i * KV] : 1.0f)), kv_load(vg + i * row + c), acc);
+          for (int64_t i = 0; i < np; ++i) acc = vfma(vset(sh[i]), kv_load(vg + i * row + c), acc);
           vstore(o + c, acc);
         }
         for (; c < hd; ++c) {
           float a = o[c];
-          for (int64_t i = 0; i < np; ++i) a += sh[i] * (sv ? sv[i * KV] : 1.0f) * kv_float(vg[i * row + c]);
+          for (int64_t i = 0; i < np; ++i) a += sh[i] * kv_float(vg[i * row + c]);
           o[c] = a;
         }
       }
