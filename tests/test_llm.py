@@ -116,3 +116,18 @@ def test_prefix_cache_serves_a_repeated_system_prompt(smollm2):
     second = smollm2.chat([system, {"role": "user", "content": "Name a color."}], temperature=0, max_tokens=8)
     assert first.cached_prompt_tokens == 0 or first.cached_prompt_tokens < second.cached_prompt_tokens
     assert second.cached_prompt_tokens >= 0.8 * second.prompt_tokens - 16
+
+
+def test_run_queued_gives_engine_run_results_in_groups(smollm2, monkeypatch, capsys):
+    """A dataset job in groups of QUEUED sequences: the same results, in order, as one engine.run."""
+    from trainfer import llm as llm_module
+    from trainfer.infer.sampling import SamplingParams
+
+    monkeypatch.setattr(llm_module, "QUEUED", 4)  # n=2 samples each: two prompts a group, three groups
+    prompts = [smollm2.tokenizer.encode(f"Count to {i}:") for i in range(5)]
+    params = [SamplingParams(n=2, max_tokens=4, temperature=0.8, seed=i) for i in range(5)]
+    got = smollm2.run_queued(prompts, params, "done")
+    want = smollm2.engine.run(prompts, params)
+    assert [[[e.token_id for e in s] for s in r] for r in got] == [[[e.token_id for e in s] for s in r] for r in want]
+    said = capsys.readouterr().out
+    assert "2/5 done" in said and "4/5 done" in said and "5/5 done" in said and "min left" in said

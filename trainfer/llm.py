@@ -32,6 +32,7 @@ from trainfer.quant.blocks import weights_kind
 
 Messages = list[dict[str, Any]]
 WEIGHTS = ("auto", "float32", "bfloat16", "int8", "int4")  # what LLM.load's dtype takes
+QUEUED = 64  # sequences `run_queued` queues at once: the engine batches them; progress shows between groups
 
 
 @dataclass
@@ -154,6 +155,21 @@ class LLM:
         results = self.engine.run(prompts, params, per_prompt)
         stop_ids = set(params.stop_token_ids) | self.tokenizer.stop_token_ids
         return [self._completion(r[0], len(p), start, stop_ids) for r, p in zip(results, prompts, strict=True)]
+
+    def run_queued(
+        self, prompts: list[list[int]], params: list[SamplingParams], what: str
+    ) -> list[list[list[TokenEvent]]]:
+        """`engine.run` for dataset-sized jobs (`dataset answers`, `dataset prefs`): QUEUED sequences at a time,
+        which the engine batches, printing after each group how far it is and the minutes left, so a long run
+        says it is alive and when it will end."""
+        got, start = [], time.perf_counter()
+        per_group = max(1, QUEUED // max(p.n for p in params)) if params else 1
+        for first in range(0, len(prompts), per_group):
+            got += self.engine.run(prompts[first : first + per_group], params[first : first + per_group])
+            done, elapsed = len(got), time.perf_counter() - start
+            left = f", ~{elapsed / done * (len(prompts) - done) / 60:.1f} min left" if done < len(prompts) else ""
+            print(f"{done}/{len(prompts)} {what}, {elapsed:.0f} s{left}", flush=True)
+        return got
 
     @staticmethod
     def _completion(evs: list[TokenEvent], n_prompt: int, start: float, stop_ids: set[int]) -> Completion:

@@ -89,27 +89,22 @@ def teacher_answers(
     if not llm.tokenizer.chat_template:
         raise TrainferError(f"{model} has no chat template: its answers would not be chat transcripts")
     start, rows, tokens, stopped = time.perf_counter(), [], 0, 0
-    batch = 64  # prompts queued at once: the engine batches them, and progress shows between batches
-    for first in range(0, len(conversations), batch):
-        group = conversations[first : first + batch]
-        ids = [llm.chat_prompt(m) for m in group]
-        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed * 1_000_003 + first + i)
-                  for i in range(len(group))]  # fmt: skip
-        for messages, prompt, result in zip(group, ids, llm.engine.run(ids, params), strict=True):
-            events = result[0]
-            if events[-1].finish_reason == "error":
-                raise TrainferError(f"generation failed: {events[-1].error}")
-            answer = [e.token_id for e in events]
-            tokens += len(answer)
-            stopped += events[-1].finish_reason == "stop"
-            rows.append({
-                "text": llm.tokenizer.decode(prompt + answer),
-                "prompt": messages,
-                "answer": "".join(e.text for e in events),
-                "finish_reason": events[-1].finish_reason,
-            })  # fmt: skip
-        done = first + len(group)
-        print(f"{done}/{len(conversations)} answered, {tokens} tokens, {time.perf_counter() - start:.0f} s", flush=True)
+    ids = [llm.chat_prompt(m) for m in conversations]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed * 1_000_003 + i)
+              for i in range(len(conversations))]  # fmt: skip
+    for messages, prompt, result in zip(conversations, ids, llm.run_queued(ids, params, "answered"), strict=True):
+        events = result[0]
+        if events[-1].finish_reason == "error":
+            raise TrainferError(f"generation failed: {events[-1].error}")
+        answer = [e.token_id for e in events]
+        tokens += len(answer)
+        stopped += events[-1].finish_reason == "stop"
+        rows.append({
+            "text": llm.tokenizer.decode(prompt + answer),
+            "prompt": messages,
+            "answer": "".join(e.text for e in events),
+            "finish_reason": events[-1].finish_reason,
+        })  # fmt: skip
     tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

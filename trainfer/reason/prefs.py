@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from trainfer.infer import native_decode
 from trainfer.infer.sampling import SamplingParams
 from trainfer.llm import LLM
 from trainfer.reason.grpo import load_reward, problems_of, render, score
-
-QUEUED = 64  # sequences queued at once (as `dataset answers`): the engine batches them; progress between batches
 
 
 @dataclass
@@ -68,12 +65,7 @@ def make_prefs(model: str, out: str | Path, task: str = "", data: str = "", rewa
     most = len(prompts) * n * max_tokens
     print(f"sampling {len(prompts)} problems x {n} samples of up to {max_tokens} tokens (at most {most:,} tokens); "
           "fewer with --count, --n or --max-tokens", flush=True)  # fmt: skip
-    got, start, per_batch = [], time.perf_counter(), max(1, QUEUED // n)
-    for first in range(0, len(prompts), per_batch):
-        got += llm.engine.run([p.ids for p in prompts[first : first + per_batch]], params[first : first + per_batch])
-        done, elapsed = len(got), time.perf_counter() - start
-        left = f", ~{elapsed / done * (len(prompts) - done) / 60:.1f} min left" if done < len(prompts) else ""
-        print(f"{done}/{len(prompts)} problems sampled, {elapsed:.0f} s{left}", flush=True)
+    got = llm.run_queued([p.ids for p in prompts], params, "problems sampled")
     lines, alike, failures, total = [], 0, 0, 0.0
     for prompt, samples in zip(prompts, got, strict=True):
         texts = [llm.tokenizer.decode([e.token_id for e in s if e.token_id >= 0], skip_special_tokens=True)
