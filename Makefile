@@ -44,7 +44,7 @@ chat: setup
 	done
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest tests, to keep the suite under ~20 minutes on 2 cores
 
 lint: setup
 	$(VENV)/bin/ruff check trainfer tests benchmarks
