@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/long_context.py [--depths 4096 8000] [--rounds 3] [--tokens 32] [--dtype int8]
     .venv/bin/python benchmarks/long_context.py --shape 1.7b [--kind Q4_K_M] [--kv fp16 int8] [--no-prefill-at 4096]
+        [--no-decode]
 
 SmolLM2-135M-Instruct (8k context) in int8 against llama.cpp's Q8_0 copy of the same file, one thread per core;
 with --shape, a real-size file of benchmarks/sizes.py (random weights, 8k context) that both sides run as it is
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--no-prefill", action="store_true", help="decode at depth only")
     ap.add_argument("--no-prefill-at", type=int, nargs="*", default=[], help="depths to measure decode at only")
+    ap.add_argument("--no-decode", action="store_true", help="prefill only (each depth's decode run is long)")
     ap.add_argument("--shape", choices=list(sizes.SHAPES), help="a real-size file of benchmarks/sizes.py instead")
     ap.add_argument("--kind", default="Q4_K_M", choices=["Q8_0", "Q4_K_M"], help="that file's type")
     ap.add_argument("--kv", nargs="+", default=list(PAIRS), choices=list(PAIRS), help="trainfer's KV types to run")
@@ -152,7 +154,8 @@ def main() -> None:
         result[kind][str(depth)] = row
 
     for depth in args.depths:
-        report("decode", depth, alternate(args.rounds, decode_sides(llm, depth, args, binary, gguf, threads)))
+        if not args.no_decode:
+            report("decode", depth, alternate(args.rounds, decode_sides(llm, depth, args, binary, gguf, threads)))
         if not args.no_prefill and depth not in args.no_prefill_at:
             report("prefill", depth, alternate(args.rounds, prefill_sides(llm, depth, args, binary, gguf, threads)))
     print(json.dumps(result))
