@@ -921,21 +921,33 @@ void dequant_row(const Lin& L, int64_t n, float* out) {
   }
 }
 
-// Rows n0..n0+R-1 of the weights against all M input rows; Y's rows are ldy apart.
+// Rows n0..n0+R-1 of the weights against MB input rows in one pass, in the format's own tile.
+template <int64_t KIND, int R, int MB>
+inline void tile_of(const Lin& L, int64_t n0, const float* X, float* Y, int64_t ldy, bool add) {
+  if constexpr (KIND > kGgml) {
+    tile_raw<KIND, R, MB>(L, n0, X, Y, ldy, add);
+#ifdef __AVX512F__
+  } else if constexpr (KIND == kQ4) {
+    tile_q4<R, MB>(L, n0, X, Y, ldy, add);
+#endif
+  } else {
+    tile<KIND, R, MB>(L, n0, X, Y, ldy, add);
+  }
+}
+
+// Rows n0..n0+R-1 of the weights against all M input rows; Y's rows are ldy apart. The rows left after the passes
+// of kM share one more pass: one pass per left row made 2 and 3 rows (speculation's checks, 2-3 streams) cost more
+// than 4 (SmolLM2 int8 step: 7.7 and 9.6 ms against 8.1, docs/LOG.md). Each row's sums are formed in the same order
+// whatever MB, so a row's result does not depend on how many rows share its pass.
 template <int64_t KIND, int R>
 inline void tile_rows(const Lin& L, int64_t n0, const float* X, int64_t M, float* Y, int64_t ldy, bool add) {
   int64_t i = 0;
-  if constexpr (KIND > kGgml) {
-    for (; i + kM <= M; i += kM) tile_raw<KIND, R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
-    for (; i < M; ++i) tile_raw<KIND, R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
-#ifdef __AVX512F__
-  } else if constexpr (KIND == kQ4) {
-    for (; i + kM <= M; i += kM) tile_q4<R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
-    for (; i < M; ++i) tile_q4<R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
-#endif
-  } else {
-    for (; i + kM <= M; i += kM) tile<KIND, R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
-    for (; i < M; ++i) tile<KIND, R, 1>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
+  for (; i + kM <= M; i += kM) tile_of<KIND, R, kM>(L, n0, X + i * L.K, Y + i * ldy, ldy, add);
+  X += i * L.K, Y += i * ldy;
+  if (M - i == 1) tile_of<KIND, R, 1>(L, n0, X, Y, ldy, add);
+  if constexpr (kM > 2) {
+    if (M - i == 2) tile_of<KIND, R, 2>(L, n0, X, Y, ldy, add);
+    if (M - i == 3) tile_of<KIND, R, 3>(L, n0, X, Y, ldy, add);
   }
 }
 
