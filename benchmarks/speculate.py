@@ -11,6 +11,13 @@ is the decode rate (first token to last: prefill is the same work on both sides;
 prompt counts, as it falls after the first token), the median of per-round ratios with the min-max. The tokens must
 be identical (greedy speculation changes speed, never the text); a difference fails the run. Also printed: the
 share of guesses kept at each position (1st guess of a check, 2nd, ...). One line per workload, then JSON.
+
+The peer, in the same rounds (`--no-llama` skips it): llama.cpp's `llama-server` (built from the llama-cpp-python
+sdist, benchmarks/llama_cpp.py) on the Q8_0 copy of the same model, one slot, 2 threads, the same prompt token ids,
+greedy: once plain and once with its own speculation, the same kind as ours: `--spec-type ngram-simple` (its prompt
+lookup, its defaults) for `--draft ngram`, and for a draft model the same draft exported by `trainfer export --to
+gguf --type Q8_0` and given as `--model-draft` (its draft defaults: 3 guesses a check, as ours). Its decode rate is
+ours: tokens after the first over the time after the first, (predicted_n - 1) / predicted_ms of its timings.
 """
 
 from __future__ import annotations
@@ -18,13 +25,23 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import subprocess
+import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 
-from trainfer import LLM
-from trainfer.data.sources import human_eval_file
-from trainfer.infer.engine import Engine
-from trainfer.infer.sampling import SamplingParams
-from trainfer.rounds import alternate, describe, environment, ratio
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp  # noqa: E402
+from serve import free_port, wait_healthy  # noqa: E402
+
+from trainfer import LLM, registry  # noqa: E402
+from trainfer.data.sources import human_eval_file  # noqa: E402
+from trainfer.infer.engine import Engine  # noqa: E402
+from trainfer.infer.sampling import SamplingParams  # noqa: E402
+from trainfer.rounds import alternate, describe, environment, ratio  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 CODE = (Path(__file__).parent / "data" / "edit_task.py.txt").read_text()
@@ -68,6 +85,64 @@ def decode(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[f
     return n / seconds, outputs
 
 
+class LlamaServer:
+    """A llama-server process on one model file, one slot, until close(); `flags` turn on its speculation."""
+
+    def __init__(self, bin_dir: Path, gguf: Path, flags: list[str]) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "-t", "2", "-c", "4096", "--parallel", "1",
+               "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], *flags]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_healthy(self.url, self.proc)
+        except Exception:
+            self.close()
+            raise
+        self.drafted = self.accepted = 0
+
+    def decode(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+        """decode()'s figure from llama-server's timings, and its tokens."""
+        n, seconds, outputs = 0, 0.0, []
+        for ids in prompts:
+            body = {"prompt": ids, "n_predict": max_tokens, "temperature": 0, "cache_prompt": False,
+                    "return_tokens": True}  # fmt: skip
+            r = httpx.post(self.url + "/completion", json=body, timeout=600)
+            r.raise_for_status()
+            out, t = r.json(), r.json()["timings"]
+            n += t["predicted_n"] - 1
+            seconds += t["predicted_ms"] / 1000
+            self.drafted += t.get("draft_n", 0)
+            self.accepted += t.get("draft_n_accepted", 0)
+            outputs.append(out["tokens"])
+        return n / seconds, outputs
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def llama_servers(draft: str, tmp: Path) -> dict[str, LlamaServer]:
+    """llama-server plain and with the speculation that matches `draft`, on the Q8_0 copy of the model."""
+    peers = registry.home() / "peers"
+    bin_dir = llama_cpp.build(peers / "llama.cpp")
+    gguf = llama_cpp.quantized_copies(bin_dir, peers)["Q8_0"]
+    if draft == "ngram":
+        flags = ["--spec-type", "ngram-simple"]
+    else:
+        exported = tmp / "draft.Q8_0.gguf"
+        cmd = [sys.executable, "-m", "trainfer.cli", "export", draft, "--to", "gguf", "--type", "Q8_0", "--out",
+               str(exported)]  # fmt: skip
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        flags = ["--model-draft", str(exported)]
+    servers = {"llama plain": LlamaServer(bin_dir, gguf, [])}
+    try:
+        servers["llama spec"] = LlamaServer(bin_dir, gguf, flags)
+    except Exception:
+        servers["llama plain"].close()
+        raise
+    return servers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="int8")
@@ -75,7 +150,19 @@ def main() -> None:
     ap.add_argument("--num-draft-tokens", type=int, default=None, help="default: the engine's")
     ap.add_argument("--draft", default="ngram", help="ngram, or a draft model (alias, .gguf or directory)")
     ap.add_argument("--workload", action="append", choices=list(WORKLOADS), help="default: all")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama-server (no llama.cpp build)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {} if args.no_llama else llama_servers(args.draft, Path(tmp))
+        try:
+            measure(args, servers)
+        finally:
+            for server in servers.values():
+                server.close()
+
+
+def measure(args: argparse.Namespace, servers: dict[str, LlamaServer]) -> None:
+    """Every workload in alternated rounds: plain and speculative decoding here, and at llama-server if given."""
     env = environment()
     print(describe(env), flush=True)
     WORKLOADS["code"] = (code_prompts(), WORKLOADS["code"][1])
@@ -98,7 +185,14 @@ def main() -> None:
             rate, outputs[label] = decode(engines[label], prompts, max_tokens)
             return rate
 
-        runs = alternate(args.rounds, {"plain": lambda: side("plain"), "spec": lambda: side("spec")})
+        def peer(label: str, prompts=prompts, max_tokens=max_tokens, outputs=outputs) -> float:
+            rate, outputs[label] = servers[label].decode(prompts, max_tokens)
+            return rate
+
+        peer_before = {label: (server.drafted, server.accepted) for label, server in servers.items()}
+        sides = {"plain": lambda: side("plain"), "spec": lambda: side("spec")}
+        sides |= {label: partial(peer, label) for label in servers}
+        runs = alternate(args.rounds, sides)
         if outputs["plain"] != outputs["spec"]:
             raise SystemExit(f"{name}: speculation changed the greedy tokens")
         guessed, kept, forwards = (now - then for now, then in
@@ -122,7 +216,34 @@ def main() -> None:
               f"{sorted(runs['plain'])[args.rounds // 2]:.1f} tokens/s); {row['acceptance']:.0%} of guesses kept "
               f"(by position: {at}), {row['tokens_per_checking_forward']} tokens per checking forward; "
               f"{row['tokens']} tokens, identical", flush=True)  # fmt: skip
+        if servers:
+            row["llama"] = peer_row(runs, outputs, servers, peer_before)
+            print(f"{name}: against llama-server Q8_0, {row['llama']['summary']}", flush=True)
     print(json.dumps(result))
+
+
+def peer_row(runs: dict, outputs: dict, servers: dict[str, LlamaServer], before: dict) -> dict:
+    """Our speculative rate against llama-server's plain and speculative rates, and its guesses kept."""
+    spec = servers["llama spec"]
+    drafted, accepted = spec.drafted - before["llama spec"][0], spec.accepted - before["llama spec"][1]
+    vs_plain, vs_spec = ratio(runs["spec"], runs["llama plain"]), ratio(runs["spec"], runs["llama spec"])
+    mid = len(runs["spec"]) // 2
+    plain_rate, spec_rate = sorted(runs["llama plain"])[mid], sorted(runs["llama spec"])[mid]
+    # ours may end with the stop token, which llama-server leaves out
+    same = sum(
+        b[: len(a)] == a and len(b) - len(a) <= 1 for a, b in zip(outputs["llama spec"], outputs["plain"], strict=True)
+    )
+    summary = (f"our speculation {vs_plain} its plain decoding ({plain_rate:.1f} tokens/s) and {vs_spec} its own "
+               f"speculation ({spec_rate:.1f} tokens/s, {accepted / drafted if drafted else 0:.0%} of {drafted} "
+               f"guesses kept); its tokens equal ours on {same} of {len(outputs['plain'])} prompts")  # fmt: skip
+    return {
+        "plain_tok_s": sorted(runs["llama plain"]),
+        "spec_tok_s": sorted(runs["llama spec"]),
+        "ours_vs_plain": vs_plain.as_list(),
+        "ours_vs_spec": vs_spec.as_list(),
+        "acceptance": round(accepted / drafted, 3) if drafted else 0.0,
+        "summary": summary,
+    }
 
 
 if __name__ == "__main__":
