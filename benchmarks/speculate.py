@@ -16,7 +16,8 @@ The peer, in the same rounds (`--no-llama` skips it): llama.cpp's `llama-server`
 sdist, benchmarks/llama_cpp.py) on the Q8_0 copy of the same model, one slot, 2 threads, the same prompt token ids,
 greedy: once plain and once with its own speculation, the same kind as ours: `--spec-type ngram-simple` (its prompt
 lookup, its defaults) for `--draft ngram`, and for a draft model the same draft exported by `trainfer export --to
-gguf --type Q8_0` and given as `--model-draft` (its draft defaults: 3 guesses a check, as ours). Its decode rate is
+gguf --type Q8_0` and given as `--model-draft` with `--spec-type draft-simple` (without the type it loads the draft and
+never guesses; its draft defaults: 3 guesses a check, as ours). Its decode rate is
 ours: tokens after the first over the time after the first, (predicted_n - 1) / predicted_ms of its timings.
 """
 
@@ -133,7 +134,7 @@ def llama_servers(draft: str, tmp: Path) -> dict[str, LlamaServer]:
         cmd = [sys.executable, "-m", "trainfer.cli", "export", draft, "--to", "gguf", "--type", "Q8_0", "--out",
                str(exported)]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        flags = ["--model-draft", str(exported)]
+        flags = ["--model-draft", str(exported), "--spec-type", "draft-simple"]  # without the type it never guesses
     servers = {"llama plain": LlamaServer(bin_dir, gguf, [])}
     try:
         servers["llama spec"] = LlamaServer(bin_dir, gguf, flags)
