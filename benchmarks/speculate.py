@@ -11,6 +11,9 @@ is the decode rate (first token to last: prefill is the same work on both sides;
 prompt counts, as it falls after the first token), the median of per-round ratios with the min-max. The tokens must
 be identical (greedy speculation changes speed, never the text); a difference fails the run. Also printed: the
 share of guesses kept at each position (1st guess of a check, 2nd, ...). One line per workload, then JSON.
+Then `--streams` (16) requests at once, the four chat questions and HumanEval 150-161, 128 tokens each, with and
+without speculation in alternated rounds: every output token over the run's wall time (prefill included), and how
+many answers came out identical (speculation stands aside while more than 2 sequences decode).
 
 The peer, in the same rounds (`--no-llama` skips it): llama.cpp's `llama-server` (built from the llama-cpp-python
 sdist, benchmarks/llama_cpp.py) on the Q8_0 copy of the same model, one slot, 2 threads, the same prompt token ids,
@@ -29,6 +32,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -66,13 +70,22 @@ WORKLOADS = {
     "code": ([], 200),  # filled in main(): HumanEval 150-152
 }
 CODE_PROBLEMS = range(150, 153)
+STREAM_PROBLEMS = range(150, 164)  # with the chat questions, 16 prompts apart from the draft's data
 
 
-def code_prompts() -> list[str]:
+def code_prompts(problems: range = CODE_PROBLEMS) -> list[str]:
     """HumanEval problems as chat requests, worded as the draft's training prompts are (other problems)."""
     with gzip.open(human_eval_file(), "rt") as f:
         rows = [json.loads(line) for line in f]
-    return [f"Complete this Python function.\n\n```python\n{rows[i]['prompt']}```" for i in CODE_PROBLEMS]
+    return [f"Complete this Python function.\n\n```python\n{rows[i]['prompt']}```" for i in problems]
+
+
+def together(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    """All prompts at once (continuous batching): every output token over the run's wall time, and the tokens."""
+    start = time.perf_counter()
+    results = engine.run(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+    outputs = [[e.token_id for e in events[0]] for events in results]
+    return sum(len(o) for o in outputs) / (time.perf_counter() - start), outputs
 
 
 def decode(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -152,6 +165,7 @@ def main() -> None:
     ap.add_argument("--draft", default="ngram", help="ngram, or a draft model (alias, .gguf or directory)")
     ap.add_argument("--workload", action="append", choices=list(WORKLOADS), help="default: all")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server (no llama.cpp build)")
+    ap.add_argument("--streams", type=int, default=16, help="also N requests at once, with and without (0: skip)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         servers = {} if args.no_llama else llama_servers(args.draft, Path(tmp))
@@ -220,7 +234,31 @@ def measure(args: argparse.Namespace, servers: dict[str, LlamaServer]) -> None:
         if servers:
             row["llama"] = peer_row(runs, outputs, servers, peer_before)
             print(f"{name}: against llama-server Q8_0, {row['llama']['summary']}", flush=True)
+    if args.streams:
+        result["streams"] = many_streams(args, llm, engines)
     print(json.dumps(result))
+
+
+def many_streams(args: argparse.Namespace, llm: LLM, engines: dict[str, Engine]) -> dict:
+    """`args.streams` requests at once, chat and code (none in the draft's data), with and without speculation: it
+    turns itself off while more than 2 sequences decode, so this shows what the switching costs a busy engine."""
+    texts = (WORKLOADS["chat"][0] + code_prompts(STREAM_PROBLEMS))[: args.streams]
+    prompts = [llm.chat_prompt([{"role": "user", "content": t}]) for t in texts]
+    outputs: dict[str, list[list[int]]] = {}
+
+    def side(label: str) -> float:
+        rate, outputs[label] = together(engines[label], prompts, 128)
+        return rate
+
+    runs = alternate(args.rounds, {"plain": lambda: side("plain"), "spec": lambda: side("spec")})
+    same = sum(a == b for a, b in zip(outputs["plain"], outputs["spec"], strict=True))
+    r = ratio(runs["spec"], runs["plain"])
+    mid = args.rounds // 2
+    print(f"{len(prompts)} streams: speculation {r} plain's aggregate rate ({sorted(runs['spec'])[mid]:.1f} vs "
+          f"{sorted(runs['plain'])[mid]:.1f} tokens/s, prefill included); {same} of {len(prompts)} answers "
+          f"identical", flush=True)  # fmt: skip
+    return {"spec_tok_s": sorted(runs["spec"]), "plain_tok_s": sorted(runs["plain"]), "ratio": r.as_list(),
+            "identical": same}  # fmt: skip
 
 
 def peer_row(runs: dict, outputs: dict, servers: dict[str, LlamaServer], before: dict) -> dict:
