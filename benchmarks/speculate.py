@@ -122,7 +122,8 @@ class LlamaServer:
                     "return_tokens": True}  # fmt: skip
             r = httpx.post(self.url + "/completion", json=body, timeout=600)
             r.raise_for_status()
-            out, t = r.json(), r.json()["timings"]
+            out = r.json()
+            t = out["timings"]
             n += t["predicted_n"] - 1
             seconds += t["predicted_ms"] / 1000
             self.drafted += t.get("draft_n", 0)

@@ -22,6 +22,7 @@ from trainfer.quant.blocks import (
     unpack_int4,
     weights_kind,
 )
+from trainfer.rounds import environment
 
 
 def test_int8_blocks_round_within_half_a_step():
@@ -121,17 +122,13 @@ def test_kernel_equals_the_reference(m, n, k, kind, use_native, monkeypatch):
     assert torch.allclose(qlinear(x3, q, scale, mins), linear_reference(x3, q, scale, mins), rtol=1e-4, atol=1e-4)
 
 
-def _avx512() -> bool:
-    return platform.machine() in ("x86_64", "AMD64") and " avx512f" in open("/proc/cpuinfo").read()
-
-
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_a_row_gives_the_same_bits_whatever_rows_share_its_pass(kind, monkeypatch):
     """Speculation checks a sequence's guesses as extra rows of one product and keeps tokens only where greedy
     decoding alone would choose them: on AVX-512 the tiles form each row's sums in the same order whatever rows
     share a pass (1-8 rows: passes of 4, then the 1-3 left in one). AVX2's one- and two-row loops differ from its
     tiles in the last bits (test_speculate allows for it)."""
-    if native.extension() is None or not _avx512():
+    if native.extension() is None or "avx512f" not in environment()["flags"]:
         pytest.skip("the AVX-512 tiles")
     monkeypatch.setenv("TRAINFER_BF16", "0")  # fp32 products throughout: bf16 beyond 4 rows is another test
     torch.manual_seed(7)
